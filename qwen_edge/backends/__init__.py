@@ -1,0 +1,62 @@
+"""Backends register by name; `load()` picks one from an artifact's manifest (or torch for a checkpoint)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import QwenEdgeError
+from .base import Runtime, RuntimeInfo, backend_factory, register_backend, registered_backends
+
+# format -> (backend name, module that registers it); modules import lazily so a missing native
+# library only matters to the formats that need it.
+FORMAT_BACKENDS = {
+    "gguf": ("llama_cpp", "qwen_edge.backends.llama_cpp"),
+    "onnx": ("onnxruntime", "qwen_edge.backends.onnxruntime"),
+    "hf": ("torch", "qwen_edge.backends.torch_ref"),
+}
+
+__all__ = ["Runtime", "RuntimeInfo", "load", "register_backend", "registered_backends", "FORMAT_BACKENDS"]
+
+
+def _detect_format(path: Path) -> str:
+    if (path / "manifest.json").is_file():
+        from ..artifact import Artifact
+
+        return Artifact.open(path, check_hashes=False).format
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise QwenEdgeError(f"{path}: not an artifact (no manifest.json) nor a checkpoint (no config.json)")
+
+
+def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None = None,
+         max_context: int | None = None, threads: int | None = None, backend: str | None = None,
+         **options) -> Runtime:
+    """Load any artifact (or a HF checkpoint, with the torch reference backend) as a Runtime.
+
+    Backend factories are called as `factory(path, device=, target=Target, max_context=, threads=, **options)`;
+    `max_context=None` means min(target.max_context, the artifact's context length); `threads=None` means
+    the target's threads.
+    """
+    path = Path(artifact)
+    if not path.exists():
+        raise QwenEdgeError(f"{path}: no such artifact")
+    fmt = _detect_format(path)
+    if fmt not in FORMAT_BACKENDS:
+        raise QwenEdgeError(f"{path}: unknown artifact format {fmt!r}")
+    name, module = FORMAT_BACKENDS[fmt]
+    if backend is not None:
+        name = backend
+    importlib.import_module(module)
+    if device not in ("cpu", "cuda", "auto"):
+        raise QwenEdgeError(f"unknown device {device!r} (cpu, cuda, auto)")
+    from ..targets import load_target
+
+    profile = load_target(target if target is not None else ("cuda" if device == "cuda" else "cpu-x86_64"))
+    if device == "auto":
+        device = profile.device
+    return backend_factory(name)(path, device=device, target=profile, max_context=max_context,
+                                 threads=threads, **options)

@@ -1,0 +1,207 @@
+"""Read and validate a Hugging Face Qwen checkpoint directory without torch (memory-mapped safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import QwenEdgeError
+from .models import Arch
+from .safetensors_io import SafetensorsFile, TensorInfo, to_float32
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "special_tokens_map.json")
+
+
+def expected_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this architecture must hold, with its shape (HF names)."""
+    h, i, v, hd = arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for n in range(arch.num_layers):
+        p = f"model.layers.{n}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (arch.q_size, h)
+        out[p + "self_attn.k_proj.weight"] = (arch.kv_size, h)
+        out[p + "self_attn.v_proj.weight"] = (arch.kv_size, h)
+        out[p + "self_attn.o_proj.weight"] = (h, arch.q_size)
+        if arch.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (arch.q_size,)
+            out[p + "self_attn.k_proj.bias"] = (arch.kv_size,)
+            out[p + "self_attn.v_proj.bias"] = (arch.kv_size,)
+        if arch.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (hd,)
+            out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise QwenEdgeError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenEdgeError(f"{path.name}: not valid JSON ({e})") from None
+
+
+class Checkpoint:
+    """A validated HF checkpoint directory: config, architecture, tensors (memory-mapped), tokenizer files."""
+
+    def __init__(self, path: str | os.PathLike, *, validate: bool = True):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise QwenEdgeError(f"{self.path}: not a checkpoint directory")
+        self.config: dict[str, Any] = _read_json(self.path / "config.json")
+        if not isinstance(self.config, dict):
+            raise QwenEdgeError(f"{self.path / 'config.json'}: expected a JSON object")
+        self.arch = Arch.from_hf_config(self.config, str(self.path / "config.json"))
+        self.files = self._weight_files()
+        self._tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
+        for f in self.files:
+            st = SafetensorsFile(f)
+            self._handles[f] = st
+            for name, info in st.tensors.items():
+                if name in self._tensors:
+                    raise QwenEdgeError(f"{f.name}: tensor {name!r} also appears in {self._tensors[name].file.name}")
+                self._tensors[name] = info
+        if validate:
+            self.validate()
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            idx = _read_json(index)
+            wm = idx.get("weight_map") if isinstance(idx, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise QwenEdgeError(f"{index.name}: missing or empty weight_map")
+            names = sorted(set(wm.values()))
+            files = []
+            for n in names:
+                if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+                    raise QwenEdgeError(f"{index.name}: invalid shard name {n!r}")
+                p = self.path / n
+                if not p.is_file():
+                    raise QwenEdgeError(f"{index.name}: shard {n} not found")
+                files.append(p)
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+                raise QwenEdgeError(f"{self.path}: only pickle weights (*.bin); convert to safetensors first")
+            raise QwenEdgeError(f"{self.path}: no *.safetensors weights found")
+        return files
+
+    def validate(self) -> None:
+        expected = expected_tensors(self.arch)
+        for name, shape in expected.items():
+            info = self._tensors.get(name)
+            if info is None:
+                raise QwenEdgeError(f"{self.path.name}: missing tensor {name!r}")
+            if info.shape != shape:
+                raise QwenEdgeError(
+                    f"{info.file.name}: tensor {name!r} has shape {list(info.shape)}, config implies {list(shape)}"
+                )
+            if info.dtype not in ("F32", "F16", "BF16"):
+                raise QwenEdgeError(f"{info.file.name}: tensor {name!r} has dtype {info.dtype}, expected a float")
+        allowed_extra = {"lm_head.weight"}  # some tied checkpoints store it anyway
+        extra = [n for n in self._tensors if n not in expected and n not in allowed_extra
+                 and not n.endswith("rotary_emb.inv_freq")]
+        if extra:
+            raise QwenEdgeError(f"{self.path.name}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected)")
+
+    # --- tensors -------------------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise QwenEdgeError(f"{self.path.name}: missing tensor {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """Stored array, memory-mapped (bf16 as uint16 bits)."""
+        info = self.tensor_info(name)
+        return self._handles[info.file].raw(name)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor as float32 (a fresh array; one tensor at a time keeps memory low)."""
+        info = self.tensor_info(name)
+        return to_float32(self.raw(name), info.dtype)
+
+    def lm_head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._tensors:
+            yield name, self.tensor(name)
+
+    # --- metadata ------------------------------------------------------------------------------------------
+    @cached_property
+    def weights_sha256(self) -> str:
+        """sha256 over the weight files in name order (identifies the source in manifests)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.name.encode())
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+
+    @cached_property
+    def generation_config(self) -> dict[str, Any]:
+        p = self.path / "generation_config.json"
+        return _read_json(p) if p.exists() else {}
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        p = self.path / "tokenizer_config.json"
+        return _read_json(p) if p.exists() else {}
+
+    def has_tokenizer(self) -> bool:
+        return (self.path / "tokenizer.json").exists()
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_source(source: str) -> Path:
+    """A local checkpoint directory as is; a hub id (`Org/Name`) downloaded through huggingface_hub."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise QwenEdgeError(f"{source}: not a local directory and huggingface_hub is not installed") from None
+        try:
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+        except Exception as e:  # network, auth, missing repo: all one line for the user
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise QwenEdgeError(f"{source}: cannot fetch from the Hugging Face hub (offline?): {msg}") from None
+    raise QwenEdgeError(f"{source}: no such checkpoint directory")
+
+
+def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    return Checkpoint(resolve_source(str(source)))

@@ -1,0 +1,76 @@
+"""Shared fixtures: synthesized tiny checkpoints and exported artifacts, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qwen_edge")
+
+
+@pytest.fixture(scope="session")
+def synth_ckpt(workdir):
+    """synth_ckpt("tiny-qwen3", seed=0) -> Path of a checkpoint directory, cached per session."""
+    from qwen_edge.synth import synth
+
+    cache: dict[tuple[str, int], Path] = {}
+
+    def make(arch: str, seed: int = 0) -> Path:
+        key = (arch, seed)
+        if key not in cache:
+            cache[key] = synth(arch, workdir / "ckpt" / f"{arch}-s{seed}", seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(workdir, synth_ckpt):
+    """exported("tiny-qwen3", "gguf", "f16", **options) -> Path of an artifact directory, cached per session."""
+    from qwen_edge.export import export
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str, fmt: str, quant: str, seed: int = 0, **options) -> Path:
+        key = (arch, fmt, quant, seed, tuple(sorted(options.items())))
+        if key not in cache:
+            name = f"{arch}-s{seed}-{fmt}-{quant}" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+                                                      if options else "")
+            cache[key] = export(synth_ckpt(arch, seed), fmt, quant, workdir / "artifacts", name=name,
+                                options=options)
+        return cache[key]
+
+    return make
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 600, env: dict | None = None):
+    """Run the real console entry point in a subprocess; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "qwen_edge.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+requires_torch = pytest.mark.skipif(not (has_module("torch") and has_module("transformers")),
+                                    reason="needs the [verify] extra (torch, transformers)")
