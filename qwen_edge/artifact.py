@@ -98,6 +98,9 @@ class ArtifactWriter:
     def commit(self, manifest: dict[str, Any] | None) -> Path:
         """Hash every file, write manifest.json (unless None), fsync, and atomically swap the directory in."""
         d = self.dir
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(d, 0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is an ordinary directory
         files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
         if manifest is not None:
             manifest = dict(manifest)

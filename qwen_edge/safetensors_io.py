@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -76,8 +77,8 @@ class SafetensorsFile:
             header = json.loads(header_bytes.decode("utf-8"))
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise QwenEdgeError(f"{self.path.name}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise QwenEdgeError(f"{self.path.name}: corrupt safetensors header ({str(e)[:200]})") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + hlen
         data_len = size - self.data_start
@@ -85,22 +86,24 @@ class SafetensorsFile:
         for name, info in header.items():
             try:
                 dtype = info["dtype"]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(info["shape"])
+                start, end = info["data_offsets"]
+                if not all(type(x) is int for x in (*shape, start, end)):  # no bools, floats, strings
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
-                raise QwenEdgeError(f"{self.path.name}: malformed header entry for tensor {name!r}") from None
-            if dtype not in DTYPES:
-                raise QwenEdgeError(f"{self.path.name}: tensor {name!r} has unknown dtype {dtype!r}")
+                raise QwenEdgeError(f"{self.path.name}: malformed header entry for tensor {name[:80]!r}") from None
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise QwenEdgeError(f"{self.path.name}: tensor {name[:80]!r} has unknown dtype {dtype!r}")
             if any(d < 0 for d in shape):
-                raise QwenEdgeError(f"{self.path.name}: tensor {name!r} has a negative dimension")
-            expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1] if shape else DTYPES[dtype][1]
+                raise QwenEdgeError(f"{self.path.name}: tensor {name[:80]!r} has a negative dimension")
+            expected = math.prod(shape) * DTYPES[dtype][1]  # Python ints: absurd shapes cannot wrap around
             if not (0 <= start <= end) or end - start != expected:
                 raise QwenEdgeError(
-                    f"{self.path.name}: tensor {name!r} byte range {start}..{end} does not match shape {list(shape)}"
+                    f"{self.path.name}: tensor {name[:80]!r} byte range {start}..{end} does not match shape {list(shape)}"
                 )
             if end > data_len:
                 raise QwenEdgeError(
-                    f"{self.path.name}: truncated: tensor {name!r} ends at byte {end} of {data_len} data bytes"
+                    f"{self.path.name}: truncated: tensor {name[:80]!r} ends at byte {end} of {data_len} data bytes"
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, self.path, self.data_start + start, end - start)
         self._mmap: mmap.mmap | None = None

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hostile import pytest_terminal_summary  # noqa: F401  (hostile-input count, tests/hostile.py)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,95 @@
+"""llama.cpp's own quantizer through llama-cpp-python, with its console output captured."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import NotAvailable, QwenEdgeError
+
+# Our quantization name -> llama_ftype (llama.h). Only types that need no importance matrix.
+LLAMA_FTYPES = {
+    "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q5_k_s": 16, "q6_k": 18, "q3_k_m": 12, "q3_k_s": 11,
+    "q3_k_l": 13, "q2_k": 10, "iq4_nl": 25, "iq4_xs": 30, "q5_0": 8, "q5_1": 9, "q4_1": 3,
+}
+
+_lock = threading.Lock()
+_log_cb = None
+_sink: list[str] | None = None
+"""While set, llama.cpp log lines are collected here (for error messages) instead of discarded."""
+
+
+def _on_log(level: int, text: bytes | None, user_data: object) -> None:
+    if _sink is not None and text:
+        _sink.append(text.decode("utf-8", "replace"))
+
+
+def import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise NotAvailable(f"llama-cpp-python is not installed ({e}); pip install 'qwen-edge[gguf]'") from None
+    return llama_cpp
+
+
+def silence_llama_log(llama_cpp) -> None:
+    """Route llama.cpp/ggml logging away from the console (the callback is kept alive here).
+
+    QWEN_EDGE_LLAMA_LOG=1 leaves llama-cpp-python's own logger in place.
+    """
+    global _log_cb
+    if os.environ.get("QWEN_EDGE_LLAMA_LOG") == "1":
+        return
+    if _log_cb is None:
+        _log_cb = llama_cpp.llama_log_callback(_on_log)
+    llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def captured_fds() -> Iterator[list[str]]:
+    """Redirect the process's stdout/stderr file descriptors into a temp file; yields a list filled with its text."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = []
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+                saved.append((fd, os.dup(fd)))
+                os.dup2(tmp.fileno(), fd)
+            yield out
+        finally:
+            for fd, dup in saved:
+                os.dup2(dup, fd)
+                os.close(dup)
+            tmp.seek(0)
+            out.append(tmp.read().decode("utf-8", "replace"))
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, nthread: int) -> None:
+    """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for `quant`."""
+    llama_cpp = import_llama_cpp()
+    global _sink
+    ftype = LLAMA_FTYPES[quant]
+    with _lock:
+        silence_llama_log(llama_cpp)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = max(1, int(nthread))
+        params.ftype = ftype
+        _sink = []
+        try:
+            with captured_fds() as log:
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+            text = "".join(_sink) + "".join(log)
+        finally:
+            _sink = None
+    if rc != 0:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = lines[-1] if lines else f"return code {rc}"
+        raise QwenEdgeError(f"{dst.name}: llama.cpp quantizer failed for {quant} ({detail})")

@@ -1,0 +1,525 @@
+"""Export recipes: typed dataclasses loaded from YAML, dotted overrides, reproducible cached exports."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import GateFailed, QwenEdgeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "quantize_embeddings")
+
+
+@dataclass
+class QuantConfig:
+    """How weights are quantized; fields left unset (null) take the exporter's and target's defaults."""
+
+    type: str = ""
+    """Quantization name: GGUF `f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...`; ONNX `fp32 fp16 int8 int4`."""
+    block_size: int | None = None
+    """ONNX int4/int8: weights per quantization block (16, 32, 64, 128 or 256; exporter default 32)."""
+    symmetric: bool | None = None
+    """ONNX int4/int8: symmetric blocks (no zero point) when true, asymmetric with zero points when false."""
+    accuracy_level: int | None = None
+    """ONNX MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: the target profile's)."""
+    lm_head_bits: int | None = None
+    """ONNX int4: bits of the LM head (8 keeps the output projection at 8 bits, which protects quality)."""
+    quantize_embeddings: bool | None = None
+    """ONNX int4/int8: quantize the token embedding table too (smaller file, gathers dequantize per row)."""
+
+    def options(self) -> dict[str, Any]:
+        """The exporter options this config sets (everything but `type`, unset fields left out)."""
+        return {k: v for k, v in asdict(self).items() if k != "type" and v is not None}
+
+
+@dataclass
+class VerifyConfig:
+    """The parity check run after export (needs the verify extra: torch + transformers)."""
+
+    enabled: bool = True
+    """Run verify after export when torch and transformers are importable (`--no-verify` turns it off)."""
+    quick: bool = False
+    """Use the short evaluation text (seconds instead of minutes on 1B+ models)."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Overrides of the per-quantization gate thresholds, e.g. `{kl_mean: 0.05, top1_agreement: 0.9}`."""
+
+
+@dataclass
+class Recipe:
+    """One (model, format, quantization, target) export, as a CI build step runs it."""
+
+    name: str = ""
+    """Recipe name; by convention the file's stem, e.g. `qwen2.5-0.5b-instruct.gguf-q4_k_m.cpu`."""
+    description: str = ""
+    """One line for humans."""
+    source: str = ""
+    """Hugging Face hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`) or a local checkpoint directory."""
+    source_path: str | None = None
+    """A local checkpoint directory that replaces `source` (relative paths are relative to the current directory)."""
+    model: str = ""
+    """Registry architecture (qwen_edge.models.MODELS, e.g. `qwen2.5-0.5b`); the source is checked against it."""
+    format: str = ""
+    """`gguf` or `onnx`."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Quantization type and its options."""
+    target: str = "cpu-x86_64"
+    """Target profile in runtimes/ (`cpu-x86_64`, `arm64-mobile`, `cuda`) the artifact is built for."""
+    max_context: int | None = None
+    """Context length recorded in the artifact (default: the target profile's `max_context`)."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """Parity check after export."""
+    output: str = ""
+    """Artifact directory name under the output directory (default: the recipe name)."""
+
+    @property
+    def effective_source(self) -> str:
+        return self.source_path or self.source
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def build_inputs(self) -> dict[str, Any]:
+        """What determines the artifact's bytes (verify settings excluded): recorded as the manifest's recipe."""
+        return {"name": self.name or None, "model": self.model or None, "format": self.format,
+                "quant": asdict(self.quant), "target": self.target, "max_context": self.max_context}
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> bool:
+    s = str(tp)
+    if value is None:
+        return "None" in s
+    if "bool" in s and isinstance(value, bool):
+        return True
+    if isinstance(value, bool):
+        return False
+    if "int" in s and isinstance(value, int):
+        return True
+    if "float" in s and isinstance(value, (int, float)):
+        return True
+    if "str" in s and "dict" not in s and isinstance(value, str):
+        return True
+    if "dict" in s and isinstance(value, dict):
+        return True
+    return False
+
+
+def _build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise QwenEdgeError(f"{src}: {prefix.rstrip('.') or 'recipe'} must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise QwenEdgeError(f"{src}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+        tp = hints[key]
+        if is_dataclass(tp):
+            if isinstance(value, str) and key == "quant":
+                value = {"type": value}  # `quant: q4_k_m` shorthand
+            kwargs[key] = _build(tp, value if value is not None else {}, src, f"{prefix}{key}.")
+            continue
+        if not _type_ok(value, tp):
+            raise QwenEdgeError(f"{src}: '{prefix}{key}' must be {str(tp).replace('typing.', '')}, "
+                                f"not {type(value).__name__} {value!r:.40}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], key: str, raw: str, src: str) -> None:
+    """Set `a.b.c=value` in the raw recipe mapping, checking every part against the dataclasses."""
+    parts = key.split(".")
+    if parts == ["quant"]:  # `quant=q8_0` is shorthand for `quant.type=q8_0`
+        parts = ["quant", "type"]
+    cls: Any = Recipe
+    node = data
+    for i, part in enumerate(parts):
+        known = {f.name for f in fields(cls)}
+        if part not in known:
+            raise QwenEdgeError(f"override {key!r}: unknown key {'.'.join(parts[:i + 1])!r} for {src} "
+                                f"(known: {', '.join(sorted(known))})")
+        tp = get_type_hints(cls)[part]
+        last = i == len(parts) - 1
+        if is_dataclass(tp):
+            if last:
+                raise QwenEdgeError(f"override {key!r}: {part!r} is a section; set one of its keys")
+            sub = node.get(part)
+            if part == "quant" and isinstance(sub, str):
+                sub = {"type": sub}
+            sub = {} if sub is None else sub
+            if not isinstance(sub, dict):
+                raise QwenEdgeError(f"{src}: {part!r} must be a mapping")
+            node[part] = sub
+            node, cls = sub, tp
+            continue
+        if last:
+            node[part] = _scalar(raw, key)
+            return
+        if "dict" in str(tp) and i == len(parts) - 2:  # verify.thresholds.kl_mean=0.1
+            sub = node.get(part)
+            sub = {} if sub is None else sub
+            if not isinstance(sub, dict):
+                raise QwenEdgeError(f"{src}: {part!r} must be a mapping")
+            node[part] = sub
+            sub[parts[-1]] = _scalar(raw, key)
+            return
+        raise QwenEdgeError(f"override {key!r}: {part!r} is not a section")
+
+
+def _scalar(raw: str, key: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise QwenEdgeError(f"override {key}={raw!r}: not a YAML scalar") from None
+    if isinstance(value, (dict, list)):
+        raise QwenEdgeError(f"override {key}={raw!r}: expected a scalar (number, string, true/false, null)")
+    return value
+
+
+def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
+    """A recipe file path, or a recipe name looked up in export_recipes/."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    name = str(path_or_name)
+    if set(name) <= NAME_CHARS and ".." not in name:
+        for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
+    if p.exists():
+        raise QwenEdgeError(f"{p}: not a recipe file")
+    raise QwenEdgeError(f"{path_or_name}: no such recipe file or name (see `qwen-edge recipes`)")
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Recipe:
+    """Read a recipe YAML (or a name in export_recipes/), apply dotted overrides, validate it."""
+    p = resolve_recipe_path(path)
+    src = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise QwenEdgeError(f"{src}: cannot read recipe ({e})") from None
+    except yaml.YAMLError as e:
+        raise QwenEdgeError(f"{src}: invalid YAML ({' '.join(str(e).split())[:160]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QwenEdgeError(f"{src}: a recipe must be a mapping of keys to values")
+    for key, raw in (overrides or {}).items():
+        _apply_override(data, key, raw, src)
+    recipe = _build(Recipe, data, src)
+    if not recipe.name:
+        recipe.name = p.name[:-5] if p.name.endswith(".yaml") else p.stem
+    validate_recipe(recipe, src)
+    return recipe
+
+
+def recipe_from_args(source: str | None, fmt: str | None, quant: str | None, target: str | None,
+                     overrides: dict[str, str] | None = None) -> Recipe:
+    """A recipe built from plain CLI flags (no file): `export SOURCE --format F --quant Q`."""
+    missing = [flag for flag, v in (("SOURCE", source), ("--format", fmt), ("--quant", quant)) if not v]
+    if missing:
+        raise QwenEdgeError(f"export needs --recipe FILE, or SOURCE with --format and --quant "
+                            f"(missing: {', '.join(missing)})")
+    data: dict[str, Any] = {"source": source, "format": fmt, "quant": {"type": quant},
+                            "target": target or "cpu-x86_64"}
+    for key, raw in (overrides or {}).items():
+        _apply_override(data, key, raw, "--set")
+    recipe = _build(Recipe, data, "--set")
+    validate_recipe(recipe, "command line")
+    return recipe
+
+
+DESIGN_QUANTS = {"gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl"),
+                 "onnx": ("fp32", "fp16", "int8", "int4")}
+
+
+def known_quants(fmt: str) -> tuple[str, ...]:
+    """The exporter's registered quantizations (the documented set when the exporter cannot be imported)."""
+    from .export import get_exporter
+
+    try:
+        return tuple(get_exporter(fmt).quants)
+    except ImportError:
+        return DESIGN_QUANTS[fmt]
+
+
+def validate_recipe(r: Recipe, src: str) -> None:
+    """Check names, format/quantization pairs, target and context; raise QwenEdgeError naming the file."""
+    from .models import MODELS
+    from .targets import load_target
+
+    if not r.effective_source:
+        raise QwenEdgeError(f"{src}: 'source' is required (a hub id or a checkpoint directory)")
+    if r.model and r.model.lower() not in MODELS:
+        raise QwenEdgeError(f"{src}: unknown model {r.model!r} (known: {', '.join(MODELS)})")
+    if r.format not in ("gguf", "onnx"):
+        raise QwenEdgeError(f"{src}: 'format' must be gguf or onnx, not {r.format!r}")
+    if not r.quant.type:
+        raise QwenEdgeError(f"{src}: 'quant.type' is required")
+    quants = known_quants(r.format)
+    if r.quant.type not in quants:
+        raise QwenEdgeError(f"{src}: format {r.format} has no quantization {r.quant.type!r} "
+                            f"(available: {', '.join(quants)})")
+    q = r.quant
+    if r.format == "gguf":
+        bad = [k for k in ONNX_ONLY if getattr(q, k) is not None]
+        if bad:
+            raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to ONNX only (GGUF types fix their own blocks)")
+    if q.block_size is not None and q.block_size not in (16, 32, 64, 128, 256):
+        raise QwenEdgeError(f"{src}: 'quant.block_size' must be 16, 32, 64, 128 or 256, not {q.block_size}")
+    if q.accuracy_level is not None and not 0 <= q.accuracy_level <= 4:
+        raise QwenEdgeError(f"{src}: 'quant.accuracy_level' must be 0-4, not {q.accuracy_level}")
+    if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16, 32):
+        raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8, 16 or 32, not {q.lm_head_bits}")
+    try:
+        target = load_target(r.target)
+    except QwenEdgeError as e:
+        raise QwenEdgeError(f"{src}: {e}") from None
+    if r.max_context is not None:
+        if r.max_context <= 0:
+            raise QwenEdgeError(f"{src}: 'max_context' must be a positive integer")
+        if r.model:
+            limit = MODELS[r.model.lower()].arch.max_position_embeddings
+            if r.max_context > limit:
+                raise QwenEdgeError(f"{src}: max_context {r.max_context} exceeds {r.model}'s {limit} positions")
+    elif target.max_context <= 0:
+        raise QwenEdgeError(f"{src}: target {target.name} has no usable max_context")
+    if r.output:
+        check_output_name(r.output, src)
+    for k, v in r.verify.thresholds.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise QwenEdgeError(f"{src}: 'verify.thresholds.{k}' must be a number, not {v!r:.40}")
+
+
+def check_output_name(name: str, src: str) -> None:
+    """An artifact directory name is one plain path component: no separators, no '..', not absolute."""
+    if not name or name in (".", "..") or not set(name) <= NAME_CHARS or name.startswith("."):
+        raise QwenEdgeError(f"{src}: output name {name!r} must be a plain directory name "
+                            "(letters, digits, '.', '_', '-'; no '/', no '..')")
+
+
+# --- listing --------------------------------------------------------------------------------------------------
+def list_recipes(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Every recipe in export_recipes/, validated, as rows usable as a CI matrix."""
+    d = Path(directory) if directory else RECIPES_DIR
+    if not d.is_dir():
+        raise QwenEdgeError(f"{d}: no recipe directory")
+    rows = []
+    for p in sorted(d.glob("*.yaml")):
+        r = load_recipe(p)
+        try:
+            rel = str(p.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            rel = str(p)
+        rows.append({"name": r.name, "file": rel, "model": r.model, "source": r.source, "format": r.format,
+                     "quant": r.quant.type, "target": r.target, "output": r.output or r.name})
+    return rows
+
+
+def render_recipes(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no recipes"
+    cols = ("name", "model", "format", "quant", "target")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    lines.append(f"{len(rows)} recipes in {RECIPES_DIR.name}/ — export one: qwen-edge export --recipe NAME -o dist/")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --- exporting ------------------------------------------------------------------------------------------------
+def verify_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def _config_sha(path: Path) -> str:
+    """sha256 over the source's config, generation config and tokenizer config (inputs besides the weights)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        p = path / name
+        h.update(name.encode() + b"\0")
+        if p.is_file():
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def manifest_recipe(recipe: Recipe, source_dir: Path) -> dict[str, Any]:
+    """The manifest's `recipe` record: the build inputs, the exporter options and the source config hash."""
+    return {**recipe.build_inputs(), "options": recipe.quant.options(), "source_config_sha256": _config_sha(source_dir)}
+
+
+def existing_matches(final: Path, source_dir: Path, record: dict[str, Any]) -> bool:
+    """True when `final` is an intact artifact built by this toolkit version from the same inputs."""
+    from . import __version__
+    from .artifact import Artifact
+    from .checkpoint import Checkpoint, sha256_file
+
+    if not (final / "manifest.json").is_file():
+        return False
+    try:
+        art = Artifact.open(final, check_hashes=True)
+    except QwenEdgeError:
+        return False  # corrupt or altered: rebuild
+    m = art.manifest
+    if (m.get("toolkit") or {}).get("version") != __version__ or m.get("recipe") != record:
+        return False
+    if (m.get("tokenizer") or {}).get("sha256") != sha256_file(source_dir / "tokenizer.json"):
+        return False
+    ckpt = Checkpoint(source_dir, validate=False)
+    try:
+        return (m.get("source") or {}).get("weights_sha256") == ckpt.weights_sha256
+    finally:
+        ckpt.close()
+
+
+def _fmt_size(n: int) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class ExportOutcome:
+    """What `export_recipe` did: the artifact, whether it was reused, and the verify result."""
+
+    path: Path
+    skipped: bool
+    seconds: float
+    verify: str
+    """`passed`, `FAILED (...)`, `skipped (...)` or `off`."""
+    passed: bool = True
+    report: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        from .artifact import Artifact
+
+        art = Artifact.open(self.path, check_hashes=False)
+        bpw = art.bits_per_weight
+        parts = [str(self.path), f"{art.format} {art.quant}", _fmt_size(art.size_bytes),
+                 f"{bpw:.2f} bpw" if isinstance(bpw, (int, float)) else "? bpw", f"verify {self.verify}",
+                 ("up to date, export skipped" if self.skipped else "exported") + f" in {self.seconds:.1f} s"]
+        return " | ".join(parts)
+
+
+def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
+                  force: bool = False, log: Any = None) -> ExportOutcome:
+    """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed."""
+    from .export import export
+    from .targets import load_target
+
+    t0 = time.perf_counter()
+    src = source or recipe.effective_source
+    if not src:
+        raise QwenEdgeError(f"recipe {recipe.name}: no source")
+    name = recipe.output or recipe.name
+    if not name:
+        from .export import default_name
+
+        name = default_name(src, recipe.format, recipe.quant.type)
+    check_output_name(name, f"recipe {recipe.name or '(flags)'}")
+    target = load_target(recipe.target)
+    context = recipe.max_context or target.max_context
+    options = recipe.quant.options()
+    final = Path(out_dir) / name
+    from .checkpoint import resolve_source
+
+    source_dir = resolve_source(src)
+    _check_model(recipe, source_dir)
+    record = manifest_recipe(recipe, source_dir)
+    skipped = not force and existing_matches(final, source_dir, record)
+    if not skipped:
+        export(src, recipe.format, recipe.quant.type, out_dir,
+               name=name, target=target.name, options=options, recipe=record, context_length=context)
+    seconds = time.perf_counter() - t0
+    outcome = ExportOutcome(final, skipped, seconds, "off")
+    if not (verify and recipe.verify.enabled):
+        outcome.verify = "off (--no-verify)" if not verify else "off (recipe)"
+        return outcome
+    if not verify_available():
+        outcome.verify = "skipped (install qwen-edge[verify] for torch + transformers)"
+        return outcome
+    from .verify import verify as run_verify
+
+    try:
+        report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None,
+                            quick=recipe.verify.quick)
+    except GateFailed as e:
+        outcome.passed, outcome.verify = False, f"FAILED ({e})"
+        outcome.seconds = time.perf_counter() - t0
+        return outcome
+    report = report if isinstance(report, dict) else getattr(report, "to_dict", lambda: {})()
+    outcome.report = report
+    outcome.passed = bool(report.get("passed", True))
+    failed = report.get("failed") or [k for k, ok in (report.get("checks") or {}).items() if not ok]
+    outcome.verify = "passed" if outcome.passed else f"FAILED ({', '.join(map(str, failed)) or 'gate'})"
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+SHAPE_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def _check_model(recipe: Recipe, source_dir: Path) -> None:
+    """Refuse a source whose shapes differ from the recipe's `model` (the wrong checkpoint for this recipe)."""
+    if not recipe.model:
+        return
+    from .checkpoint import Checkpoint
+    from .models import MODELS
+
+    want = MODELS[recipe.model.lower()].arch.to_dict()
+    ckpt = Checkpoint(source_dir, validate=False)
+    try:
+        got = ckpt.arch.to_dict()
+    finally:
+        ckpt.close()
+    diff = [f"{k} {got[k]} != {want[k]}" for k in SHAPE_FIELDS if got[k] != want[k]]
+    if diff:
+        raise QwenEdgeError(f"{source_dir}: not a {recipe.model} checkpoint ({', '.join(diff[:3])}); "
+                            "pass the matching checkpoint or override model=NAME")
+
+
+def run_export(source: str | None, fmt: str | None, quant: str | None, target: str | None, out_dir: str,
+               recipe_path: str | None = None, overrides: dict[str, str] | None = None, name: str | None = None,
+               verify: bool = True, force: bool = False, max_context: int | None = None) -> int:
+    """`qwen-edge export`: a recipe (plus flags/overrides) or plain flags; prints one summary line to stderr."""
+    overrides = dict(overrides or {})
+    if recipe_path:
+        recipe = load_recipe(recipe_path, overrides)
+        if fmt and fmt != recipe.format:
+            recipe.format, recipe.quant = fmt, QuantConfig(type=quant or "")
+        elif quant:
+            recipe.quant.type = quant
+        if target:
+            recipe.target = target
+        if source:
+            recipe.source_path = source
+        if fmt or quant or target:
+            validate_recipe(recipe, str(recipe_path))
+    else:
+        recipe = recipe_from_args(source, fmt, quant, target, overrides)
+    if max_context is not None:
+        if max_context <= 0:
+            raise QwenEdgeError(f"--max-context must be positive, not {max_context}")
+        recipe.max_context = max_context
+    if name:
+        check_output_name(name, "--name")
+        recipe.output = name
+    outcome = export_recipe(recipe, out_dir, verify=verify, force=force)
+    print(outcome.summary(), file=sys.stderr)
+    if not outcome.passed:
+        raise GateFailed(f"{outcome.path.name}: verify {outcome.verify}")
+    return 0
