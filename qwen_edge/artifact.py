@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +18,18 @@ from .errors import QwenEdgeError
 from .models import ENDOFTEXT_ID, IM_END_ID, template_for
 
 SCHEMA_VERSION = 1
+READ_BY_TOOLKIT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "genai_config.json", "special_tokens_map.json")
+"""Files the toolkit reads from an artifact when present: each must be listed (and hashed) in the manifest."""
+READ_BY_RUNTIMES = (".gguf", ".onnx", ".data", ".onnx_data")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 def safe_relpath(root: Path, rel: str, what: str = "path") -> Path:
     """Resolve `rel` under `root`, refusing absolute paths, `..`, and symlinks that leave the root."""
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ":" in rel[:3]:
-        raise QwenEdgeError(f"{what} {rel!r}: must be a relative path inside {root}")
+    if not isinstance(rel, str) or len(rel) > 1024 or not rel or rel.startswith(("/", "\\")) or ":" in rel[:3] or "\0" in rel:
+        raise QwenEdgeError(f"{what} {str(rel)[:120]!r}: must be a relative path inside {root}")
     parts = Path(rel).parts
     if any(p in ("..", "") for p in parts):
         raise QwenEdgeError(f"{what} {rel!r}: must not contain '..'")
@@ -31,7 +37,7 @@ def safe_relpath(root: Path, rel: str, what: str = "path") -> Path:
     try:
         resolved = p.resolve()
         root_resolved = root.resolve()
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:  # ELOOP, ENAMETOOLONG, symlink loops
         raise QwenEdgeError(f"{what} {rel!r}: cannot resolve ({e})") from None
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise QwenEdgeError(f"{what} {rel!r}: resolves outside {root}")
@@ -66,6 +72,36 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete temporary/old directories a killed writer left for `name` (their process no longer runs)."""
+    for p in parent.glob(f".{glob.escape(name)}.*-*"):
+        kind, _, rest = p.name[len(name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or not ours to signal): leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError, ValueError):
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class ArtifactWriter:
     """Builds an artifact in a temporary sibling directory and renames it into place on `commit()`.
 
@@ -82,7 +118,8 @@ class ArtifactWriter:
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
+            _remove_stale(parent, self.final.name)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-{os.getpid()}-", dir=parent))
         except OSError as e:
             raise QwenEdgeError(f"{parent}: cannot create output directory ({e.strerror})") from None
         return self
@@ -113,8 +150,13 @@ class ArtifactWriter:
         old = None
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(d, self.final)
+            if _exchange(d, self.final):  # one atomic step: no instant without an artifact under the name
+                os.replace(d, old)
+            else:
+                os.replace(self.final, old)
+                os.replace(d, self.final)
+        else:
+            os.replace(d, self.final)
         fsync_dir(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -182,12 +224,14 @@ class Artifact:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise QwenEdgeError(f"{root}: no {MANIFEST} (not a qwen-edge artifact)")
+        if mpath.is_symlink():
+            raise QwenEdgeError(f"{mpath}: symlinks are not allowed in an artifact")
         if mpath.stat().st_size > MAX_MANIFEST_BYTES:
             raise QwenEdgeError(f"{mpath}: manifest is implausibly large")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise QwenEdgeError(f"{mpath}: corrupt manifest ({e})") from None
+            manifest = json.loads(mpath.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise QwenEdgeError(f"{mpath}: corrupt manifest ({str(e)[:200]})") from None
         if not isinstance(manifest, dict):
             raise QwenEdgeError(f"{mpath}: manifest is not a JSON object")
         for key in ("schema_version", "format", "model_file", "files", "architecture"):
@@ -195,18 +239,20 @@ class Artifact:
                 raise QwenEdgeError(f"{mpath}: manifest lacks {key!r}")
         if manifest["schema_version"] != SCHEMA_VERSION:
             raise QwenEdgeError(f"{mpath}: unsupported schema_version {manifest['schema_version']!r}")
-        if not isinstance(manifest["files"], list):
-            raise QwenEdgeError(f"{mpath}: 'files' must be a list")
+        _check_types(manifest, mpath)
         art = cls(root, manifest)
         for entry in manifest["files"]:
             if not isinstance(entry, dict) or not {"path", "bytes", "sha256"} <= set(entry):
                 raise QwenEdgeError(f"{mpath}: malformed files entry {entry!r:.80}")
             p = safe_relpath(root, entry["path"], "manifest file")
-            if p.is_symlink():
-                raise QwenEdgeError(f"{entry['path']}: symlinks are not allowed in an artifact")
-            if not p.is_file():
-                raise QwenEdgeError(f"{root.name}/{entry['path']}: missing (listed in the manifest)")
-            size = p.stat().st_size
+            try:
+                if p.is_symlink():
+                    raise QwenEdgeError(f"{entry['path']}: symlinks are not allowed in an artifact")
+                if not p.is_file():
+                    raise QwenEdgeError(f"{root.name}/{entry['path']}: missing (listed in the manifest)")
+                size = p.stat().st_size
+            except OSError as e:
+                raise QwenEdgeError(f"{root.name}/{entry['path']}: cannot read ({e.strerror})") from None
             if size != entry["bytes"]:
                 raise QwenEdgeError(
                     f"{root.name}/{entry['path']}: {size} bytes, manifest says {entry['bytes']} (truncated or altered)"
@@ -215,8 +261,42 @@ class Artifact:
                 raise QwenEdgeError(f"{root.name}/{entry['path']}: sha256 disagrees with the manifest (corrupt or altered)")
             art.files[entry["path"]] = entry
         if manifest["model_file"] not in art.files:
-            raise QwenEdgeError(f"{mpath}: model_file {manifest['model_file']!r} is not among the listed files")
+            raise QwenEdgeError(f"{mpath}: model_file {manifest['model_file']!r:.120} is not among the listed files")
+        for p in root.iterdir():
+            if p.name not in art.files and (p.name in READ_BY_TOOLKIT or p.name.endswith(READ_BY_RUNTIMES)):
+                raise QwenEdgeError(f"{root.name}/{p.name}: not listed in the manifest (added or altered after export)")
         return art
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _check_types(m: dict[str, Any], mpath: Path) -> None:
+    """The manifest fields the toolkit acts on have the types it expects (a hostile manifest fails here)."""
+    def bad(key: str, want: str) -> QwenEdgeError:
+        return QwenEdgeError(f"{mpath}: {key!r} must be {want}, not {type(m.get(key)).__name__}")
+
+    if not isinstance(m["format"], str):
+        raise bad("format", "a string")
+    if not isinstance(m["model_file"], str):
+        raise bad("model_file", "a string")
+    if not isinstance(m["files"], list):
+        raise bad("files", "a list")
+    if not isinstance(m["architecture"], dict):
+        raise bad("architecture", "an object")
+    ctx = m.get("context_length")
+    if ctx is not None and (type(ctx) is not int or not 0 < ctx <= 1 << 24):
+        raise QwenEdgeError(f"{mpath}: context_length {ctx!r:.40} is not a positive integer")
+    tok = m.get("tokenizer", {})
+    if not isinstance(tok, dict):
+        raise bad("tokenizer", "an object")
+    stop = tok.get("stop_ids", [])
+    if not isinstance(stop, list) or not all(type(x) is int and 0 <= x < 1 << 24 for x in stop):
+        raise QwenEdgeError(f"{mpath}: tokenizer.stop_ids must be a list of token ids")
+    for entry in m["files"]:
+        if isinstance(entry, dict) and not (type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise QwenEdgeError(f"{mpath}: files entry {entry.get('path')!r:.120} has malformed bytes or sha256")
 
 
 def stop_ids_for(ckpt: Checkpoint) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -46,14 +47,26 @@ def expected_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return x
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
 def _read_json(path: Path) -> Any:
+    """Strict JSON: NaN, Infinity and overflowing numbers are errors, as is pathological nesting."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, parse_constant=_no_constant, parse_float=_finite)
     except FileNotFoundError:
         raise QwenEdgeError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QwenEdgeError(f"{path.name}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QwenEdgeError(f"{path.name}: not valid JSON ({str(e)[:200]})") from None
 
 
 class Checkpoint:
@@ -66,7 +79,12 @@ class Checkpoint:
         self.config: dict[str, Any] = _read_json(self.path / "config.json")
         if not isinstance(self.config, dict):
             raise QwenEdgeError(f"{self.path / 'config.json'}: expected a JSON object")
-        self.arch = Arch.from_hf_config(self.config, str(self.path / "config.json"))
+        try:
+            self.arch = Arch.from_hf_config(self.config, str(self.path / "config.json"))
+        except QwenEdgeError as e:  # keep the message one short line even when a value is huge
+            if len(str(e)) <= 500:
+                raise
+            raise QwenEdgeError(str(e)[:497] + "...") from None
         self.files = self._weight_files()
         self._tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, SafetensorsFile] = {}
@@ -87,10 +105,12 @@ class Checkpoint:
             wm = idx.get("weight_map") if isinstance(idx, dict) else None
             if not isinstance(wm, dict) or not wm:
                 raise QwenEdgeError(f"{index.name}: missing or empty weight_map")
+            if not all(isinstance(n, str) for n in wm.values()):
+                raise QwenEdgeError(f"{index.name}: weight_map values must be shard file names")
             names = sorted(set(wm.values()))
             files = []
             for n in names:
-                if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+                if not isinstance(n, str) or "/" in n or "\\" in n or "\0" in n or n.startswith("."):
                     raise QwenEdgeError(f"{index.name}: invalid shard name {n!r}")
                 p = self.path / n
                 if not p.is_file():

@@ -95,6 +95,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(model=a.model, out_dir=a.output, quick=a.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line `error: ...` on stderr, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 # --- parser --------------------------------------------------------------------------------------------------
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
@@ -115,14 +122,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qwen-edge", description="Export, verify, run and benchmark small Qwen models "
+    ap = _Parser(prog="qwen-edge", description="Export, verify, run and benchmark small Qwen models "
                                  "as ONNX and GGUF artifacts on CPU, arm64 and GPU.")
     ap.add_argument("--version", action="version", version=f"qwen-edge {__version__}")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
     p = sub.add_parser("synth", help="write an architecture-exact checkpoint with random weights (offline)")
-    p.add_argument("arch", help="e.g. qwen2.5-0.5b, qwen3-0.6b, tiny-qwen3 (see `qwen-edge synth --list`)")
+    from .models import MODELS
+
+    p.add_argument("arch", choices=list(MODELS), metavar="ARCH", help="one of: " + ", ".join(MODELS))
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)

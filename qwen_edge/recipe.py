@@ -7,17 +7,20 @@ import importlib.util
 import os
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import GateFailed, QwenEdgeError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
+"""The checkout's recipes (an editable install); `recipes_dir()` falls back to ./export_recipes."""
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "quantize_embeddings")
+GGUF_ONLY = ("intermediate",)
 
 
 @dataclass
@@ -33,9 +36,11 @@ class QuantConfig:
     accuracy_level: int | None = None
     """ONNX MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: the target profile's)."""
     lm_head_bits: int | None = None
-    """ONNX int4: bits of the LM head (8 keeps the output projection at 8 bits, which protects quality)."""
+    """ONNX int4/int8: bits of the LM head (4, 8 or 16; exporter default 8, which protects quality)."""
     quantize_embeddings: bool | None = None
     """ONNX int4/int8: quantize the token embedding table too (smaller file, gathers dequantize per row)."""
+    intermediate: str | None = None
+    """GGUF k-/i-quants: float type written before llama.cpp quantizes (`bf16`, `f16`, `f32`; default: the source's)."""
 
     def options(self) -> dict[str, Any]:
         """The exporter options this config sets (everything but `type`, unset fields left out)."""
@@ -96,22 +101,28 @@ class Recipe:
 
 # --- loading --------------------------------------------------------------------------------------------------
 def _type_ok(value: Any, tp: Any) -> bool:
-    s = str(tp)
-    if value is None:
-        return "None" in s
-    if "bool" in s and isinstance(value, bool):
-        return True
-    if isinstance(value, bool):
-        return False
-    if "int" in s and isinstance(value, int):
-        return True
-    if "float" in s and isinstance(value, (int, float)):
-        return True
-    if "str" in s and "dict" not in s and isinstance(value, str):
-        return True
-    if "dict" in s and isinstance(value, dict):
-        return True
+    """Whether a YAML value fits a field annotation (int, float, bool, str, dict[str, float], X | None)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
     return False
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)).replace("NoneType", "null") for a in (get_args(tp) or (tp,))) \
+        if get_origin(tp) in (Union, types.UnionType) else str(tp) if get_origin(tp) else tp.__name__
 
 
 def _build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
@@ -130,7 +141,7 @@ def _build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
             kwargs[key] = _build(tp, value if value is not None else {}, src, f"{prefix}{key}.")
             continue
         if not _type_ok(value, tp):
-            raise QwenEdgeError(f"{src}: '{prefix}{key}' must be {str(tp).replace('typing.', '')}, "
+            raise QwenEdgeError(f"{src}: '{prefix}{key}' must be {_type_name(tp)}, "
                                 f"not {type(value).__name__} {value!r:.40}")
         kwargs[key] = value
     return cls(**kwargs)
@@ -186,6 +197,11 @@ def _scalar(raw: str, key: str) -> Any:
     return value
 
 
+def recipes_dir() -> Path:
+    """export_recipes/ beside the package (a checkout), else in the current directory."""
+    return RECIPES_DIR if RECIPES_DIR.is_dir() else Path.cwd() / "export_recipes"
+
+
 def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
     """A recipe file path, or a recipe name looked up in export_recipes/."""
     p = Path(path_or_name)
@@ -193,7 +209,7 @@ def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
         return p
     name = str(path_or_name)
     if set(name) <= NAME_CHARS and ".." not in name:
-        for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        for cand in (recipes_dir() / name, recipes_dir() / f"{name}.yaml"):
             if cand.is_file():
                 return cand
     if p.exists():
@@ -277,12 +293,18 @@ def validate_recipe(r: Recipe, src: str) -> None:
         bad = [k for k in ONNX_ONLY if getattr(q, k) is not None]
         if bad:
             raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to ONNX only (GGUF types fix their own blocks)")
+    else:
+        bad = [k for k in GGUF_ONLY if getattr(q, k) is not None]
+        if bad:
+            raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to GGUF only")
+    if q.intermediate is not None and q.intermediate not in ("bf16", "f16", "f32"):
+        raise QwenEdgeError(f"{src}: 'quant.intermediate' must be bf16, f16 or f32, not {q.intermediate!r}")
     if q.block_size is not None and q.block_size not in (16, 32, 64, 128, 256):
         raise QwenEdgeError(f"{src}: 'quant.block_size' must be 16, 32, 64, 128 or 256, not {q.block_size}")
     if q.accuracy_level is not None and not 0 <= q.accuracy_level <= 4:
         raise QwenEdgeError(f"{src}: 'quant.accuracy_level' must be 0-4, not {q.accuracy_level}")
-    if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16, 32):
-        raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8, 16 or 32, not {q.lm_head_bits}")
+    if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16):
+        raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8 or 16, not {q.lm_head_bits}")
     try:
         target = load_target(r.target)
     except QwenEdgeError as e:
@@ -298,7 +320,11 @@ def validate_recipe(r: Recipe, src: str) -> None:
         raise QwenEdgeError(f"{src}: target {target.name} has no usable max_context")
     if r.output:
         check_output_name(r.output, src)
+    from .verify import METRICS
+
     for k, v in r.verify.thresholds.items():
+        if k not in METRICS:
+            raise QwenEdgeError(f"{src}: unknown key 'verify.thresholds.{k}' (known: {', '.join(METRICS)})")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise QwenEdgeError(f"{src}: 'verify.thresholds.{k}' must be a number, not {v!r:.40}")
 
@@ -313,7 +339,7 @@ def check_output_name(name: str, src: str) -> None:
 # --- listing --------------------------------------------------------------------------------------------------
 def list_recipes(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Every recipe in export_recipes/, validated, as rows usable as a CI matrix."""
-    d = Path(directory) if directory else RECIPES_DIR
+    d = Path(directory) if directory else recipes_dir()
     if not d.is_dir():
         raise QwenEdgeError(f"{d}: no recipe directory")
     rows = []
@@ -335,7 +361,7 @@ def render_recipes(rows: list[dict[str, Any]]) -> str:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
-    lines.append(f"{len(rows)} recipes in {RECIPES_DIR.name}/ — export one: qwen-edge export --recipe NAME -o dist/")
+    lines.append(f"{len(rows)} recipes in export_recipes/ — export one: qwen-edge export --recipe NAME -o dist/")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -398,10 +424,14 @@ class ExportOutcome:
     path: Path
     skipped: bool
     seconds: float
+    """Time spent checking and exporting (verify not included)."""
     verify: str
     """`passed`, `FAILED (...)`, `skipped (...)` or `off`."""
     passed: bool = True
     report: dict[str, Any] | None = None
+    failure: str = ""
+    """The failing metrics with their values and bounds, when verify failed."""
+    verify_seconds: float = 0.0
 
     def summary(self) -> str:
         from .artifact import Artifact
@@ -409,13 +439,13 @@ class ExportOutcome:
         art = Artifact.open(self.path, check_hashes=False)
         bpw = art.bits_per_weight
         parts = [str(self.path), f"{art.format} {art.quant}", _fmt_size(art.size_bytes),
-                 f"{bpw:.2f} bpw" if isinstance(bpw, (int, float)) else "? bpw", f"verify {self.verify}",
-                 ("up to date, export skipped" if self.skipped else "exported") + f" in {self.seconds:.1f} s"]
+                 f"{bpw:.2f} bpw" if isinstance(bpw, (int, float)) else "? bpw", f"verify {self.verify}" + (f" in {self.verify_seconds:.1f} s" if self.verify_seconds else ""),
+                 "up to date, export skipped" if self.skipped else f"exported in {self.seconds:.1f} s"]
         return " | ".join(parts)
 
 
 def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
-                  force: bool = False, log: Any = None) -> ExportOutcome:
+                  force: bool = False) -> ExportOutcome:
     """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed."""
     from .export import export
     from .targets import load_target
@@ -451,22 +481,45 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     if not verify_available():
         outcome.verify = "skipped (install qwen-edge[verify] for torch + transformers)"
         return outcome
-    from .verify import verify as run_verify
+    from .verify import describe_failures, thresholds_for, verify as run_verify
 
-    try:
-        report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None,
-                            quick=recipe.verify.quick)
-    except GateFailed as e:
-        outcome.passed, outcome.verify = False, f"FAILED ({e})"
-        outcome.seconds = time.perf_counter() - t0
-        return outcome
-    report = report if isinstance(report, dict) else getattr(report, "to_dict", lambda: {})()
+    if skipped:
+        recorded = _recorded_parity(final, recipe, thresholds_for)
+        if recorded:
+            outcome.verify = recorded
+            return outcome
+    t1 = time.perf_counter()
+    report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None, quick=recipe.verify.quick)
+    outcome.verify_seconds = time.perf_counter() - t1
     outcome.report = report
-    outcome.passed = bool(report.get("passed", True))
-    failed = report.get("failed") or [k for k, ok in (report.get("checks") or {}).items() if not ok]
-    outcome.verify = "passed" if outcome.passed else f"FAILED ({', '.join(map(str, failed)) or 'gate'})"
-    outcome.seconds = time.perf_counter() - t0
+    outcome.passed = bool(report.get("passed"))
+    if not outcome.passed:
+        outcome.failure = describe_failures(report)
+    outcome.verify = "passed" if outcome.passed else f"FAILED ({', '.join(report.get('failed') or ['gate'])})"
+    m = report.get("metrics") or {}
+    shown = ", ".join(f"{k} {m[k]:.3g}" for k in ("kl_mean", "top1_agreement") if isinstance(m.get(k), (int, float)))
+    if outcome.passed and shown:
+        outcome.verify += f" ({shown})"
     return outcome
+
+
+def _recorded_parity(final: Path, recipe: Recipe, thresholds_for: Any) -> str | None:
+    """A passed parity report already in an up-to-date artifact, made with the same gate and text, is reused."""
+    from .artifact import Artifact
+
+    art = Artifact.open(final, check_hashes=False)
+    p = art.manifest.get("parity")
+    if not isinstance(p, dict) or not p.get("passed") or not p.get("reference_matches_source"):
+        return None
+    if p.get("quick") and not recipe.verify.quick:
+        return None
+    try:
+        want = thresholds_for(art.quant, art.bits_per_weight, recipe.verify.thresholds or None)
+    except QwenEdgeError:
+        return None
+    if p.get("thresholds") != want:
+        return None
+    return f"passed (recorded {p.get('verified_at', 'earlier')})"
 
 
 SHAPE_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -521,5 +574,5 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
     outcome = export_recipe(recipe, out_dir, verify=verify, force=force)
     print(outcome.summary(), file=sys.stderr)
     if not outcome.passed:
-        raise GateFailed(f"{outcome.path.name}: verify {outcome.verify}")
+        raise GateFailed(f"verify: {outcome.failure}")
     return 0

@@ -83,22 +83,25 @@ def candidate_probs(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.nda
     """(token ids, probabilities summing to 1) that survive temperature, top-k, top-p and min-p, most likely first."""
     x = np.asarray(logits, dtype=np.float64) / s.temperature
     n = x.shape[-1]
+    total: float | None = None  # the full softmax's normalizer, when only a probe of candidates is kept
     if 0 < s.top_k < n:
         ids = np.argpartition(-x, s.top_k - 1)[: s.top_k]
     elif s.top_p < 1.0 and n > TOP_P_PROBE:
         ids = np.argpartition(-x, TOP_P_PROBE - 1)[:TOP_P_PROBE]
         # exact: the probe suffices when its own mass (under the full softmax) already reaches top_p
         m = x.max()
-        total = np.exp(x - m).sum()
-        if np.exp(x[ids] - m).sum() / total < s.top_p:
+        full = float(np.exp(x - m).sum())
+        if np.exp(x[ids] - m).sum() / full < s.top_p:
             ids = np.arange(n)
+        else:
+            total = full
     else:
         ids = np.arange(n)
     vals = x[ids]
     order = np.argsort(-vals, kind="stable")
     ids, vals = ids[order], vals[order]
     p = np.exp(vals - vals[0])
-    p /= p.sum()
+    p /= p.sum() if total is None else total  # vals[0] is the max, so total shares its reference
     if s.top_p < 1.0:
         # keep tokens while the mass before them is below top_p (the first token always stays)
         before = np.cumsum(p) - p

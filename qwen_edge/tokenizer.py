@@ -13,12 +13,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 from .errors import QwenEdgeError
 
@@ -355,8 +355,8 @@ def template_names() -> list[str]:
 
 def load_template(name: str) -> str:
     """The bundled chat template `name` (`qwen2`, `qwen2_5`, `qwen3`), as Jinja source."""
-    path = resources.files("qwen_edge") / "templates" / f"{name}.jinja"
-    if not name.replace("_", "").isalnum() or not path.is_file():
+    path = resources.files("qwen_edge") / "templates" / f"{name}.jinja" if name.replace("_", "").isalnum() else None
+    if path is None or not path.is_file():
         raise QwenEdgeError(f"unknown chat template {name!r} (bundled: {', '.join(template_names())})")
     return path.read_text(encoding="utf-8")
 
@@ -440,7 +440,7 @@ def _sandbox() -> Any:
     class Namespace(jinja2.utils.Namespace):
         """`namespace()` that refuses underscore-prefixed attribute names and oversized values."""
 
-        def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - mirrors jinja2.utils.Namespace
+        def __init__(*args: Any, **kwargs: Any) -> None:  # `self` travels in args, as in jinja2
             self, rest = args[0], args[1:]
             attrs = dict(*rest, **kwargs)
             for key, value in attrs.items():
@@ -479,7 +479,7 @@ def _sandbox() -> Any:
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-                if right * math.log2(abs(left)) > 4096:
+                if right * math.log2(abs(left)) > 128:  # chat templates have no use for huge integers
                     raise SecurityError("integer power too large for a chat template")
             elif operator == "*":
                 for seq, n in ((left, right), (right, left)):
@@ -497,7 +497,7 @@ def _sandbox() -> Any:
                 check_format(value.__self__)
             return wrapped
 
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # jinja2's signature
             owner = getattr(__obj, "__self__", None)
             if isinstance(owner, str):
                 precheck_str_method(owner, getattr(__obj, "__name__", ""), args)
@@ -560,6 +560,7 @@ def _compile(source: str) -> Any:
 
 def compile_template(source: str, *, time_budget_s: float = TEMPLATE_TIME_BUDGET_S) -> None:
     """Check that `source` compiles in the sandbox; raise TemplateError if not."""
+    _sandbox()  # build the environment (imports jinja2) outside the time budget
     with _deadline(time_budget_s):
         _compile(source)
 
@@ -599,6 +600,7 @@ def render_template(
     """Render a chat template in the sandbox; TemplateError on any failure, on overrunning time or output size."""
     chunks: list[str] = []
     size = 0
+    _sandbox()  # build the environment (imports jinja2) outside the time budget
     with _deadline(time_budget_s):
         try:
             template = _compile(source)
@@ -673,13 +675,17 @@ class Tokenizer:
         template: str | None = None
         jinja_path = root / "chat_template.jinja"
         if jinja_path.is_file():
-            template = jinja_path.read_text(encoding="utf-8")
+            try:
+                template = jinja_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TemplateError(f"{jinja_path}: chat template is unreadable ({_one_line(e)})") from None
         else:
             template = _template_from_config(config.get("chat_template"))
             legacy = root / "chat_template.json"
             if template is None and legacy.is_file():
                 try:
-                    template = _template_from_config(json.loads(legacy.read_text(encoding="utf-8")).get("chat_template"))
+                    legacy_doc = json.loads(legacy.read_text(encoding="utf-8"))
+                    template = _template_from_config(legacy_doc.get("chat_template"))
                 except (OSError, ValueError, AttributeError):
                     template = None
         specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -688,11 +694,9 @@ class Tokenizer:
     @classmethod
     def for_family(cls, family: str) -> Tokenizer:
         """The Qwen vocabulary with a family's added tokens and bundled template (`qwen2`, `qwen2_5`, `qwen3`)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         if family not in FAMILY_ADDED_TOKENS:
             raise QwenEdgeError(f"unknown tokenizer family {family!r} (known: {', '.join(FAMILY_ADDED_TOKENS)})")
-        backend = HFTokenizer.from_str(build_tokenizer_json(FAMILY_ADDED_TOKENS[family]))
+        backend = _family_backend(family)
         specials = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
         return cls(backend, load_template(family), specials)
 
@@ -752,12 +756,18 @@ class Tokenizer:
     # -- encode / decode --------------------------------------------------------------------------------------------
 
     def _plain_backend(self) -> Any:
+        """The same model and pipeline without added tokens (shares the model, so it costs nothing to build)."""
         if self._plain is None:
             from tokenizers import Tokenizer as HFTokenizer
 
-            doc = json.loads(self._backend.to_str())
-            doc["added_tokens"] = []
-            self._plain = HFTokenizer.from_str(json.dumps(doc, ensure_ascii=False))
+            plain = HFTokenizer(self._backend.model)
+            if self._backend.normalizer is not None:
+                plain.normalizer = self._backend.normalizer
+            if self._backend.pre_tokenizer is not None:
+                plain.pre_tokenizer = self._backend.pre_tokenizer
+            if self._backend.decoder is not None:
+                plain.decoder = self._backend.decoder
+            self._plain = plain
         return self._plain
 
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
@@ -802,6 +812,14 @@ class Tokenizer:
         """Token ids of the rendered conversation (the template's special tokens become single ids)."""
         text = self.apply_chat_template(messages, add_generation_prompt, enable_thinking, tools, **extra)
         return self.encode(text, parse_special=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _family_backend(family: str) -> Any:
+    """One parsed `tokenizers.Tokenizer` per family, shared by `Tokenizer.for_family` (never mutated)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(build_tokenizer_json(FAMILY_ADDED_TOKENS[family]))
 
 
 def _template_from_config(value: Any) -> str | None:

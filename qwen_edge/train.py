@@ -18,7 +18,7 @@ import numpy as np
 from .artifact import ArtifactWriter
 from .errors import NotAvailable, QwenEdgeError
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 200
 SEQ_LEN = 128
 BATCH = 8
 LR = 1e-2

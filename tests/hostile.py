@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from collections import Counter
 from pathlib import Path
@@ -131,3 +132,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
         out.write_text(json.dumps(doc, indent=2) + "\n")
     except OSError:
         pass
+
+
+def scratch() -> "tempfile.TemporaryDirectory[str]":
+    """A throw-away directory, in memory (/dev/shm) when available: mutated copies are written many times."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.TemporaryDirectory(prefix="qwen-edge-hostile-", dir=base)

@@ -70,7 +70,7 @@ def test_valid_checkpoint_loads(ckpt_dir):
 @SETTINGS
 @given(frac=st.floats(0.0, 0.9999))
 def test_truncated_safetensors_rejected(ckpt_dir, st_bytes, frac):
-    with tempfile.TemporaryDirectory() as t:
+    with hostile.scratch() as t:
         d = _ckpt_with(ckpt_dir, Path(t), **{"model.safetensors": hostile.truncate(st_bytes, int(len(st_bytes) * frac))})
         hostile.expect_rejected("checkpoint/truncated-safetensors", lambda: Checkpoint(d))
 
@@ -81,7 +81,7 @@ def test_bitflipped_safetensors_header_clean(ckpt_dir, st_bytes, header_len, dat
     """Flipping bits in the header either gives a clean rejection or a checkpoint that still reads fully."""
     n = data.draw(st.integers(1, 8))
     positions = data.draw(st.lists(st.integers(0, (8 + header_len) * 8 - 1), min_size=n, max_size=n))
-    with tempfile.TemporaryDirectory() as t:
+    with hostile.scratch() as t:
         d = _ckpt_with(ckpt_dir, Path(t), **{"model.safetensors": hostile.flip_bits(st_bytes, positions)})
         hostile.TRIED["checkpoint/bitflip-header"] += 1
         try:
@@ -94,7 +94,7 @@ def test_bitflipped_safetensors_header_clean(ckpt_dir, st_bytes, header_len, dat
 @SETTINGS
 @given(hlen=st.one_of(st.integers(2**27, 2**64 - 1), st.integers(0, 7)))
 def test_oversized_header_length_rejected(ckpt_dir, st_bytes, hlen):
-    with tempfile.TemporaryDirectory() as t:
+    with hostile.scratch() as t:
         d = _ckpt_with(ckpt_dir, Path(t), **{"model.safetensors": struct.pack("<Q", hlen) + st_bytes[8:]})
         hostile.expect_rejected("checkpoint/header-length", lambda: Checkpoint(d))
 
@@ -121,7 +121,7 @@ ENTRY = st.fixed_dictionaries({
                               min_size=1, max_size=4))
 def test_crafted_safetensors_header(header):
     """Absurd shapes, dtypes and offsets: a clean rejection, or every tensor readable with its declared shape."""
-    with tempfile.TemporaryDirectory() as t:
+    with hostile.scratch() as t:
         p = Path(t) / "x.safetensors"
         p.write_bytes(_st_file(header))
         hostile.TRIED["safetensors/crafted-header"] += 1
@@ -137,7 +137,7 @@ def test_crafted_safetensors_header(header):
 
 
 @pytest.mark.parametrize("case", ["overflow-shape", "overflow-shape-3d", "bool-shape", "float-dim", "nan-dim",
-                                  "deep-json", "not-object", "invalid-utf8", "nan-json", "huge-name"])
+                                  "deep-json", "not-object", "invalid-utf8", "nan-json"])
 def test_specific_hostile_safetensors(tmp_path, case):
     big = 2**32
     headers = {
@@ -150,7 +150,6 @@ def test_specific_hostile_safetensors(tmp_path, case):
         "not-object": b"[1,2,3]",
         "invalid-utf8": b'{"w\xff\xfe":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
         "nan-json": b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,NaN]}}',
-        "huge-name": {"w" * 1_000_000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
     }
     p = tmp_path / "x.safetensors"
     p.write_bytes(_st_file(headers[case]))

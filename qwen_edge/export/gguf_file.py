@@ -29,6 +29,7 @@ _SCALARS: dict[int, tuple[str, int]] = {
     6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class GGUFFile:
     data_offset: int
     kv: dict[str, Any] = field(default_factory=dict)
     tensors: list[GGUFTensor] = field(default_factory=list)
+    table_offset: int = 0
+    """Where the tensor-info table starts (after the metadata)."""
 
     @property
     def architecture(self) -> str:
@@ -169,9 +172,23 @@ class _Cursor:
             raise self.fail(f"unknown element type {etype} in {what}")
         if n * 8 > self.size - self.pos:
             raise self.fail(f"implausible array length {n} for {what}")
-        keep = load or n <= SMALL_ARRAY
-        items = [self.string(what, decode=keep) for _ in range(n)]
-        return items if keep else GGUFArray(etype, n)
+        if load or n <= SMALL_ARRAY:
+            return [self.string(what) for _ in range(n)]
+        self.skip_strings(n, what)
+        return GGUFArray(etype, n)
+
+    def skip_strings(self, n: int, what: str) -> None:
+        unpack, buf, pos, end = _U64.unpack_from, self.buf, self.pos, self.size
+        for _ in range(n):
+            if pos + 8 > end:
+                break
+            pos += 8 + unpack(buf, pos)[0]
+        else:
+            if pos <= end:
+                self.pos = pos
+                return
+        self.pos = min(pos, end)
+        raise self.fail(f"truncated while reading {what}")
 
 
 def read_gguf(path: str | os.PathLike, *, load_arrays: tuple[str, ...] = ()) -> GGUFFile:
@@ -225,6 +242,7 @@ def _parse(buf: Any, size: int, p: Path, where: str, load_arrays: set[str]) -> G
         raise QwenEdgeError(f"{where}: GGUF lacks general.architecture")
     tensors: list[GGUFTensor] = []
     names: set[str] = set()
+    table_offset = c.pos
     for i in range(n_tensors):
         name = c.string(f"tensor {i} name")
         assert name is not None
@@ -249,7 +267,7 @@ def _parse(buf: Any, size: int, p: Path, where: str, load_arrays: set[str]) -> G
         tensors.append(GGUFTensor(name, shape, ttype, offset, n // block * type_size))
     data_offset = -(-c.pos // alignment) * alignment
     _check_data(tensors, data_offset, size, alignment, where)
-    return GGUFFile(p, version, size, alignment, data_offset, kv, tensors)
+    return GGUFFile(p, version, size, alignment, data_offset, kv, tensors, table_offset)
 
 
 def _check_data(tensors: list[GGUFTensor], data_offset: int, size: int, alignment: int, where: str) -> None:
@@ -272,7 +290,39 @@ def check_gguf_file(path: str | os.PathLike) -> GGUFFile:
     g = read_gguf(path)
     if not g.tensors:
         raise QwenEdgeError(f"{path}: GGUF has no tensors")
+    _check_hparams(g)
     return g
+
+
+_POSITIVE = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv", "attention.key_length", "attention.value_length")
+
+
+def _check_hparams(g: GGUFFile) -> None:
+    """Hyper-parameters llama.cpp divides by or allocates from: zero or absurd values are corruption."""
+    where = str(g.path)
+    for key in _POSITIVE:
+        v = g.arch_kv(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 24:
+            raise QwenEdgeError(f"{where}: corrupt GGUF ({g.architecture}.{key} = {v!r})")
+    heads, kv_heads = g.arch_kv("attention.head_count"), g.arch_kv("attention.head_count_kv")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise QwenEdgeError(f"{where}: corrupt GGUF (head_count {heads} is not a multiple of head_count_kv {kv_heads})")
+    tokens = g.kv.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.length if isinstance(tokens, GGUFArray) else len(tokens) if isinstance(tokens, list) else None
+    types = g.kv.get("tokenizer.ggml.token_type")
+    n_types = types.length if isinstance(types, GGUFArray) else len(types) if isinstance(types, list) else None
+    if n_vocab is not None and n_types is not None and n_types != n_vocab:
+        raise QwenEdgeError(f"{where}: corrupt GGUF ({n_types} token types for {n_vocab} tokens)")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id"):
+        v = g.kv.get(f"tokenizer.ggml.{key}")
+        if v is not None and n_vocab is not None and not (isinstance(v, int) and -1 <= v < n_vocab):
+            raise QwenEdgeError(f"{where}: corrupt GGUF (tokenizer.ggml.{key} = {v!r} outside the vocab)")
+    emb = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
+    if emb is not None and n_vocab is not None and len(emb.shape) == 2 and emb.shape[1] != n_vocab:
+        raise QwenEdgeError(f"{where}: corrupt GGUF (token_embd has {emb.shape[1]} rows for {n_vocab} tokens)")
 
 
 def tokenizer_facts(g: GGUFFile) -> dict[str, Any]:

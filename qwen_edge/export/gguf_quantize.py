@@ -51,6 +51,23 @@ def silence_llama_log(llama_cpp) -> None:
 
 
 @contextlib.contextmanager
+def llama_log_capture() -> Iterator[list[str]]:
+    """Collect llama.cpp log text (for one-line error messages) while the block runs."""
+    global _sink
+    prev, _sink = _sink, []
+    try:
+        yield _sink
+    finally:
+        _sink = prev
+
+
+def last_log_line(lines: list[str]) -> str:
+    text = [ln.strip() for ln in "".join(lines).splitlines() if ln.strip()]
+    errors = [ln for ln in text if "error" in ln.lower() or "failed" in ln.lower()]
+    return (errors or text or [""])[-1]
+
+
+@contextlib.contextmanager
 def captured_fds() -> Iterator[list[str]]:
     """Redirect the process's stdout/stderr file descriptors into a temp file; yields a list filled with its text."""
     out: list[str] = []
@@ -74,7 +91,6 @@ def captured_fds() -> Iterator[list[str]]:
 def llama_quantize(src: Path, dst: Path, quant: str, nthread: int) -> None:
     """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for `quant`."""
     llama_cpp = import_llama_cpp()
-    global _sink
     ftype = LLAMA_FTYPES[quant]
     with _lock:
         silence_llama_log(llama_cpp)
@@ -82,14 +98,8 @@ def llama_quantize(src: Path, dst: Path, quant: str, nthread: int) -> None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.nthread = max(1, int(nthread))
         params.ftype = ftype
-        _sink = []
-        try:
-            with captured_fds() as log:
-                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-            text = "".join(_sink) + "".join(log)
-        finally:
-            _sink = None
+        with llama_log_capture() as logged, captured_fds() as printed:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        detail = lines[-1] if lines else f"return code {rc}"
+        detail = last_log_line(logged + printed) or f"return code {rc}"
         raise QwenEdgeError(f"{dst.name}: llama.cpp quantizer failed for {quant} ({detail})")

@@ -97,7 +97,8 @@ CODE = [
     "def add(a, b):\n\treturn a + b\n",
     "for (int i = 0; i < n; ++i) {\n\t\tsum += a[i];\n\t}\n",
     "if __name__ == \"__main__\":\n    main()\n",
-    "class Foo:\n    def __init__(self, x: int) -> None:\n        self.x = x\n\n    def __repr__(self):\n        return f\"Foo({self.x!r})\"\n",
+    "class Foo:\n    def __init__(self, x: int) -> None:\n        self.x = x\n\n"
+    "    def __repr__(self):\n        return f\"Foo({self.x!r})\"\n",
     "SELECT id, name FROM users WHERE age >= 18 ORDER BY name DESC;",
     "const f = (x) => { return x ** 2; };\r\nconsole.log(f(3));\r\n",
     "<html>\n  <body>\n    <p class=\"x\">Hi &amp; bye</p>\n  </body>\n</html>",
@@ -156,6 +157,8 @@ MIXED = [
     "Math: ∀x∈ℝ, ∃y: x²+y²≥0 ⇒ √(x²) = |x|",
     "Arrows → ← ↑ ↓ ⇐ ⇒ and boxes ┌─┐│└┘",
     "<|im_start|> is not parsed here",
+    "Math alphabets 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕄𝕒𝕥𝕙 𝒮𝒸𝓇𝒾𝓅𝓉 and rare CJK 𠀀𠀁𪚥𰻞",
+    "Astral symbols 𓀀𓁐 𝄞 🜁 and a lone private-use \ue000 char",
 ]
 
 # Strings written in decomposed form (NFD) so the NFC normalizer has work to do.

@@ -1,0 +1,236 @@
+"""llama.cpp backend through llama-cpp-python's low-level API: token ids in, logits out, KV-cache rewind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import NotAvailable, QwenEdgeError
+from ..export.gguf_file import check_gguf_file
+from ..export.gguf_quantize import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
+from .base import Runtime, RuntimeInfo, register_backend
+
+N_BATCH = 512
+"""Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
+ALL_LOGITS_CHUNK = 128
+"""Tokens per call when every position's logits are wanted (bounds llama.cpp's output buffer)."""
+KNOWN_OPTIONS = ("n_batch", "check_hashes")
+
+_backend_ready = False
+
+
+def _resolve(path: Path, check_hashes: bool) -> tuple[Path, dict[str, Any]]:
+    """(model file, facts from the manifest) for an artifact directory or a bare .gguf file."""
+    if path.is_dir():
+        from ..artifact import Artifact
+
+        art = Artifact.open(path, check_hashes=check_hashes)
+        if art.format != "gguf":
+            raise QwenEdgeError(f"{path}: a {art.format} artifact, the llama_cpp backend needs gguf")
+        return art.model_file, {"context_length": art.context_length, "quant": art.quant}
+    if path.is_file():
+        return path, {}
+    raise QwenEdgeError(f"{path}: no such artifact or GGUF file")
+
+
+class LlamaCppRuntime(Runtime):
+    """One llama.cpp model + context (a single sequence, id 0) behind the Runtime protocol."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", target: Any = None,
+                 max_context: int | None = None, threads: int | None = None, **options: Any):
+        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+        if unknown:
+            raise QwenEdgeError(f"unknown llama_cpp option {unknown[0]!r} (known: {', '.join(KNOWN_OPTIONS)})")
+        self._model = self._ctx = None
+        self._batch = None
+        self._has_logits = False
+        self.n_cached = 0
+        L = self._L = import_llama_cpp()
+        model_path, facts = _resolve(Path(path), bool(options.get("check_hashes", True)))
+        g = check_gguf_file(model_path)
+        if target is None:
+            from ..targets import load_target
+
+            target = load_target("cuda" if device == "cuda" else "cpu-x86_64")
+        gpu_layers = 0
+        if device == "cuda":
+            if not L.llama_supports_gpu_offload():
+                raise NotAvailable("llama-cpp-python here was built without GPU offload; reinstall it with "
+                                   "CMAKE_ARGS='-DGGML_CUDA=on' or use --device cpu")
+            gpu_layers = int(target.gpu_layers)
+            gpu_layers = 999 if gpu_layers < 0 else gpu_layers
+        elif device != "cpu":
+            raise QwenEdgeError(f"llama_cpp: unknown device {device!r} (cpu, cuda)")
+        n_threads = int(threads) if threads else target.resolved_threads()
+        if n_threads <= 0:
+            raise QwenEdgeError(f"threads must be positive, not {threads}")
+        train_ctx = int(g.arch_kv("context_length") or facts.get("context_length") or 4096)
+        n_ctx = min(int(max_context or target.max_context), train_ctx, int(facts.get("context_length") or train_ctx))
+        if n_ctx <= 0:
+            raise QwenEdgeError(f"max_context must be positive, not {max_context}")
+        n_batch = int(options.get("n_batch") or N_BATCH)
+        n_batch = max(1, min(n_batch, n_ctx))
+        self._load(model_path, gpu_layers, n_ctx, n_batch, n_threads)
+        self._n_batch = n_batch
+        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.info = RuntimeInfo(
+            backend="llama_cpp", device=device, threads=n_threads, artifact=str(path),
+            context_length=min(n_ctx, int(L.llama_n_ctx(self._ctx))), format="gguf",
+            quant=str(facts.get("quant") or ""), vocab_size=self._n_vocab,
+            extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
+                   "train_context_length": train_ctx, "llama_cpp": getattr(L, "__version__", "")},
+        )
+
+    def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int) -> None:
+        global _backend_ready
+        L = self._L
+        silence_llama_log(L)
+        if not _backend_ready:
+            L.llama_backend_init()
+            _backend_ready = True
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers
+        with llama_log_capture() as log:
+            self._model = L.llama_model_load_from_file(str(model_path).encode(), mp)
+        if not self._model:
+            raise QwenEdgeError(f"{model_path}: llama.cpp could not load the model ({last_log_line(log)})")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = n_threads
+        with llama_log_capture() as log:
+            self._ctx = L.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            self.close()
+            raise QwenEdgeError(f"{model_path}: llama.cpp could not create a context of {n_ctx} tokens "
+                                f"({last_log_line(log)})")
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self._mem = L.llama_get_memory(self._ctx)
+        self._batch = L.llama_batch_init(n_batch, 0, 1)
+
+    # --- Runtime protocol -----------------------------------------------------------------------------------
+    def _decode(self, ids: Sequence[int], all_logits: bool) -> None:
+        L, b = self._L, self._batch
+        n = len(ids)
+        for i, t in enumerate(ids):
+            b.token[i] = t
+            b.pos[i] = self.n_cached + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_logits or i == n - 1
+        b.n_tokens = n
+        rc = L.llama_decode(self._ctx, b)
+        if rc != 0:
+            self._has_logits = False
+            # llama.cpp leaves the failed ubatch out of the cache; drop anything partially placed
+            L.llama_memory_seq_rm(self._mem, 0, self.n_cached, -1)
+            raise QwenEdgeError(f"llama_decode failed (code {rc}) at position {self.n_cached}")
+        self.n_cached += n
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        if self._ctx is None:
+            raise QwenEdgeError("llama_cpp runtime is closed")
+        out = [int(t) for t in ids]
+        bad = [t for t in out if not 0 <= t < self._n_vocab]
+        if bad:
+            raise QwenEdgeError(f"token id {bad[0]} outside the vocabulary (0..{self._n_vocab - 1})")
+        self.check_room(len(out))
+        return out
+
+    def prefill(self, ids: Sequence[int]) -> None:
+        ids = self._check_ids(ids)
+        if not ids:
+            return
+        self._has_logits = False
+        for s in range(0, len(ids), self._n_batch):
+            self._decode(ids[s:s + self._n_batch], all_logits=False)
+        self._has_logits = True
+
+    def decode(self, token_id: int) -> None:
+        self.prefill([token_id])
+
+    def prefill_all_logits(self, ids: Sequence[int]) -> np.ndarray:
+        ids = self._check_ids(ids)
+        out = np.empty((len(ids), self._n_vocab), dtype=np.float32)
+        self._has_logits = False
+        step = min(ALL_LOGITS_CHUNK, self._n_batch)
+        for s in range(0, len(ids), step):
+            chunk = ids[s:s + step]
+            self._decode(chunk, all_logits=True)
+            ptr = self._L.llama_get_logits(self._ctx)
+            out[s:s + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self._n_vocab))
+        self._has_logits = bool(ids)
+        return out
+
+    def logits(self) -> np.ndarray:
+        if not self._has_logits or self._ctx is None:
+            raise QwenEdgeError("no logits: prefill tokens first (a rewind or reset invalidates them)")
+        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise QwenEdgeError("llama.cpp returned no logits for the last position")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def rewind(self, n_tokens: int) -> None:
+        if self._ctx is None:
+            raise QwenEdgeError("llama_cpp runtime is closed")
+        if not 0 <= n_tokens <= self.n_cached:
+            raise QwenEdgeError(f"cannot rewind to {n_tokens}: {self.n_cached} tokens are cached")
+        if n_tokens == self.n_cached:
+            return
+        if not self._L.llama_memory_seq_rm(self._mem, 0, n_tokens, -1):
+            raise QwenEdgeError(f"llama.cpp could not remove cached positions >= {n_tokens}")
+        self.n_cached = n_tokens
+        self._has_logits = False
+
+    def reset(self) -> None:
+        if self._ctx is None:
+            raise QwenEdgeError("llama_cpp runtime is closed")
+        self._L.llama_memory_clear(self._mem, True)
+        self.n_cached = 0
+        self._has_logits = False
+
+    def close(self) -> None:
+        L = getattr(self, "_L", None)
+        if L is None:
+            return
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+        self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+        self._model = None
+        self._has_logits = False
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- llama.cpp's own tokenizer, for agreement tests (the runtime protocol never tokenizes) -------------
+    def native_tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._L.llama_token * cap)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self._L.llama_token * cap)()
+            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, parse_special)
+        return list(buf[:n])
+
+
+@register_backend("llama_cpp")
+def load_llama_cpp(path: str | os.PathLike, *, device: str = "cpu", target: Any = None,
+                   max_context: int | None = None, threads: int | None = None, **options: Any) -> LlamaCppRuntime:
+    return LlamaCppRuntime(path, device=device, target=target, max_context=max_context, threads=threads, **options)
+
+
+__all__ = ["LlamaCppRuntime", "load_llama_cpp"]

@@ -1,0 +1,236 @@
+"""onnxruntime backend: one InferenceSession, a preallocated shared past/present KV cache and IO binding."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import NotAvailable, QwenEdgeError
+from ..targets import Target, load_target
+from .base import Runtime, RuntimeInfo, register_backend
+
+OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile")
+DEFAULT_PREFILL_CHUNK = 1024
+"""Tokens per pass for long prompts: attention scratch grows with chunk x cache length, so very long prompts split."""
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise NotAvailable(f"the onnxruntime backend needs onnxruntime (pip install onnxruntime): {e}") from None
+    return ort
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+class OrtRuntime(Runtime):
+    """An ONNX decoder from qwen-edge's exporter; `prefill` appends to a KV cache shared by past and present."""
+
+    def __init__(self, path: Path, *, device: str, target: Target, max_context: int | None, threads: int | None,
+                 allow_spinning: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, check_hashes: bool = True,
+                 optimized_model_path: str | None = None, profile: bool = False):
+        from ..artifact import Artifact
+        from ..export.onnx import check_external_data, load_onnx_proto
+
+        ort = _ort()
+        art = Artifact.open(path, check_hashes=check_hashes)
+        if art.format != "onnx":
+            raise QwenEdgeError(f"{path}: a {art.format} artifact, not onnx")
+        model_path = art.model_file
+        proto = load_onnx_proto(model_path)
+        check_external_data(proto, model_path)
+        a = art.architecture
+        try:
+            self.n_layers, kv_heads, head_dim = int(a["num_layers"]), int(a["num_kv_heads"]), int(a["head_dim"])
+            self.vocab = int(a["vocab_size"])
+        except (KeyError, TypeError, ValueError):
+            raise QwenEdgeError(f"{path}/manifest.json: architecture lacks layer/head facts") from None
+        inputs = {i.name: i for i in proto.graph.input}
+        outputs = {o.name for o in proto.graph.output}
+        want_in = {"input_ids", "attention_mask"} | {f"past_key_values.{i}.{kv}" for i in range(self.n_layers)
+                                                      for kv in ("key", "value")}
+        missing = sorted(want_in - set(inputs)) or sorted({"logits"} - outputs)
+        if missing:
+            raise QwenEdgeError(f"{model_path.name}: graph lacks {missing[0]!r} (not a qwen-edge decoder)")
+        kv_elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
+        self.kv_dtype = np.float16 if kv_elem == 10 else np.float32
+        self._last_name = "logits_last" if "logits_last" in outputs else "logits"
+        del proto
+
+        if device == "auto":
+            device = target.device
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise NotAvailable(f"device cuda requested but this onnxruntime has no CUDAExecutionProvider "
+                                   f"(available: {', '.join(ort.get_available_providers())}; "
+                                   "pip install onnxruntime-gpu)")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif device != "cpu":
+            raise QwenEdgeError(f"onnxruntime backend: unknown device {device!r} (cpu, cuda)")
+        n_threads = int(threads) if threads else target.resolved_threads()
+        if n_threads <= 0:
+            raise QwenEdgeError(f"threads must be positive, not {n_threads}")
+        ctx = int(max_context) if max_context else min(target.max_context, art.context_length)
+        if not 0 < ctx <= art.context_length:
+            raise QwenEdgeError(f"max_context {ctx}: must be in 1..{art.context_length} (the artifact's rotary cache)")
+        if int(prefill_chunk) <= 0:
+            raise QwenEdgeError(f"prefill_chunk must be positive, not {prefill_chunk}")
+        self.prefill_chunk = int(prefill_chunk)
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if optimized_model_path:
+            so.optimized_model_filepath = str(optimized_model_path)
+        if profile:
+            so.enable_profiling = True
+        try:
+            self._sess = ort.InferenceSession(str(model_path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+            raise QwenEdgeError(f"{model_path.name}: onnxruntime cannot load it ({_first_line(e)})") from None
+        self._ort = ort
+        self.device = device
+        ort_device = "cuda" if device == "cuda" else "cpu"
+
+        # KV cache: one buffer per layer and k/v, bound as both past and present (GQA appends in place).
+        shape = [1, kv_heads, ctx, head_dim]
+        self._kv: list[Any] = []
+        self._kv_np: list[np.ndarray] = []
+        for _ in range(2 * self.n_layers):
+            if ort_device == "cpu":
+                arr = np.zeros(shape, dtype=self.kv_dtype)
+                self._kv_np.append(arr)
+                self._kv.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            else:
+                self._kv.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0))
+        self._mask = np.ones((1, ctx), dtype=np.int64)
+        self._last_np = np.zeros((1, 1, self.vocab), dtype=np.float32)
+        self._last_val = ort.OrtValue.ortvalue_from_numpy(self._last_np)
+        self._run_opts = ort.RunOptions()
+        self._run_opts.only_execute_path_to_fetches = True
+        self._bind_last = self._make_binding()
+        self._bind_last.bind_ortvalue_output(self._last_name, self._last_val)
+        self._have_logits = False
+        self._all_np: np.ndarray | None = None
+        self.n_cached = 0
+        self.info = RuntimeInfo(
+            backend="onnxruntime", device=device, threads=n_threads, artifact=str(path), context_length=ctx,
+            format="onnx", quant=art.quant, vocab_size=self.vocab,
+            extra={"stop_ids": art.stop_ids, "providers": self._sess.get_providers(),
+                   "onnxruntime_version": ort.__version__, "kv_cache_bytes": int(2 * self.n_layers * np.prod(shape)
+                                                                                  * np.dtype(self.kv_dtype).itemsize),
+                   "kv_dtype": np.dtype(self.kv_dtype).name, "allow_spinning": bool(allow_spinning),
+                   "bits_per_weight": art.bits_per_weight,
+                   "accuracy_level": (art.manifest.get("quantization") or {}).get("accuracy_level")},
+        )
+
+    def _make_binding(self):
+        b = self._sess.io_binding()
+        for i in range(self.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                val = self._kv[2 * i + j]
+                b.bind_ortvalue_input(f"past_key_values.{i}.{kv}", val)
+                b.bind_ortvalue_output(f"present.{i}.{kv}", val)
+        return b
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        if self._sess is None:
+            raise QwenEdgeError("runtime is closed")
+        arr = np.asarray(list(ids), dtype=np.int64)
+        if arr.ndim != 1:
+            raise QwenEdgeError("token ids must be a flat sequence of integers")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.vocab)][0])
+            raise QwenEdgeError(f"token id {bad} outside the vocabulary (0..{self.vocab - 1})")
+        self.check_room(int(arr.size))
+        return arr
+
+    def _run(self, binding, chunk: np.ndarray) -> None:
+        start = self.n_cached
+        total = start + chunk.size
+        binding.bind_cpu_input("input_ids", chunk.reshape(1, -1))
+        binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+        try:
+            self._sess.run_with_iobinding(binding, self._run_opts)
+        except Exception as e:
+            self._have_logits = False
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise QwenEdgeError(f"onnxruntime run failed: {_first_line(e)}") from None
+        self.n_cached = total
+
+    def prefill(self, ids: Sequence[int]) -> None:
+        arr = self._check_ids(ids)
+        if not arr.size:
+            return
+        for s in range(0, arr.size, self.prefill_chunk):
+            self._run(self._bind_last, arr[s:s + self.prefill_chunk])
+        self._have_logits = True
+
+    def prefill_all_logits(self, ids: Sequence[int]) -> np.ndarray:
+        arr = self._check_ids(ids)
+        if not arr.size:
+            return np.zeros((0, self.vocab), dtype=np.float32)
+        out = np.empty((arr.size, self.vocab), dtype=np.float32)
+        for s in range(0, arr.size, self.prefill_chunk):
+            chunk = arr[s:s + self.prefill_chunk]
+            buf = out[s:s + chunk.size].reshape(1, chunk.size, self.vocab)
+            b = self._make_binding()
+            b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(buf))
+            self._run(b, chunk)
+        self._last_np[0, 0] = out[-1]
+        self._have_logits = True
+        return out
+
+    def logits(self) -> np.ndarray:
+        if not self._have_logits:
+            raise QwenEdgeError("no logits yet: prefill at least one token first")
+        return self._last_np[0, 0].copy()
+
+    def rewind(self, n_tokens: int) -> None:
+        n = int(n_tokens)
+        if n < 0 or n > self.n_cached:
+            raise QwenEdgeError(f"cannot rewind to {n} tokens: {self.n_cached} cached")
+        if n != self.n_cached:
+            self.n_cached = n  # positions >= n are overwritten by the next prefill (shared past/present buffer)
+            self._have_logits = False
+
+    def reset(self) -> None:
+        self.n_cached = 0
+        self._have_logits = False
+
+    def close(self) -> None:
+        if getattr(self, "_sess", None) is not None and self.info.extra.get("profile_file") is None \
+                and self._sess.get_session_options().enable_profiling:
+            self.info.extra["profile_file"] = self._sess.end_profiling()
+        self._sess = None
+        self._bind_last = None
+        self._kv = []
+        self._kv_np = []
+        self._have_logits = False
+        self.n_cached = 0
+
+
+@register_backend("onnxruntime")
+def load_onnxruntime(path: str | os.PathLike, *, device: str = "cpu", target: Target | str | None = None,
+                     max_context: int | None = None, threads: int | None = None, **options: Any) -> OrtRuntime:
+    """Factory for `qwen_edge.load(onnx_artifact)`; options: allow_spinning, prefill_chunk, check_hashes,
+    optimized_model_path, profile."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise QwenEdgeError(f"onnxruntime backend: unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
+    return OrtRuntime(Path(path), device=device, target=load_target(target), max_context=max_context,
+                      threads=threads, **options)

@@ -1,0 +1,274 @@
+"""ChatSession: multi-turn history, KV-cache prefix reuse, context policy, Qwen3 thinking on/off per turn."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .errors import QwenEdgeError
+from .generate import GenerationStats, generate, runtime_stop_ids
+from .sampling import Sampling
+from .tokenizer import THINK_END, THINK_START, split_thinking
+
+CONTEXT_POLICIES = ("drop_oldest", "error")
+
+
+@dataclass
+class TurnResult:
+    """One assistant reply: the answer and the thinking apart, why it ended, and what it cost."""
+
+    text: str
+    thinking: str | None
+    finish_reason: str
+    stats: GenerationStats
+    prompt_ids: list[int]
+    output_ids: list[int]
+    dropped_turns: int = 0
+    """Oldest user/assistant exchanges removed from the history so this turn fits the context."""
+    context_used: int = 0
+    """Tokens in the KV cache after the turn."""
+    context_length: int = 0
+    raw_text: str = ""
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.stats.reused_tokens
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.stats.prefill_tokens
+
+
+class ThinkingSplitter:
+    """Routes streamed text to on_thinking inside a leading <think>...</think> block and to on_text after it.
+
+    Matches `split_thinking`: the newlines around the thinking and those opening the answer are dropped.
+    """
+
+    def __init__(self, on_text: Callable[[str], None] | None, on_thinking: Callable[[str], None] | None):
+        self.on_text, self.on_thinking = on_text, on_thinking
+        self.state = "start"
+        self.buf = ""
+        self.think_started = False
+
+    def _text(self, s: str) -> None:
+        if s and self.on_text:
+            self.on_text(s)
+
+    def _think(self, s: str) -> None:
+        if s and self.on_thinking:
+            self.on_thinking(s)
+
+    def feed(self, piece: str) -> None:
+        self.buf += piece
+        while self.buf:
+            if self.state == "start":
+                head = self.buf.lstrip()
+                if head.startswith(THINK_START):
+                    self.buf, self.state = head[len(THINK_START):], "thinking"
+                elif THINK_START.startswith(head):
+                    return  # maybe the start of "<think>": wait
+                else:
+                    self.state = "answer"
+            elif self.state == "thinking":
+                if not self.think_started:
+                    self.buf = self.buf.lstrip("\n")
+                    if not self.buf:
+                        return
+                    self.think_started = True
+                end = self.buf.find(THINK_END)
+                if end >= 0:
+                    self._think(self.buf[:end].rstrip("\n"))
+                    self.buf, self.state = self.buf[end + len(THINK_END):], "after"
+                    continue
+                hold = next((k for k in range(len(THINK_END) - 1, 0, -1) if self.buf.endswith(THINK_END[:k])), 0)
+                rest = self.buf[: len(self.buf) - hold]
+                body = rest.rstrip("\n")  # trailing newlines may precede </think>: hold them too
+                self._think(body)
+                self.buf = self.buf[len(body):]
+                return
+            elif self.state == "after":
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf:
+                    return
+                self.state = "answer"
+            else:
+                self._text(self.buf)
+                self.buf = ""
+
+    def finish(self) -> None:
+        if self.state == "start":
+            self._text(self.buf)
+        elif self.state == "thinking":
+            self._think(self.buf.rstrip("\n"))
+        elif self.state == "answer":
+            self._text(self.buf)
+        self.buf = ""
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """A conversation on one Runtime: each turn renders the whole history and prefills only what the cache lacks.
+
+    Not for concurrent use: a second thread calling `send` while a reply is generating gets a QwenEdgeError.
+    """
+
+    def __init__(self, runtime: Any, tokenizer: Any, *, system: str | None = None, thinking: bool | None = None,
+                 sampling: Sampling | None = None, max_new_tokens: int = 512, context_policy: str = "drop_oldest",
+                 stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = ()):
+        if context_policy not in CONTEXT_POLICIES:
+            raise QwenEdgeError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.system = system
+        self.thinking = thinking
+        self.sampling = sampling or Sampling()
+        self.max_new_tokens = int(max_new_tokens)
+        self.context_policy = context_policy
+        self.stop_ids = list(stop_ids) if stop_ids is not None else runtime_stop_ids(runtime, tokenizer)
+        self.stop_strings = list(stop_strings)
+        self.history: list[dict[str, str]] = []
+        """User and assistant messages (the system prompt is kept apart in `system`)."""
+        self.last: TurnResult | None = None
+        self._cached: list[int] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu", target: str | None = None,
+             max_context: int | None = None, threads: int | None = None, **kwargs: Any) -> "ChatSession":
+        """Load an artifact (or checkpoint) and its tokenizer and open a session on it."""
+        from .backends import load
+        from .generate import model_meta
+        from .tokenizer import Tokenizer
+
+        meta = model_meta(path)
+        tok = Tokenizer.from_dir(meta.tokenizer_dir)
+        rt = load(path, device=device, target=target, max_context=max_context, threads=threads)
+        kwargs.setdefault("stop_ids", meta.stop_ids)
+        return cls(rt, tok, **kwargs)
+
+    # --- state ------------------------------------------------------------------------------------------------
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + [dict(m) for m in self.history]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.runtime.info.context_length)
+
+    @property
+    def last_prefill_tokens(self) -> int:
+        return self.last.stats.prefill_tokens if self.last else 0
+
+    @property
+    def last_reused_tokens(self) -> int:
+        return self.last.stats.reused_tokens if self.last else 0
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays) and clear the KV cache."""
+        with self._guard():
+            self.history.clear()
+            self._cached = []
+            self.last = None
+            self.runtime.reset()
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def _guard(self) -> "_NonBlocking":
+        return _NonBlocking(self._lock)
+
+    def render(self, messages: Sequence[dict[str, str]], thinking: bool | None) -> list[int]:
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, enable_thinking=thinking)
+
+    # --- one turn ---------------------------------------------------------------------------------------------
+    def _fit(self, user: dict[str, str], thinking: bool | None) -> tuple[list[int], int]:
+        """Prompt ids for history + user, dropping the oldest exchanges while they don't fit; (ids, dropped)."""
+        ctx = self.context_length
+        alone = self.render(self.messages[: 1 if self.system else 0] + [user], thinking)
+        if len(alone) >= ctx:
+            raise QwenEdgeError(
+                f"the message needs {len(alone)} prompt tokens (with the system prompt) but the context holds "
+                f"{ctx}: shorten it or raise --max-context")
+        dropped = 0
+        while True:
+            ids = self.render(self.messages + [user], thinking)
+            if len(ids) + self.max_new_tokens <= ctx or not self.history:
+                return ids, dropped  # without room for all max_new_tokens the reply may end with "context"
+            if self.context_policy == "error":
+                raise QwenEdgeError(f"the conversation needs {len(ids)} + {self.max_new_tokens} tokens; the context "
+                                    f"holds {ctx} (context_policy='error')")
+            # drop the oldest exchange: the first user message and everything up to the next user message
+            cut = 1
+            while cut < len(self.history) and self.history[cut]["role"] != "user":
+                cut += 1
+            del self.history[:cut]
+            dropped += 1
+
+    def send(self, text: str, *, thinking: bool | None = None, on_text: Callable[[str], None] | None = None,
+             on_thinking: Callable[[str], None] | None = None, cancel: Any = None,
+             max_new_tokens: int | None = None, sampling: Sampling | None = None) -> TurnResult:
+        """Add a user message, generate the reply (streamed to on_text, thinking to on_thinking), return it.
+
+        `thinking` overrides the session's setting for this turn (Qwen3's enable_thinking). The reply enters
+        the history without its thinking, as Qwen3's template does. A cancelled reply (Ctrl-C, `cancel`)
+        stays in the history as far as it got.
+        """
+        if not isinstance(text, str):
+            raise QwenEdgeError("a chat message must be a string")
+        with self._guard():
+            think = self.thinking if thinking is None else thinking
+            budget = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+            saved, self.max_new_tokens = self.max_new_tokens, budget
+            user = {"role": "user", "content": text}
+            try:
+                ids, dropped = self._fit(user, think)
+            finally:
+                self.max_new_tokens = saved
+            if self.runtime.n_cached < len(self._cached):  # someone else rewound the runtime
+                self._cached = self._cached[: self.runtime.n_cached]
+            elif self.runtime.n_cached > len(self._cached):  # or used it: trust nothing
+                self._cached = []
+            common = _common_prefix(self._cached, ids)
+            splitter = ThinkingSplitter(on_text, on_thinking)
+            try:
+                res = generate(self.runtime, ids, sampling=sampling or self.sampling, max_new_tokens=budget,
+                               stop_ids=self.stop_ids, stop_strings=self.stop_strings, tokenizer=self.tokenizer,
+                               on_text=splitter.feed, cancel=cancel, cached_prefix=common)
+            except BaseException:
+                self._cached = []
+                raise
+            splitter.finish()
+            self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
+            thought, answer = split_thinking(res.text)
+            self.history.append(user)
+            self.history.append({"role": "assistant", "content": answer})
+            self.last = TurnResult(text=answer, thinking=thought, finish_reason=res.finish_reason, stats=res.stats,
+                                   prompt_ids=res.prompt_ids, output_ids=res.output_ids, dropped_turns=dropped,
+                                   context_used=self.runtime.n_cached, context_length=self.context_length,
+                                   raw_text=res.text)
+            return self.last
+
+
+class _NonBlocking:
+    """A lock acquired without waiting: a second thread is refused, not queued."""
+
+    def __init__(self, lock: threading.Lock):
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise QwenEdgeError("ChatSession is already generating in another thread")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()

@@ -1,0 +1,257 @@
+"""The fused Qwen2/Qwen3 decoder graph: GroupQueryAttention with rotary, skip RMS norms, packed projections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import TensorProto
+
+from ..checkpoint import Checkpoint
+from .onnx_graph import MS, GraphBuilder
+from .onnx_quant import quantize_blockwise
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class QuantPlan:
+    """How each kind of weight is stored: float dtype, MatMulNBits bits for linears and LM head, embeddings."""
+
+    quant: str
+    float_dtype: type = np.float32
+    linear_bits: int | None = None
+    lm_head_bits: int | None = None
+    quantize_embeddings: bool = False
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+
+    @property
+    def elem(self) -> int:
+        return TensorProto.FLOAT16 if self.float_dtype == np.float16 else TensorProto.FLOAT
+
+    @property
+    def float_name(self) -> str:
+        return "fp16" if self.float_dtype == np.float16 else "fp32"
+
+
+@dataclass
+class BuildRecord:
+    """What the builder stored: type per weight initializer and the bytes that belong to weights."""
+
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    weight_bytes: int = 0
+    embedding: str = ""
+
+
+class DecoderBuilder:
+    """Emits the decoder into a GraphBuilder, reading one checkpoint tensor at a time."""
+
+    def __init__(self, ckpt: Checkpoint, g: GraphBuilder, plan: QuantPlan, context_length: int):
+        self.ckpt, self.g, self.plan, self.ctx = ckpt, g, plan, context_length
+        self.a = ckpt.arch
+        self.rec = BuildRecord()
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    def _float(self, name: str, arr: np.ndarray) -> str:
+        out = self.g.init(name, np.ascontiguousarray(arr, dtype=self.plan.float_dtype))
+        self.rec.tensor_types[name] = self.plan.float_name
+        self.rec.weight_bytes += self.g.init_bytes[name]
+        return out
+
+    def _quantized(self, name: str, w: np.ndarray, bits: int) -> tuple[str, str, str, object]:
+        q = quantize_blockwise(w, bits, self.plan.block_size, self.plan.symmetric)
+        b = self.g.init(name, q.data)
+        s = self.g.init(name + "_scales", q.scales.astype(self.plan.float_dtype))
+        z = self.g.init(name + "_zp", q.zero_points) if q.zero_points is not None else ""
+        self.rec.tensor_types[name] = q.type_name
+        self.rec.weight_bytes += sum(self.g.init_bytes[n] for n in (b, s, z) if n)
+        return b, s, z, q
+
+    def linear(self, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, bits: int | None) -> str:
+        """y = x @ w.T + bias, for w in HF [out, in] layout: MatMulNBits when quantized, else MatMul (+Add)."""
+        n, k = w.shape
+        if bits:
+            b, s, z, _ = self._quantized(f"{name}.weight_Q{bits}", w, bits)
+            inputs = [x, b, s, z, ""]
+            if bias is not None:
+                inputs.append(self._float(f"{name}.bias", bias))
+            while inputs and inputs[-1] == "":
+                inputs.pop()
+            return self.g.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits,
+                             block_size=self.plan.block_size, accuracy_level=self.plan.accuracy_level)
+        wt = self._float(f"{name}.weight", np.ascontiguousarray(w.T))
+        y = self.g.op("MatMul", [x, wt], f"/{name}/MatMul")
+        if bias is not None:
+            y = self.g.op("Add", [y, self._float(f"{name}.bias", bias)], f"/{name}/Add")
+        return y
+
+    def t(self, name: str) -> np.ndarray:
+        return self.ckpt.tensor(name)
+
+    # --- graph -------------------------------------------------------------------------------------------------
+    def build(self) -> BuildRecord:
+        a, g, p = self.a, self.g, self.plan
+        ids = g.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        mask = g.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        rs = g.op("ReduceSum", [mask, g.const_i64([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+        sub = g.op("Sub", [rs, g.const_i64(1)], "/model/attn_mask/Sub")
+        seqlens_k = g.op("Cast", [sub], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)
+        shape = g.op("Shape", [mask], "/model/attn_mask/Shape")
+        total = g.op("Gather", [shape, g.const_i64(1)], "/model/attn_mask/Gather", axis=0)
+        total_len = g.op("Cast", [total], "/model/attn_mask/total_seq_len", to=TensorProto.INT32)
+        cos, sin = self.rotary_caches()
+
+        x = self.embedding(ids)
+        resid = x
+        prev = None
+        for i in range(a.num_layers):
+            pre = f"model.layers.{i}"
+            w_in = self._float(f"{pre}.input_layernorm.weight", self.t(f"{pre}.input_layernorm.weight"))
+            if prev is None:
+                h = g.op("SimplifiedLayerNormalization", [x, w_in], f"/{pre}/input_layernorm/SLN",
+                         axis=-1, epsilon=a.rms_norm_eps, stash_type=1)
+            else:
+                h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [prev, resid, w_in],
+                                        f"/{pre}/input_layernorm/SkipSLN", domain=MS,
+                                        outputs=[f"/{pre}/input_layernorm/output_0", "", "",
+                                                 f"/{pre}/input_layernorm/output_3"], epsilon=a.rms_norm_eps)
+            attn = self.attention(i, h, seqlens_k, total_len, cos, sin)
+            h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization",
+                                     [attn, resid, self._float(f"{pre}.post_attention_layernorm.weight",
+                                                               self.t(f"{pre}.post_attention_layernorm.weight"))],
+                                     f"/{pre}/post_attention_layernorm/SkipSLN", domain=MS,
+                                     outputs=[f"/{pre}/post_attention_layernorm/output_0", "", "",
+                                              f"/{pre}/post_attention_layernorm/output_3"], epsilon=a.rms_norm_eps)
+            prev = self.mlp(i, h2)
+        final = g.node("SkipSimplifiedLayerNormalization",
+                       [prev, resid, self._float("model.norm.weight", self.t("model.norm.weight"))],
+                       "/model/norm/SkipSLN", domain=MS, outputs=["/model/norm/output_0"], epsilon=a.rms_norm_eps)[0]
+        last = g.op("Slice", [final, g.const_i64([-1]), g.const_i64([int(INT64_MAX)]), g.const_i64([1])],
+                    "/model/norm/SliceLast")
+        head = self.lm_head_weights()
+        logits = self.lm_head(final, head, "all", ids)
+        logits_last = self.lm_head(last, head, "last", ids)
+        for name, y, seq in (("logits", logits, "sequence_length"), ("logits_last", logits_last, 1)):
+            if p.float_dtype != np.float32:
+                y = g.op("Cast", [y], f"/lm_head/{name}/Cast", to=TensorProto.FLOAT)
+            g.node("Identity", [y], f"/lm_head/{name}/Identity", outputs=[name])
+            g.add_output(name, TensorProto.FLOAT, ["batch_size", seq, a.vocab_size])
+        return self.rec
+
+    def rotary_caches(self) -> tuple[str, str]:
+        a = self.a
+        inv = 1.0 / (a.rope_theta ** (np.arange(0, a.head_dim, 2, dtype=np.float64) / a.head_dim))
+        freqs = np.outer(np.arange(self.ctx, dtype=np.float64), inv)
+        cos = self.g.init("cos_cache", np.cos(freqs).astype(self.plan.float_dtype))
+        sin = self.g.init("sin_cache", np.sin(freqs).astype(self.plan.float_dtype))
+        return cos, sin
+
+    def embedding(self, ids: str) -> str:
+        a, p, g = self.a, self.plan, self.g
+        tied = a.tie_word_embeddings
+        emb_bits = (p.lm_head_bits if tied else p.linear_bits) if p.quantize_embeddings else None
+        if tied and p.lm_head_bits and p.quantize_embeddings:
+            # Stored once: the LM head's MatMulNBits data, gathered by GatherBlockQuantized.
+            self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", self.t("model.embed_tokens.weight"),
+                                           p.lm_head_bits)
+            self.rec.embedding = f"tied: GatherBlockQuantized on the int{p.lm_head_bits} LM head data"
+            return self._gather_quantized(ids, *self._head_q)
+        if tied and not p.lm_head_bits:
+            # Stored once: a float table, gathered here and used by the LM head's Gemm (transB).
+            self._head_f = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
+            self.rec.embedding = f"tied: one {p.float_name} table for Gather and the LM head Gemm"
+            return g.op("Gather", [self._head_f, ids], "/model/embed_tokens/Gather", axis=0)
+        if emb_bits:
+            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", self.t("model.embed_tokens.weight"), emb_bits)
+            self.rec.embedding = f"{'tied, stored twice' if tied else 'untied'}: int{emb_bits} GatherBlockQuantized"
+            return self._gather_quantized(ids, *qd)
+        table = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
+        self.rec.embedding = (f"tied, stored twice: {p.float_name} Gather table beside the int{p.lm_head_bits} LM head"
+                              if tied else f"untied: {p.float_name} Gather table")
+        return g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=0)
+
+    def _gather_quantized(self, ids: str, b: str, s: str, z: str, q) -> str:
+        g = self.g
+        flat = g.op("Reshape", [b, g.const_i64([q.n, -1])], "/model/embed_tokens/Reshape")
+        y = g.op("GatherBlockQuantized", [flat, ids, s] + ([z] if z else []), "/model/embed_tokens/GBQ", domain=MS,
+                 bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+        if q.data.shape[1] * q.block_size != q.k:
+            y = g.op("Slice", [y, g.const_i64([0]), g.const_i64([q.k]), g.const_i64([-1])], "/model/embed_tokens/Slice")
+        return y
+
+    def lm_head_weights(self):
+        a, p = self.a, self.plan
+        if a.tie_word_embeddings and getattr(self, "_head_q", None) is not None:
+            return ("q", self._head_q)
+        if a.tie_word_embeddings and getattr(self, "_head_f", None) is not None:
+            return ("f", self._head_f)
+        w = self.t(self.ckpt.lm_head_name())
+        if p.lm_head_bits:
+            return ("q", self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", w, p.lm_head_bits))
+        return ("f", self._float("lm_head.weight", w))
+
+    def lm_head(self, x: str, head, tag: str, ids: str) -> str:
+        g, a = self.g, self.a
+        kind, w = head
+        if kind == "q":
+            b, s, z, q = w
+            inputs = [x, b, s] + ([z] if z else [])
+            return g.op("MatMulNBits", inputs, f"/lm_head/{tag}/MatMulNBits", domain=MS, K=q.k, N=q.n, bits=q.bits,
+                        block_size=q.block_size, accuracy_level=self.plan.accuracy_level)
+        flat = g.op("Reshape", [x, g.const_i64([-1, a.hidden_size])], f"/lm_head/{tag}/Reshape")
+        y = g.op("Gemm", [flat, w], f"/lm_head/{tag}/Gemm", transB=1)
+        if tag == "last":
+            return g.op("Unsqueeze", [y, g.const_i64([1])], f"/lm_head/{tag}/Unsqueeze")
+        shp = g.op("Concat", [g.op("Shape", [ids], f"/lm_head/{tag}/Shape"), g.const_i64([a.vocab_size])],
+                   f"/lm_head/{tag}/Concat", axis=0)
+        return g.op("Reshape", [y, shp], f"/lm_head/{tag}/Reshape2")
+
+    def attention(self, i: int, h: str, seqlens_k: str, total_len: str, cos: str, sin: str) -> str:
+        a, g, p = self.a, self.g, self.plan
+        pre = f"model.layers.{i}"
+        sa = f"{pre}.self_attn"
+        w = np.concatenate([self.t(f"{sa}.q_proj.weight"), self.t(f"{sa}.k_proj.weight"), self.t(f"{sa}.v_proj.weight")])
+        bias = (np.concatenate([self.t(f"{sa}.q_proj.bias"), self.t(f"{sa}.k_proj.bias"), self.t(f"{sa}.v_proj.bias")])
+                if a.qkv_bias else None)
+        qkv = self.linear(h, f"{pre}.attn.qkv_proj", w, bias, p.linear_bits)
+        del w
+        kv_shape = ["batch_size", a.num_kv_heads, "past_sequence_length", a.head_dim]
+        past_k = g.add_input(f"past_key_values.{i}.key", p.elem, kv_shape)
+        past_v = g.add_input(f"past_key_values.{i}.value", p.elem, kv_shape)
+        if a.qk_norm:
+            q, k, v = g.node("Split", [qkv, g.const_i64([a.q_size, a.kv_size, a.kv_size])], f"/{pre}/attn/qkv_split",
+                             n_out=3, axis=-1)
+            q = self.head_norm(q, f"{sa}.q_norm.weight", a.num_heads, f"/{pre}/attn/q_norm")
+            k = self.head_norm(k, f"{sa}.k_norm.weight", a.num_kv_heads, f"/{pre}/attn/k_norm")
+            qkv_in = [q, k, v]
+        else:
+            qkv_in = [qkv, "", ""]
+        present = [f"present.{i}.key", f"present.{i}.value"]
+        out = g.node("GroupQueryAttention", qkv_in + [past_k, past_v, seqlens_k, total_len, cos, sin],
+                     f"/{pre}/attn/GQA", domain=MS, outputs=[f"/{pre}/attn/GQA/output_0"] + present,
+                     num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(a.head_dim ** -0.5),
+                     do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+        for name in present:
+            g.add_output(name, p.elem, ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim])
+        return self.linear(out, f"{pre}.attn.o_proj", self.t(f"{sa}.o_proj.weight"), None, p.linear_bits)
+
+    def head_norm(self, x: str, weight: str, heads: int, name: str) -> str:
+        g, a = self.g, self.a
+        r = g.op("Reshape", [x, g.const_i64([0, 0, heads, a.head_dim])], f"{name}/Reshape1")
+        n = g.op("SimplifiedLayerNormalization", [r, self._float(weight, self.t(weight))], f"{name}/SLN",
+                 axis=-1, epsilon=a.rms_norm_eps, stash_type=1)
+        return g.op("Reshape", [n, g.const_i64([0, 0, heads * a.head_dim])], f"{name}/Reshape2")
+
+    def mlp(self, i: int, h: str) -> str:
+        a, g, p = self.a, self.g, self.plan
+        pre = f"model.layers.{i}"
+        w = np.concatenate([self.t(f"{pre}.mlp.gate_proj.weight"), self.t(f"{pre}.mlp.up_proj.weight")])
+        gu = self.linear(h, f"{pre}.mlp.gate_up_proj", w, None, p.linear_bits)
+        del w
+        gate, up = g.node("Split", [gu, g.const_i64([a.intermediate_size, a.intermediate_size])], f"/{pre}/mlp/Split",
+                          n_out=2, axis=-1)
+        sig = g.op("Sigmoid", [gate], f"/{pre}/mlp/act/Sigmoid")
+        act = g.op("Mul", [g.op("Mul", [gate, sig], f"/{pre}/mlp/act/Mul"), up], f"/{pre}/mlp/Mul")
+        return self.linear(act, f"{pre}.mlp.down_proj", self.t(f"{pre}.mlp.down_proj.weight"), None, p.linear_bits)

@@ -1,0 +1,65 @@
+"""genai_config.json so onnxruntime-genai loads an ONNX artifact directory as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..checkpoint import Checkpoint
+
+DEFAULT_MAX_LENGTH = 4096
+"""search.max_length: onnxruntime-genai preallocates a KV cache of this many tokens (not the full context)."""
+
+
+def genai_config(ckpt: Checkpoint, *, model_file: str, context_length: int, tokenizer: dict[str, Any],
+                 device: str = "cpu", max_length: int | None = None) -> dict[str, Any]:
+    a = ckpt.arch
+    gen = ckpt.generation_config
+    stop = list(tokenizer.get("stop_ids") or [tokenizer.get("eos_token_id")])
+    provider_options: list[dict[str, Any]] = [{"cuda": {}}] if device == "cuda" else []
+    return {
+        "model": {
+            "bos_token_id": tokenizer.get("bos_token_id") if tokenizer.get("bos_token_id") is not None
+            else tokenizer.get("pad_token_id"),
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "filename": model_file,
+                "head_size": a.head_dim,
+                "hidden_size": a.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": a.num_heads,
+                "num_hidden_layers": a.num_layers,
+                "num_key_value_heads": a.num_kv_heads,
+            },
+            "eos_token_id": stop if len(stop) > 1 else stop[0],
+            "pad_token_id": tokenizer.get("pad_token_id"),
+            "type": a.family,
+            "vocab_size": a.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": bool(gen.get("do_sample", False)),
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": min(context_length, max_length or DEFAULT_MAX_LENGTH),
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 50) or 50),
+            "top_p": float(gen.get("top_p", 1.0)),
+        },
+    }

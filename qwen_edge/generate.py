@@ -1,0 +1,347 @@
+"""The one decode loop: prefill, sample, stop ids/strings, streaming text, cancellation, timing stats."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import QwenEdgeError
+from .sampling import Sampling
+
+FINISH_REASONS = ("stop", "length", "stop_string", "cancelled", "context")
+
+
+@dataclass
+class GenerationStats:
+    """Timing and token counts of one generation (seconds; rates are None when undefined)."""
+
+    time_to_first_token_s: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    prefill_tokens: int = 0
+    """Prompt tokens actually run through the model this time."""
+    reused_tokens: int = 0
+    """Prompt tokens already in the KV cache (a chat's shared prefix), not recomputed."""
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def rate(x: float | None) -> str:
+            return "-" if x is None else f"{x:.1f}"
+
+        ttft = "-" if self.time_to_first_token_s is None else f"{self.time_to_first_token_s:.3f} s"
+        return (f"prompt {self.prefill_tokens} tok ({rate(self.prefill_tokens_per_s)} tok/s"
+                + (f", {self.reused_tokens} reused" if self.reused_tokens else "")
+                + f") | generated {self.new_tokens} tok ({rate(self.decode_tokens_per_s)} tok/s) | TTFT {ttft}")
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    """Generated ids, without the stop id that ended the generation."""
+    text: str
+    """Decoded output, cut before a stop string."""
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    stop_id: int | None = None
+
+
+class _StopStringFilter:
+    """Holds back text that could be the start of a stop string, so no part of one ever reaches the stream."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += piece
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _is_cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def generate(runtime: Any, prompt_ids: Sequence[int], *, sampling: Sampling | None = None, max_new_tokens: int = 256,
+             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer: Any = None,
+             on_text: Callable[[str], None] | None = None, cancel: Any = None,
+             cached_prefix: int = 0) -> GenerationResult:
+    """Run one generation on `runtime` from `prompt_ids`.
+
+    `cached_prefix`: how many leading prompt ids the runtime's KV cache already holds (a chat's shared
+    prefix); the cache is rewound to that and only the rest is prefilled. `tokenizer` is needed for text,
+    streaming (`on_text` gets UTF-8-complete pieces) and stop strings. `cancel`: an Event or a callable,
+    polled per token; Ctrl-C (KeyboardInterrupt) also ends the generation with finish_reason "cancelled"
+    and leaves the cache consistent (prompt plus the tokens generated so far).
+    """
+    from .tokenizer import StreamDecoder
+
+    sampling = sampling or Sampling()
+    prompt = [int(i) for i in prompt_ids]
+    ctx = int(runtime.info.context_length)
+    if not prompt:
+        raise QwenEdgeError("empty prompt: nothing to generate from")
+    if len(prompt) > ctx:
+        raise QwenEdgeError(f"prompt has {len(prompt)} tokens but the context holds {ctx} "
+                            "(raise --max-context or shorten the prompt)")
+    if max_new_tokens < 0:
+        raise QwenEdgeError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+    if stop_strings and tokenizer is None:
+        raise QwenEdgeError("stop strings need a tokenizer")
+    stops = {int(i) for i in stop_ids}
+    sampler = sampling.sampler()
+    decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+    filt = _StopStringFilter(list(stop_strings))
+    text_parts: list[str] = []
+    stats = GenerationStats()
+    out: list[int] = []
+    finish = "length"
+    stop_id: int | None = None
+
+    def emit(piece: str) -> None:
+        if piece:
+            text_parts.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    reuse = max(0, min(int(cached_prefix), runtime.n_cached, len(prompt) - 1))
+    t0 = time.perf_counter()
+    good = reuse  # tokens known to be in the cache, consistent with prompt + out
+    t_first: float | None = None
+    try:
+        if runtime.n_cached != reuse:
+            runtime.rewind(reuse) if reuse > 0 else runtime.reset()
+        stats.reused_tokens = reuse
+        stats.prefill_tokens = len(prompt) - reuse
+        if _is_cancelled(cancel):
+            raise KeyboardInterrupt
+        runtime.prefill(prompt[reuse:])
+        good = len(prompt)
+        t_prefilled = time.perf_counter()
+        stats.prefill_s = t_prefilled - t0
+        context = list(prompt)
+        while len(out) < max_new_tokens:
+            tok = sampler(runtime.logits(), context)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stops:
+                finish, stop_id = "stop", tok
+                break
+            out.append(tok)
+            context.append(tok)
+            if decoder is not None:
+                safe, hit = filt.feed(decoder.push(tok))
+                emit(safe)
+                if hit:
+                    finish = "stop_string"
+                    break
+            if len(out) >= max_new_tokens:
+                break
+            if runtime.n_cached + 1 > ctx:
+                finish = "context"
+                break
+            if _is_cancelled(cancel):
+                raise KeyboardInterrupt
+            runtime.decode(tok)
+            good = runtime.n_cached
+    except KeyboardInterrupt:
+        finish = "cancelled"
+        try:
+            if runtime.n_cached > good:
+                runtime.rewind(good)
+        except Exception:
+            runtime.reset()
+    t_end = time.perf_counter()
+    if decoder is not None and finish not in ("stop_string",):
+        tail, hit = filt.feed(decoder.flush())
+        emit(tail)
+        if not hit:
+            emit(filt.flush())
+    stats.new_tokens = len(out)
+    stats.total_s = t_end - t0
+    if t_first is not None:
+        stats.time_to_first_token_s = t_first - t0
+        stats.decode_s = t_end - t_first
+        if len(out) > 1 and stats.decode_s > 0:
+            stats.decode_tokens_per_s = (len(out) - 1) / stats.decode_s
+    if stats.prefill_s > 0 and stats.prefill_tokens:
+        stats.prefill_tokens_per_s = stats.prefill_tokens / stats.prefill_s
+    return GenerationResult(prompt, out, "".join(text_parts), finish, stats, stop_id)
+
+
+# --- model metadata shared by generate and chat --------------------------------------------------------------
+@dataclass
+class ModelMeta:
+    """What the loop needs besides the runtime: stop ids and generation defaults, from the artifact or checkpoint."""
+
+    stop_ids: list[int]
+    generation_config: dict[str, Any]
+    tokenizer_dir: Path
+
+
+def model_meta(path: str | Path) -> ModelMeta:
+    """Stop ids and generation_config.json of an artifact (manifest) or a HF checkpoint directory."""
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    gen: dict[str, Any] = {}
+    gpath = d / "generation_config.json"
+    if gpath.is_file():
+        try:
+            loaded = json.loads(gpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QwenEdgeError(f"{gpath}: not valid JSON ({e})") from None
+        gen = loaded if isinstance(loaded, dict) else {}
+    if (d / "manifest.json").is_file():
+        from .artifact import Artifact
+
+        stop = Artifact.open(d, check_hashes=False).stop_ids
+    elif (d / "config.json").is_file():
+        from .artifact import stop_ids_for
+        from .checkpoint import Checkpoint
+
+        ckpt = Checkpoint(d, validate=False)
+        try:
+            stop = stop_ids_for(ckpt)
+        finally:
+            ckpt.close()
+    else:
+        raise QwenEdgeError(f"{p}: not an artifact directory (manifest.json) nor a checkpoint (config.json)")
+    return ModelMeta(stop, gen, d)
+
+
+def runtime_stop_ids(runtime: Any, tokenizer: Any = None) -> list[int]:
+    """Stop ids of a loaded runtime: its info.extra, else its artifact's manifest, else the tokenizer's eos."""
+    extra = getattr(runtime.info, "extra", {}) or {}
+    if extra.get("stop_ids"):
+        return [int(i) for i in extra["stop_ids"]]
+    try:
+        return model_meta(runtime.info.artifact).stop_ids
+    except QwenEdgeError:
+        pass
+    from .models import ENDOFTEXT_ID, IM_END_ID
+
+    ids = [IM_END_ID, ENDOFTEXT_ID]
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    return ([eos] if eos is not None and eos not in ids else []) + ids
+
+
+# --- the `generate` verb ---------------------------------------------------------------------------------------
+VALID_ROLES = ("system", "user", "assistant", "tool")
+
+
+def read_messages(path: str | Path) -> list[dict[str, Any]]:
+    """A messages file: a JSON list of {"role", "content"} objects (UTF-8)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise QwenEdgeError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise QwenEdgeError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, list) or not data:
+        raise QwenEdgeError(f"{p}: expected a non-empty JSON list of {{role, content}} messages")
+    for n, m in enumerate(data):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise QwenEdgeError(f"{p}: message {n} must be an object with string 'role' and 'content'")
+        if m["role"] not in VALID_ROLES:
+            raise QwenEdgeError(f"{p}: message {n} has role {m['role']!r} (expected {', '.join(VALID_ROLES)})")
+    return data
+
+
+def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_greedy: bool) -> Sampling:
+    """Greedy unless --temperature (or, for chat, the model's generation config) asks for sampling."""
+    flags = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if args.temperature is None and default_greedy:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if flags[k] is not None]
+        if ignored:
+            print(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature", file=sys.stderr)
+        return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0, seed=args.seed)
+    return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
+
+
+def run_generate_cli(args: Any) -> int:
+    from .backends import load
+    from .tokenizer import Tokenizer, split_thinking
+
+    meta = model_meta(args.artifact)
+    tok = Tokenizer.from_dir(meta.tokenizer_dir)
+    if args.raw:
+        if args.messages or args.system:
+            raise QwenEdgeError("--raw feeds --prompt as is; it cannot be combined with --messages or --system")
+        prompt_ids = tok.encode(args.prompt)
+    else:
+        messages = read_messages(args.messages) if args.messages else [{"role": "user", "content": args.prompt}]
+        if args.system is not None:
+            if messages[0]["role"] == "system":
+                raise QwenEdgeError(f"{args.messages}: already has a system message; drop --system")
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt_ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.think)
+    if not prompt_ids:
+        raise QwenEdgeError("empty prompt: nothing to generate from")
+    sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
+    runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
+                   threads=args.threads)
+    stream = not args.json
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = generate(runtime, prompt_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                          stop_ids=meta.stop_ids, stop_strings=args.stop or (), tokenizer=tok,
+                          on_text=on_text if stream else None)
+        info = runtime.info.to_dict()
+    finally:
+        runtime.close()
+    thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
+    if args.json:
+        doc = {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": answer,
+               "thinking": thinking, "finish_reason": result.finish_reason, "stats": result.stats.to_dict(),
+               "sampling": sampling.to_dict(), "runtime": info}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"[{result.stats.summary()} | {result.finish_reason}]", file=sys.stderr)
+    return 130 if result.finish_reason == "cancelled" else 0

@@ -1,0 +1,332 @@
+"""Parity gate: compare an artifact's logits with the PyTorch reference of its source checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import GateFailed, QwenEdgeError
+
+WINDOW = 256
+"""Tokens per evaluation window; each window starts from an empty KV cache on both sides."""
+GREEDY_TOKENS = 32
+ROW_CHUNK = 32
+
+# Metrics where a larger value is worse (thresholds are upper bounds); the rest are lower bounds.
+UPPER_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99", "ppl_rel_change")
+LOWER_BOUNDS = ("top1_agreement", "greedy_common_prefix_mean", "greedy_common_prefix_min")
+METRICS = UPPER_BOUNDS + LOWER_BOUNDS
+
+# Gate classes, calibrated on the fidelity checkpoint (docs/verify.md has the measurements and the margins).
+_CLASS_THRESHOLDS: dict[str, dict[str, float]] = {
+    "exact": {"max_abs_logit_error": 0.05, "mean_abs_logit_error": 0.005, "kl_mean": 1e-4, "kl_p99": 1e-3,
+              "ppl_rel_change": 0.001, "top1_agreement": 0.995, "greedy_common_prefix_mean": 31.0,
+              "greedy_common_prefix_min": 24.0},
+    "half": {"max_abs_logit_error": 0.5, "mean_abs_logit_error": 0.05, "kl_mean": 2e-3, "kl_p99": 2e-2,
+             "ppl_rel_change": 0.01, "top1_agreement": 0.98, "greedy_common_prefix_mean": 24.0,
+             "greedy_common_prefix_min": 8.0},
+    "8bit": {"max_abs_logit_error": 1.5, "mean_abs_logit_error": 0.15, "kl_mean": 1e-2, "kl_p99": 0.1,
+             "ppl_rel_change": 0.03, "top1_agreement": 0.96, "greedy_common_prefix_mean": 16.0,
+             "greedy_common_prefix_min": 4.0},
+    "6bit": {"max_abs_logit_error": 3.0, "mean_abs_logit_error": 0.3, "kl_mean": 3e-2, "kl_p99": 0.3,
+             "ppl_rel_change": 0.08, "top1_agreement": 0.93, "greedy_common_prefix_mean": 10.0,
+             "greedy_common_prefix_min": 2.0},
+    "4bit": {"max_abs_logit_error": 8.0, "mean_abs_logit_error": 1.0, "kl_mean": 0.15, "kl_p99": 1.5,
+             "ppl_rel_change": 0.3, "top1_agreement": 0.8, "greedy_common_prefix_mean": 4.0,
+             "greedy_common_prefix_min": 0.0},
+}
+QUANT_CLASS: dict[str, str] = {
+    "fp32": "exact", "f32": "exact",
+    "f16": "half", "fp16": "half", "bf16": "half",
+    "q8_0": "8bit", "int8": "8bit",
+    "q6_k": "6bit", "q5_k_m": "6bit", "q5_0": "6bit", "q5_k_s": "6bit",
+    "q4_k_m": "4bit", "q4_k_s": "4bit", "q4_0": "4bit", "iq4_nl": "4bit", "iq4_xs": "4bit", "int4": "4bit",
+}
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {q: dict(_CLASS_THRESHOLDS[c]) for q, c in QUANT_CLASS.items()}
+
+
+def thresholds_for(quant: str, bits_per_weight: float | None = None,
+                   overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """The default gate of a quantization (by effective bits when the name is unknown), with overrides applied."""
+    q = (quant or "").lower()
+    if q in QUANT_CLASS:
+        base = dict(_CLASS_THRESHOLDS[QUANT_CLASS[q]])
+    else:
+        bpw = bits_per_weight or 4.0
+        cls = "half" if bpw >= 15 else "8bit" if bpw >= 7.5 else "6bit" if bpw >= 5 else "4bit"
+        base = dict(_CLASS_THRESHOLDS[cls])
+    for k, v in (overrides or {}).items():
+        if k not in METRICS:
+            raise QwenEdgeError(f"unknown verify threshold {k!r} (known: {', '.join(METRICS)})")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            raise QwenEdgeError(f"verify threshold {k}: expected a number, not {v!r:.40}")
+        base[k] = float(v)
+    return base
+
+
+# --- evaluation material --------------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    windows: list[list[int]]
+    prompts: list[list[int]]
+    sha256: str
+
+
+def load_eval_set(tokenizer: Any, quick: bool = False) -> EvalSet:
+    """Tokenize the shipped text: documents as plain text, chats through the artifact's template, split in windows."""
+    from .train import eval_text
+
+    text = eval_text()
+    sha = hashlib.sha256(json.dumps(text, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    docs, chats, prompts = text["documents"], text["chats"], text["greedy_prompts"]
+    if quick:
+        q = text["quick"]
+        docs = [d for d in docs if d["title"] in q["documents"]]
+        chats, prompts = chats[: q["chats"]], prompts[: q["prompts"]]
+    seqs = [tokenizer.encode(d["text"], parse_special=False) for d in docs]
+    seqs += [tokenizer.encode_chat(c, add_generation_prompt=False) for c in chats]
+    windows = [s[i:i + WINDOW] for s in seqs for i in range(0, len(s), WINDOW) if len(s[i:i + WINDOW]) >= 2]
+    return EvalSet(windows, [tokenizer.encode(p, parse_special=False) for p in prompts], sha)
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Accumulator:
+    """Per-token statistics gathered window by window (so full-vocab logits never pile up in memory)."""
+
+    max_abs: float = 0.0
+    abs_sum: float = 0.0
+    abs_count: int = 0
+    kl: list[np.ndarray] = field(default_factory=list)
+    agree: int = 0
+    tokens: int = 0
+    nll_ref: float = 0.0
+    nll_art: float = 0.0
+    predicted: int = 0
+    vocab_compared: int = 0
+
+    def add(self, ids: Sequence[int], ref: np.ndarray, art: np.ndarray) -> None:
+        if ref.shape[0] != len(ids) or art.shape[0] != len(ids):
+            raise QwenEdgeError(f"logits rows {ref.shape[0]}/{art.shape[0]} != {len(ids)} tokens")
+        v = min(ref.shape[1], art.shape[1])
+        self.vocab_compared = v
+        for s in range(0, len(ids), ROW_CHUNK):
+            r, a = ref[s:s + ROW_CHUNK, :v], art[s:s + ROW_CHUNK, :v]
+            if not np.isfinite(a).all():
+                a = np.nan_to_num(a, nan=1e4, posinf=1e4, neginf=-1e4)  # broken artifacts: huge error, not a crash
+            diff = np.abs(r.astype(np.float64) - a.astype(np.float64))
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.abs_sum += float(diff.sum())
+            self.abs_count += diff.size
+            lp, lq = _log_softmax(r), _log_softmax(a)
+            self.kl.append(np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0))
+            self.agree += int((r.argmax(-1) == a.argmax(-1)).sum())
+            self.tokens += r.shape[0]
+            nxt = np.asarray(ids[s + 1:s + 1 + r.shape[0]], dtype=np.int64)
+            k = len(nxt)
+            rows = np.arange(k)
+            self.nll_ref -= float(lp[rows, nxt].sum())
+            self.nll_art -= float(lq[rows, nxt].sum())
+            self.predicted += k
+
+    def metrics(self) -> dict[str, float]:
+        kl = np.concatenate(self.kl) if self.kl else np.zeros(1)
+        ppl_r = float(np.exp(self.nll_ref / max(self.predicted, 1)))
+        ppl_a = float(np.exp(min(self.nll_art / max(self.predicted, 1), 700.0)))
+        return {
+            "max_abs_logit_error": self.max_abs,
+            "mean_abs_logit_error": self.abs_sum / max(self.abs_count, 1),
+            "kl_mean": float(kl.mean()),
+            "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agreement": self.agree / max(self.tokens, 1),
+            "ppl_reference": ppl_r,
+            "ppl_artifact": ppl_a,
+            "ppl_rel_change": abs(ppl_a - ppl_r) / ppl_r,
+        }
+
+
+def greedy(runtime: Any, prompt: Sequence[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` from an empty cache (argmax of the runtime's logits, ties to the lowest id)."""
+    runtime.reset()
+    runtime.prefill(prompt)
+    out: list[int] = []
+    for i in range(n):
+        t = int(np.argmax(runtime.logits()))
+        out.append(t)
+        if i + 1 < n:
+            runtime.decode(t)
+    return out
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """Names of the metrics outside their thresholds (NaN fails)."""
+    failed = []
+    for k, bound in thresholds.items():
+        v = metrics.get(k)
+        if v is None:
+            continue
+        bad = (not v <= bound) if k in UPPER_BOUNDS else (not v >= bound)
+        if bad:
+            failed.append(k)
+    return failed
+
+
+def describe_failures(report: dict[str, Any]) -> str:
+    parts = []
+    for k in report["failed"]:
+        op = ">" if k in UPPER_BOUNDS else "<"
+        parts.append(f"{k} {report['metrics'][k]:.6g} {op} {report['thresholds'][k]:.6g}")
+    return f"{report['artifact']} ({report['quant']}): " + "; ".join(parts)
+
+
+# --- the gate ---------------------------------------------------------------------------------------------------
+def _resolve_reference(art: Any, reference: str | os.PathLike | None) -> Path:
+    if reference is None:
+        src = (art.manifest.get("source") or {}).get("path")
+        if not src:
+            raise QwenEdgeError(f"{art.path}: manifest names no source checkpoint; pass --reference DIR")
+        ref = Path(src)
+        if not ref.is_absolute() and not ref.exists() and (art.path.parent / ref).exists():
+            ref = art.path.parent / ref
+    else:
+        ref = Path(reference)
+    if not (ref / "config.json").is_file():
+        raise QwenEdgeError(f"{ref}: reference checkpoint not found (no config.json); pass --reference DIR")
+    return ref
+
+
+def _require_torch() -> None:
+    if any(importlib.util.find_spec(m) is None for m in ("torch", "transformers")):
+        raise QwenEdgeError("verify needs the PyTorch reference: pip install 'qwen-edge[verify]' (torch, transformers)")
+
+
+def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = None, *, quick: bool = False,
+           thresholds: dict[str, float] | None = None, threads: int | None = None, store: bool = True,
+           log: Any = None) -> dict[str, Any]:
+    """Compare `artifact` with its reference checkpoint on the shipped text; returns (and stores) the report.
+
+    The report's `passed` is False when any metric is outside its threshold; this function does not raise
+    for that (the CLI turns it into exit 1). Bad input raises QwenEdgeError.
+    """
+    from .artifact import Artifact
+    from .backends import load
+    from .checkpoint import Checkpoint
+    from .tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    art = Artifact.open(artifact)
+    ref_dir = _resolve_reference(art, reference)
+    _require_torch()
+    limits = thresholds_for(art.quant, art.bits_per_weight, thresholds)
+    tok = Tokenizer.from_dir(art.path)
+    ev = load_eval_set(tok, quick=quick)
+    longest = max([len(w) for w in ev.windows] + [len(p) + GREEDY_TOKENS for p in ev.prompts])
+    ckpt = Checkpoint(ref_dir)
+    try:
+        ref_sha = ckpt.weights_sha256
+    finally:
+        ckpt.close()
+    src_sha = (art.manifest.get("source") or {}).get("weights_sha256")
+    acc = Accumulator()
+    prefixes: list[int] = []
+    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads)
+    try:
+        art_rt = load(art.path, max_context=longest + 8, threads=threads)
+        try:
+            for i, w in enumerate(ev.windows):
+                ref_rt.reset()
+                art_rt.reset()
+                acc.add(w, ref_rt.prefill_all_logits(w), art_rt.prefill_all_logits(w))
+                if log:
+                    log(f"window {i + 1}/{len(ev.windows)}: {len(w)} tokens")
+            for p in ev.prompts:
+                prefixes.append(common_prefix(greedy(ref_rt, p, GREEDY_TOKENS), greedy(art_rt, p, GREEDY_TOKENS)))
+            backends = {"artifact": art_rt.info.backend, "reference": ref_rt.info.backend}
+        finally:
+            art_rt.close()
+    finally:
+        ref_rt.close()
+    metrics = acc.metrics()
+    metrics["greedy_common_prefix_mean"] = float(np.mean(prefixes)) if prefixes else 0.0
+    metrics["greedy_common_prefix_min"] = float(min(prefixes)) if prefixes else 0.0
+    failed = gate(metrics, limits)
+    report: dict[str, Any] = {
+        "passed": not failed,
+        "metrics": metrics,
+        "thresholds": limits,
+        "failed": failed,
+        "artifact": str(art.path),
+        "reference": str(ref_dir),
+        "format": art.format,
+        "quant": art.quant,
+        "tokens_evaluated": acc.tokens,
+        "windows": len(ev.windows),
+        "vocab_compared": acc.vocab_compared,
+        "greedy_tokens": GREEDY_TOKENS,
+        "greedy_prefixes": prefixes,
+        "quick": quick,
+        "reference_weights_sha256": ref_sha,
+        "reference_matches_source": (src_sha == ref_sha) if src_sha else None,
+        "eval_text_sha256": ev.sha256,
+        "backends": backends,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if store:
+        art.update_manifest(parity=report)
+    return report
+
+
+def render_report(report: dict[str, Any]) -> str:
+    lines = [f"verify {report['artifact']} ({report['format']} {report['quant']}) against {report['reference']}",
+             f"{report['tokens_evaluated']} tokens in {report['windows']} windows, "
+             f"{len(report['greedy_prefixes'])} greedy prompts x {report['greedy_tokens']} tokens, "
+             f"{report['seconds']:.1f}s"]
+    for k in ("ppl_reference", "ppl_artifact"):
+        lines.append(f"  {k:<28} {report['metrics'][k]:>12.6g}")
+    for k in METRICS:
+        v, t = report["metrics"][k], report["thresholds"].get(k)
+        op = "<=" if k in UPPER_BOUNDS else ">="
+        mark = "FAIL" if k in report["failed"] else "ok"
+        lines.append(f"  {k:<28} {v:>12.6g}  {op} {t:<10.6g} {mark}" if t is not None else f"  {k:<28} {v:>12.6g}")
+    if report.get("reference_matches_source") is False:
+        lines.append("  note: the reference's weights differ from the artifact's recorded source")
+    lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"]))
+    return "\n".join(lines)
+
+
+def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False) -> int:
+    """`qwen-edge verify`: prints the report (JSON on stdout with --json); GateFailed (exit 1) on drift."""
+    report = verify(artifact, reference, quick=quick)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        print(render_report(report))
+    sys.stdout.flush()
+    if not report["passed"]:
+        raise GateFailed(describe_failures(report))
+    return 0

@@ -1,0 +1,84 @@
+"""Bad prompts through `qwen-edge generate`: empty, only special tokens, invalid UTF-8, longer than the context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import hostile
+
+
+@pytest.fixture(scope="module")
+def art(exported) -> Path:
+    hostile.require_module("qwen_edge.generate")
+    return exported("tiny-qwen3", "gguf", "q8_0")
+
+
+def _ok_json(category: str, *args: str) -> dict:
+    hostile.TRIED[category] += 1
+    r = hostile.run_cli(*args)
+    assert r.returncode == 0, f"{category}: exit {r.returncode}: {r.stderr[-1500:]}"
+    assert "Traceback" not in r.stderr
+    doc = json.loads(r.stdout)
+    hostile.REJECTED[category] += 1
+    return doc
+
+
+def test_empty_prompt_with_template_is_served(art):
+    """An empty user message is still a conversation: the template gives a non-empty prompt; generation runs."""
+    doc = _ok_json("prompt/empty-chat", "generate", str(art), "--prompt", "", "--max-new-tokens", "2", "--json")
+    assert doc["prompt_ids"] and doc["stats"]["new_tokens"] <= 2
+
+
+def test_empty_raw_prompt_rejected(art):
+    hostile.expect_cli_rejected("prompt/empty-raw", "generate", str(art), "--prompt", "", "--raw", match="empty")
+
+
+def test_only_special_tokens(art):
+    """Special-token text typed by a user: defined behaviour is exit 0 with a well-formed JSON answer."""
+    doc = _ok_json("prompt/only-special", "generate", str(art), "--prompt", "<|im_end|><|endoftext|><think>",
+                   "--max-new-tokens", "2", "--json")
+    assert isinstance(doc["text"], str) and len(doc["output_ids"]) <= 2
+
+
+def test_prompt_longer_than_context(art):
+    hostile.expect_cli_rejected("prompt/too-long", "generate", str(art), "--prompt", "word " * 400,
+                                "--max-context", "64", "--max-new-tokens", "2", match="context")
+
+
+@pytest.mark.parametrize("case", ["invalid-utf8", "not-list", "bad-role", "content-not-string", "empty-list",
+                                  pytest.param("deep", marks=pytest.mark.xfail(
+                                      strict=False, reason="generate.py read_messages: json RecursionError on "
+                                      "deeply nested JSON is not caught")),
+                                  "missing-file"])
+def test_bad_messages_file(art, tmp_path, case):
+    p = tmp_path / "m.json"
+    data = {
+        "invalid-utf8": b'[{"role": "user", "content": "caf\xe9 \xff\xfe"}]',
+        "not-list": b'{"role": "user", "content": "hi"}',
+        "bad-role": b'[{"role": "root", "content": "hi"}]',
+        "content-not-string": b'[{"role": "user", "content": {"$ref": 1}}]',
+        "empty-list": b"[]",
+        "deep": hostile.deep_json(100_000).encode(),
+    }.get(case)
+    if data is not None:
+        p.write_bytes(data)
+    hostile.expect_cli_rejected(f"prompt/messages-{case}", "generate", str(art), "--messages", str(p),
+                                "--max-new-tokens", "2")
+
+
+@pytest.mark.parametrize("args,case", [(["--max-new-tokens", "-1"], "negative-max"),
+                                       (["--temperature", "nan"], "nan-temperature"),
+                                       (["--top-p", "7"], "top-p-range"),
+                                       (["--max-context", "0"], "zero-context"),
+                                       (["--threads", "-3"], "negative-threads")])
+def test_bad_sampling_flags(art, args, case):
+    hostile.expect_cli_rejected(f"prompt/flag-{case}", "generate", str(art), "--prompt", "hi", *args)
+
+
+def test_missing_artifact():
+    hostile.expect_cli_rejected("cli/missing-artifact", "generate", "/nonexistent/artifact", "--prompt", "hi")
+    hostile.expect_cli_rejected("cli/missing-inspect", "inspect", "/nonexistent/artifact")
+    hostile.expect_cli_rejected("cli/inspect-wrong-suffix", "inspect", "/etc/hostname")

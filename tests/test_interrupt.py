@@ -1,0 +1,191 @@
+"""Interrupted and failing exports: SIGKILL at any moment, disk full, unwritable output; never a partial artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import hostile
+from qwen_edge.artifact import Artifact
+from qwen_edge.errors import QwenEdgeError
+
+KILL_AFTER_S = (0.2, 0.6, 1.0, 1.6, 2.4, 3.5)
+"""Export of a tiny checkpoint takes ~2-4 s here: these land in imports, reading, writing and the commit."""
+
+
+def _export_cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qwen_edge.cli", "export", str(ckpt), "--format", "gguf", "--quant", "f16",
+            "-o", str(out), "--name", "m", "--no-verify", *extra]
+
+
+def _state(out: Path) -> str:
+    """'absent' or 'complete' (Artifact.open passes, every sha256 checked); anything else fails the test."""
+    final = out / "m"
+    if not final.exists():
+        return "absent"
+    Artifact.open(final)  # raises on a partial or corrupt artifact
+    return "complete"
+
+
+def _kill_after(cmd: list[str], delay: float) -> int:
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    return p.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ckpt(synth_ckpt) -> Path:
+    hostile.require_module("qwen_edge.recipe")
+    return synth_ckpt("tiny-qwen2")
+
+
+@pytest.mark.parametrize("delay", KILL_AFTER_S)
+def test_killed_export_leaves_nothing_or_complete(ckpt, tmp_path, delay):
+    out = tmp_path / "out"
+    _kill_after(_export_cmd(ckpt, out), delay)
+    hostile.TRIED["interrupt/kill-fresh"] += 1
+    assert _state(out) in ("absent", "complete")
+    hostile.REJECTED["interrupt/kill-fresh"] += 1
+
+
+@pytest.fixture(scope="module")
+def previous(ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prev")
+    r = subprocess.run(_export_cmd(ckpt, out), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("delay", KILL_AFTER_S)
+def test_killed_reexport_keeps_previous(ckpt, previous, tmp_path, delay):
+    """Killing a re-export over an existing artifact leaves the old one (or the finished new one) in place."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(previous, out)
+    _kill_after(_export_cmd(ckpt, out, "--force"), delay)
+    hostile.TRIED["interrupt/kill-reexport"] += 1
+    assert _state(out) == "complete"
+    hostile.REJECTED["interrupt/kill-reexport"] += 1
+
+
+def test_stale_temporaries_are_cleaned(ckpt, tmp_path):
+    """What a killed export leaves (`.m.tmp-PID-*`, `.m.old-PID`) is removed by the next export of that name."""
+    out = tmp_path / "out"
+    for delay in (0.8, 1.4):
+        _kill_after(_export_cmd(ckpt, out), delay)
+    dead = out / ".m.tmp-999999999-abc"
+    dead.mkdir(parents=True)
+    alive = out / f".m.tmp-{os.getpid()}-abc"
+    alive.mkdir()
+    r = subprocess.run(_export_cmd(ckpt, out, "--force"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _state(out) == "complete"
+    left = sorted(p.name for p in out.iterdir() if p.name != "m")
+    assert left == [alive.name], left
+
+
+def test_writer_exception_leaves_nothing(tmp_path):
+    """An exception inside the writer (Ctrl-C, a bug) removes the temporary directory."""
+    from qwen_edge.artifact import ArtifactWriter
+
+    with pytest.raises(KeyboardInterrupt):
+        with ArtifactWriter(tmp_path / "m") as w:
+            (w.dir / "model.gguf").write_bytes(b"x" * 100)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    hostile.record("interrupt/exception-in-writer", True)
+
+
+def test_file_size_limit_reported(ckpt, tmp_path):
+    """Writes failing mid-way (RLIMIT_FSIZE: EFBIG, like a full disk) give exit 2, one line, nothing left."""
+    out = tmp_path / "out"
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    hostile.TRIED["interrupt/file-too-large"] += 1
+    r = subprocess.run(_export_cmd(ckpt, out), capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error: "), r.stderr
+    assert "internal error" not in r.stderr, r.stderr
+    assert _state(out) == "absent"
+    assert not [p for p in out.iterdir() if p.name.startswith(".m.tmp")], "temporary directory left behind"
+    hostile.REJECTED["interrupt/file-too-large"] += 1
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_reported(ckpt, tiny_fs):
+    out = tiny_fs / "out"
+    hostile.TRIED["interrupt/disk-full"] += 1
+    r = subprocess.run(_export_cmd(ckpt, out), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error: "), r.stderr
+    assert "internal error" not in r.stderr and "No space" in r.stderr, r.stderr
+    assert _state(out) == "absent"
+    assert not [p for p in out.iterdir() if p.name.startswith(".m.")], "temporary directory left behind"
+    hostile.REJECTED["interrupt/disk-full"] += 1
+
+
+def test_output_parent_is_a_file(ckpt, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    hostile.expect_cli_rejected("interrupt/output-under-file", "export", str(ckpt), "--format", "gguf", "--quant",
+                                "f16", "-o", str(blocker / "out"), "--no-verify")
+
+
+def test_output_is_a_file(ckpt, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    hostile.expect_cli_rejected("interrupt/output-is-file", "export", str(ckpt), "--format", "gguf", "--quant",
+                                "f16", "-o", str(blocker), "--no-verify")
+
+
+def test_readonly_output_dir(ckpt, tmp_path):
+    """A read-only output directory (root ignores mode bits, so a read-only bind/tmpfs is used when possible)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        if os.geteuid() == 0:
+            pytest.skip("running as root without mount: permission bits do not stop writes")
+        ro.chmod(0o500)
+    try:
+        hostile.expect_cli_rejected("interrupt/readonly-output", "export", str(ckpt), "--format", "gguf", "--quant",
+                                    "f16", "-o", str(ro), "--no-verify")
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+        ro.chmod(0o700)
+
+
+def test_unreadable_checkpoint_reported(tmp_path):
+    """A checkpoint whose weights cannot be read (a directory where the file should be) is exit 2."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    hostile.expect_cli_rejected("interrupt/bad-source", "export", str(d), "--format", "gguf", "--quant", "f16",
+                                "-o", str(tmp_path / "o"), "--no-verify")
+    with pytest.raises(QwenEdgeError):
+        from qwen_edge.checkpoint import Checkpoint
+
+        Checkpoint(d)

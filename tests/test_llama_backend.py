@@ -1,0 +1,233 @@
+"""llama.cpp backend: tokenizer agreement, fp16 parity with PyTorch, KV-cache rewind, context limits, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import requires_torch
+from qwen_edge.errors import QwenEdgeError
+
+pytest.importorskip("llama_cpp")
+
+CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.json"
+PROMPT = [9707, 11, 1879, 0, 151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198]
+
+
+@pytest.fixture(scope="module")
+def f16_qwen3(exported):
+    return exported("tiny-qwen3", "gguf", "f16")
+
+
+@pytest.fixture(scope="module")
+def rt(f16_qwen3):
+    from qwen_edge.backends import load
+
+    r = load(f16_qwen3, max_context=512)
+    yield r
+    r.close()
+
+
+def test_info_and_context_cap(f16_qwen3):
+    from qwen_edge.backends import load
+
+    with load(f16_qwen3, max_context=300, threads=1) as r:
+        assert r.info.backend == "llama_cpp" and r.info.format == "gguf" and r.info.quant == "f16"
+        assert r.info.context_length == 300 and r.info.threads == 1 and r.info.vocab_size == 151936
+        r.prefill(list(range(100, 400)))
+        with pytest.raises(QwenEdgeError, match="context full"):
+            r.prefill([5])
+    with load(f16_qwen3) as r:  # default: the target's max_context, never the model's full context
+        assert r.info.context_length == min(4096, json.loads((f16_qwen3 / "manifest.json").read_text())
+                                            ["context_length"])
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-qwen3"])
+def test_tokenizer_agrees_with_tokenizer_json(exported, arch):
+    """llama.cpp's tokenizer (from the GGUF metadata) gives the artifact's tokenizer.json ids on the corpus.
+
+    llama.cpp applies no NFC normalizer (tokenizer.json's first step), so a string that is not NFC agrees
+    once normalized; every NFC string must agree exactly as it is.
+    """
+    from qwen_edge.backends import load
+    from qwen_edge.tokenizer import Tokenizer
+
+    art = exported(arch, "gguf", "q8_0")
+    tok = Tokenizer.from_dir(art)
+    corpus = json.loads(CORPUS.read_text(encoding="utf-8"))
+    assert len(corpus) > 100
+    special = ["<|im_start|>user\nhi<|im_end|>", "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n"
+               "สวัสดี 你好<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nok<|im_end|><|endoftext|>",
+               "<tool_call>{\"a\": 1}</tool_call><|fim_prefix|>x<|fim_suffix|>y<|fim_middle|>"]
+    mismatches = []
+    with load(art, max_context=256) as r:
+        for s in corpus + special:
+            want = tok.encode(s)
+            nfc = unicodedata.normalize("NFC", s)
+            got = r.native_tokenize(nfc)
+            if got != want:
+                mismatches.append((s[:60], want[:12], got[:12]))
+        for s in special:
+            assert 151644 in r.native_tokenize(s) or "<|im_start|>" not in s
+    assert not mismatches, f"{len(mismatches)} strings differ, first: {mismatches[0]}"
+
+
+@requires_torch
+@pytest.mark.parametrize("arch", ["tiny-qwen2-untied", "tiny-qwen3"])
+def test_f16_logits_match_pytorch(exported, synth_ckpt, arch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_edge.backends import load
+
+    ref_model = AutoModelForCausalLM.from_pretrained(synth_ckpt(arch), dtype=torch.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([PROMPT])).logits[0].numpy()
+    with load(exported(arch, "gguf", "f16"), max_context=128) as r:
+        got = r.prefill_all_logits(PROMPT)
+        r.reset()
+        r.prefill(PROMPT)
+        last = r.logits()
+    scale = float(np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 2e-3 * max(1.0, scale)  # fp16 weights, f32 compute
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    np.testing.assert_allclose(last, got[-1], atol=1e-4)
+
+
+def test_rewind_reuses_the_cache(rt):
+    a, b, c = PROMPT[:6], [3, 4, 5, 6, 7], [42, 43, 44]
+    rt.reset()
+    rt.prefill(a + b)
+    rt.rewind(len(a))
+    assert rt.n_cached == len(a)
+    with pytest.raises(QwenEdgeError, match="no logits"):
+        rt.logits()
+    rt.prefill(c)
+    reused = rt.logits()
+    rt.reset()
+    rt.prefill(a + c)
+    fresh = rt.logits()
+    np.testing.assert_allclose(reused, fresh, atol=1e-4)
+    with pytest.raises(QwenEdgeError, match="cannot rewind"):
+        rt.rewind(rt.n_cached + 1)
+
+
+def test_prefill_in_chunks_and_all_logits_agree(f16_qwen3):
+    from qwen_edge.backends import load
+
+    ids = [int(x) for x in np.random.default_rng(0).integers(0, 150000, size=300)]
+    with load(f16_qwen3, max_context=512, n_batch=64) as r:
+        r.prefill(ids)
+        chunked = r.logits()
+        r.reset()
+        full = r.prefill_all_logits(ids)
+    assert full.shape == (300, 151936)
+    np.testing.assert_allclose(chunked, full[-1], atol=1e-3)
+
+
+def test_greedy_decode_is_deterministic(rt):
+    def run():
+        rt.reset()
+        rt.prefill(PROMPT)
+        out = []
+        for _ in range(6):
+            t = int(np.argmax(rt.logits()))
+            out.append(t)
+            rt.decode(t)
+        return out
+
+    assert run() == run()
+
+
+def test_bad_ids_and_closed_runtime(f16_qwen3):
+    from qwen_edge.backends import load
+
+    r = load(f16_qwen3, max_context=64)
+    with pytest.raises(QwenEdgeError, match="outside the vocabulary"):
+        r.prefill([151936])
+    with pytest.raises(QwenEdgeError, match="outside the vocabulary"):
+        r.prefill([-1])
+    r.close()
+    r.close()  # idempotent
+    with pytest.raises(QwenEdgeError, match="closed"):
+        r.prefill([1])
+
+
+def test_cuda_without_gpu_build_is_a_clear_error(f16_qwen3):
+    import llama_cpp
+
+    from qwen_edge.backends import load
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build offloads to GPU")
+    with pytest.raises(QwenEdgeError, match="GPU"):
+        load(f16_qwen3, device="cuda")
+
+
+def test_bare_gguf_file_loads(f16_qwen3, tmp_path):
+    from qwen_edge.backends import load
+
+    p = tmp_path / "bare.gguf"
+    shutil.copyfile(f16_qwen3 / "model.gguf", p)
+    with load(p, max_context=64) as r:
+        r.prefill(PROMPT)
+        assert r.logits().shape == (151936,)
+        assert r.info.quant == ""
+
+
+def test_altered_artifact_is_refused(f16_qwen3, tmp_path):
+    from qwen_edge.backends import load
+
+    art = tmp_path / "art"
+    shutil.copytree(f16_qwen3, art)
+    data = bytearray((art / "model.gguf").read_bytes())
+    data[-100] ^= 0xFF  # a weight byte: only the manifest's sha256 can tell
+    (art / "model.gguf").write_bytes(bytes(data))
+    with pytest.raises(QwenEdgeError, match="sha256"):
+        load(art)
+
+
+_FUZZ = r"""
+import sys, random
+from qwen_edge.errors import QwenEdgeError
+from qwen_edge.backends import load
+src, dst = sys.argv[1], sys.argv[2]
+data = open(src, 'rb').read()
+regions = [(0, 4096), (int(sys.argv[3]), int(sys.argv[5]))]
+rng = random.Random(0)
+outcomes = {'error': 0, 'loaded': 0}
+for i in range(int(sys.argv[4])):
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        lo, hi = regions[rng.randrange(2)]
+        b[rng.randrange(lo, hi)] ^= 1 << rng.randrange(8)
+    open(dst, 'wb').write(bytes(b))
+    try:
+        with load(dst, max_context=32) as r:
+            r.prefill([1, 2])
+            r.logits()
+        outcomes['loaded'] += 1
+    except QwenEdgeError as e:
+        assert '\n' not in str(e), e
+        outcomes['error'] += 1
+print(outcomes)
+"""
+
+
+def test_corrupt_headers_never_crash_the_process(exported, tmp_path):
+    """Random bit flips in the header region: a QwenEdgeError or a working model, never a native crash."""
+    from qwen_edge.export.gguf import read_gguf
+
+    src = exported("tiny-qwen3", "gguf", "q8_0") / "model.gguf"
+    g = read_gguf(src)
+    res = subprocess.run([sys.executable, "-c", _FUZZ, str(src), str(tmp_path / "f.gguf"), str(g.table_offset), "60", str(g.data_offset)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "error" in res.stdout

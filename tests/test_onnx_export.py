@@ -1,0 +1,206 @@
+"""ONNX exporter: parity with the PyTorch reference, quantized variants, graph facts, genai interop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwen_edge.errors import QwenEdgeError
+
+from conftest import has_module, requires_torch
+
+TINY = ["tiny-qwen2", "tiny-qwen3", "tiny-qwen2-untied", "tiny-qwen3-untied"]
+PROMPT = [151644, 872, 198, 9707, 11, 1879, 0, 3555, 525, 498, 30, 151645, 198, 151644, 77091, 198]
+DECODE_STEPS = 16
+
+
+def reference_logits(ckpt, ids: list[int]) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def greedy_run(art, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Our backend: prefill the prompt, then `steps` greedy decode steps; logits of every produced position."""
+    from qwen_edge.backends import load
+
+    with load(art, threads=2) as rt:
+        rt.prefill(prompt)
+        rows = [rt.logits()]
+        toks: list[int] = []
+        for _ in range(steps):
+            toks.append(int(rows[-1].argmax()))
+            rt.decode(toks[-1])
+            rows.append(rt.logits())
+    return toks, np.stack(rows)
+
+
+@requires_torch
+@pytest.mark.parametrize("arch", TINY)
+def test_fp32_matches_reference_prefill_and_decode(arch, exported, synth_ckpt):
+    art = exported(arch, "onnx", "fp32")
+    toks, ours = greedy_run(art, PROMPT, DECODE_STEPS)
+    ref = reference_logits(synth_ckpt(arch), PROMPT + toks)[len(PROMPT) - 1:]
+    assert ours.shape == ref.shape == (DECODE_STEPS + 1, 151936)
+    assert np.abs(ours - ref).max() <= 1e-3
+    assert [int(r.argmax()) for r in ref[:-1]] == toks
+
+
+@requires_torch
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-qwen3"])
+def test_quantized_error_is_reported_and_bounded(arch, exported, synth_ckpt):
+    from qwen_edge.backends import load
+
+    ref = reference_logits(synth_ckpt(arch), PROMPT)
+    errs = {}
+    for quant in ("int8", "int4", "fp16"):
+        with load(exported(arch, "onnx", quant), threads=2) as rt:
+            got = rt.prefill_all_logits(PROMPT)
+        errs[quant] = float(np.abs(got - ref).max())
+    scale = float(np.abs(ref).max())
+    assert 0 < errs["fp16"] < 0.02 * scale
+    assert 0 < errs["int8"] < 0.2 * scale
+    assert 0 < errs["int4"] < 1.0 * scale
+    assert errs["fp16"] < errs["int8"] < errs["int4"]
+
+
+def _manifest(art) -> dict:
+    return json.loads((art / "manifest.json").read_text())
+
+
+def _initializers(art):
+    import onnx
+
+    m = onnx.load_model(str(art / "model.onnx"), load_external_data=False)
+    return m, {t.name: t for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+def test_artifact_layout_and_manifest(quant, exported):
+    art = exported("tiny-qwen3", "onnx", quant)
+    names = sorted(p.name for p in art.iterdir())
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "manifest.json"} <= set(names)
+    assert not [n for n in names if n.endswith((".bin", ".weight")) or n.startswith("onnx__")]
+    m = _manifest(art)
+    q = m["quantization"]
+    assert m["format"] == "onnx" and m["quant"] == quant and m["model_file"] == "model.onnx"
+    assert sum(q["type_counts"].values()) == len(q["tensor_types"])
+    assert sum(f["bytes"] for f in m["files"] if f["path"] == "model.onnx.data") > 0
+    bpw = q["bits_per_weight"]
+    if quant == "fp32":
+        assert bpw == pytest.approx(32, rel=0.01) and set(q["type_counts"]) == {"fp32"}
+    elif quant == "fp16":
+        assert bpw == pytest.approx(16, rel=0.01) and set(q["type_counts"]) == {"fp16"}
+    else:
+        bits = int(quant[3:])
+        assert f"int{bits}-b32-sym" in q["type_counts"] and q["block_size"] == 32 and q["accuracy_level"] == 4
+        assert bits < bpw < 10
+    # every external tensor lies inside the one data file
+    model, inits = _initializers(art)
+    locs = {e.value for t in inits.values() for e in t.external_data if e.key == "location"}
+    assert locs == {"model.onnx.data"}
+
+
+def test_fused_ops_in_graph(exported):
+    from qwen_edge.export.onnx import onnx_file_info
+
+    info = onnx_file_info(exported("tiny-qwen3", "onnx", "int4") / "model.onnx")
+    ops = info["ops"]
+    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["MatMulNBits"] == 2 * 3 + 2  # qkv, o, gate_up per layer + LM head (all and last)
+    assert ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
+    assert info["opsets"]["com.microsoft"] == 1
+    assert [i["name"] for i in info["inputs"]][:2] == ["input_ids", "attention_mask"]
+    assert {"logits", "logits_last", "present.1.value"} <= {o["name"] for o in info["outputs"]}
+    assert 4 < info["bits_per_weight"] < 12
+
+
+def test_tied_embeddings_stored_once(exported):
+    v, h = 151936, 64
+    for quant in ("fp32", "fp16"):
+        _, inits = _initializers(exported("tiny-qwen2", "onnx", quant))
+        tables = [n for n, t in inits.items() if list(t.dims) == [v, h]]
+        assert len(tables) == 1, tables
+    _, inits = _initializers(exported("tiny-qwen2", "onnx", "int4"))
+    big = [n for n, t in inits.items() if t.dims and t.dims[0] == v and len(t.dims) == 3]
+    assert big == ["lm_head.weight_Q8"]
+    _, inits = _initializers(exported("tiny-qwen2-untied", "onnx", "int4"))
+    big = sorted(n for n, t in inits.items() if t.dims and t.dims[0] == v and len(t.dims) == 3)
+    assert big == ["lm_head.weight_Q8", "model.embed_tokens.weight_Q4"]
+
+
+@pytest.mark.parametrize("options", [
+    {"block_size": 64, "symmetric": False},
+    {"lm_head_bits": 4},
+    {"lm_head_bits": 16, "quantize_embeddings": False},
+    {"quantize_embeddings": False, "accuracy_level": 0},
+])
+def test_int4_options_run(options, exported):
+    from qwen_edge.backends import load
+
+    art = exported("tiny-qwen2", "onnx", "int4", **options)
+    q = _manifest(art)["quantization"]
+    assert q["block_size"] == options.get("block_size", 32)
+    assert q["lm_head"] == {4: "int4", 8: "int8", 16: "fp32"}[options.get("lm_head_bits", 8)]
+    with load(art, threads=1) as rt:
+        rt.prefill(PROMPT[:5])
+        assert np.isfinite(rt.logits()).all()
+
+
+@pytest.mark.parametrize("quant,options,match", [
+    ("int4", {"block_size": 48}, "block_size"),
+    ("int4", {"lm_head_bits": 2}, "lm_head_bits"),
+    ("int4", {"colour": "red"}, "unknown onnx option"),
+    ("fp32", {"block_size": 64}, "applies to int4/int8"),
+    ("int4", {"symmetric": "maybe"}, "true or false"),
+])
+def test_bad_options_raise(quant, options, match, synth_ckpt, tmp_path):
+    from qwen_edge.export import export
+
+    with pytest.raises(QwenEdgeError, match=match):
+        export(synth_ckpt("tiny-qwen2"), "onnx", quant, tmp_path, options=options)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_genai_config_describes_the_graph(exported):
+    art = exported("tiny-qwen3", "onnx", "int4")
+    cfg = json.loads((art / "genai_config.json").read_text())
+    d = cfg["model"]["decoder"]
+    assert cfg["model"]["type"] == "qwen3" and d["head_size"] == 32 and d["num_key_value_heads"] == 2
+    assert d["inputs"]["past_key_names"] == "past_key_values.%d.key" and d["filename"] == "model.onnx"
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert cfg["search"]["max_length"] <= cfg["model"]["context_length"]
+
+
+@pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+@pytest.mark.parametrize("arch,quant", [("tiny-qwen2", "fp32"), ("tiny-qwen3", "int4"), ("tiny-qwen3-untied", "fp32")])
+def test_onnxruntime_genai_greedy_matches_ours(arch, quant, exported):
+    import onnxruntime_genai as og
+
+    art = exported(arch, "onnx", quant)
+    stop = set(_manifest(art)["tokenizer"]["stop_ids"])
+    model = og.Model(str(art))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + DECODE_STEPS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(PROMPT)
+    while not gen.is_done():
+        gen.generate_next_token()
+    theirs = list(gen.get_sequence(0))[len(PROMPT):]
+    ours, _ = greedy_run(art, PROMPT, DECODE_STEPS)
+    cut = next((i + 1 for i, t in enumerate(ours) if t in stop), len(ours))
+    assert theirs == ours[:cut]
+
+
+@pytest.mark.slow
+@requires_torch
+def test_full_size_fp32_matches_reference(synth_ckpt, exported):
+    art = exported("qwen2.5-0.5b", "onnx", "fp32")
+    toks, ours = greedy_run(art, PROMPT, DECODE_STEPS)
+    ref = reference_logits(synth_ckpt("qwen2.5-0.5b"), PROMPT + toks)[len(PROMPT) - 1:]
+    assert np.abs(ours - ref).max() <= 1e-3
