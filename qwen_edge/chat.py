@@ -248,7 +248,10 @@ class ChatSession:
             except BaseException:
                 self._cached = []
                 raise
-            splitter.finish()
+            try:
+                splitter.finish()
+            except KeyboardInterrupt:  # Ctrl-C while printing the tail: the reply is over anyway
+                pass
             self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
             thought, answer = split_thinking(res.text)
             self.history.append(user)

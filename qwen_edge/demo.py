@@ -14,6 +14,7 @@ from .errors import QwenEdgeError
 DEMO_ARCH = "qwen2.5-0.5b"
 QUICK_ARCH = "tiny-qwen2"
 DEMO_CONTEXT = 2048
+DEMO_FORMATS = (("GGUF q4_k_m", "gguf", "q4_k_m"), ("ONNX int4", "onnx", "int4"))
 SYSTEM = "You are a concise assistant running on an edge device."
 QUESTION = "In one sentence: why do quantized models run faster on a CPU?"
 SYNTH_NOTE = (
@@ -152,7 +153,7 @@ def _chat_step(progress: Progress, arts: dict[str, Path]) -> dict[str, list[int]
             prompts[label] = list(result.prompt_ids)
             note["text"] = f"{result.stats.new_tokens} tokens at {result.stats.decode_tokens_per_s or 0:.1f} tok/s"
         _say(f"  {label} ({rt.info.backend}) prompt ids: {_fmt_ids(prompts[label])}")
-        _say(f"  {label} reply: {result.text.strip()[:160]!r}")
+        _say(f"  {label} reply ({len(result.output_ids)} tokens, greedy): {result.raw_text[:120]!r}")
     return prompts
 
 
@@ -166,13 +167,21 @@ def _bench_step(progress: Progress, arts: dict[str, Path], quick: bool) -> dict[
     return report if isinstance(report, dict) else report.to_dict()
 
 
+def _bound(roof: dict[str, Any]) -> str:
+    """Tokens/s the machine's read bandwidth allows for the bytes each token reads, and the share reached."""
+    b, f = roof.get("bound_tokens_per_s"), roof.get("fraction")
+    if not isinstance(b, (int, float)):
+        return "-"
+    return f"{b:.0f}" + (f" ({100 * f:.0f}%)" if isinstance(f, (int, float)) else "")
+
+
 def _render_bench(report: dict[str, Any], labels: list[str]) -> str:
     def med(r: dict[str, Any], key: str) -> str:
         v = r.get(key)
         v = v.get("median") if isinstance(v, dict) else v
         return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
 
-    rows = [("artifact", "size", "bits/w", "prefill tok/s", "decode tok/s", "TTFT ms")]
+    rows = [("artifact", "size", "bits/w", "prefill tok/s", "decode tok/s", "TTFT ms", "decode bound tok/s")]
     for label, r in zip(labels, report.get("results", [])):
         ttft = r.get("time_to_first_token_s")
         ttft = ttft.get("median") if isinstance(ttft, dict) else ttft
@@ -180,7 +189,8 @@ def _render_bench(report: dict[str, Any], labels: list[str]) -> str:
         rows.append((label, f"{(r.get('size_bytes') or 0) / 1e6:.0f} MB",
                      f"{bpw:.2f}" if isinstance(bpw, (int, float)) else "-",
                      med(r, "prefill_tokens_per_s"), med(r, "decode_tokens_per_s"),
-                     f"{ttft * 1000:.0f}" if isinstance(ttft, (int, float)) else "-"))
+                     f"{ttft * 1000:.0f}" if isinstance(ttft, (int, float)) else "-",
+                     _bound(r.get("roofline") or {})))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)
@@ -193,7 +203,9 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
     t_start = time.perf_counter()
     out = Path(out_dir)
     arch = QUICK_ARCH if quick else DEMO_ARCH
-    progress = Progress(total=7)
+    from .recipe import verify_available
+
+    progress = Progress(total=2 + 2 * len(DEMO_FORMATS) + (len(DEMO_FORMATS) if verify_available() else 1))
     synthesized = model is None
     if model is not None:
         from .checkpoint import open_checkpoint
@@ -208,7 +220,7 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
             source = _checkpoint(arch, out)
             note["text"] = str(source)
     arts: dict[str, Path] = {}
-    for label, fmt, quant in (("GGUF q4_k_m", "gguf", "q4_k_m"), ("ONNX int4", "onnx", "int4")):
+    for label, fmt, quant in DEMO_FORMATS:
         with progress.step(f"export {label}") as note:
             outcome = export_recipe(_recipe(source, fmt, quant, f"{fmt}-{quant}"), out / "artifacts", verify=False)
             arts[label] = outcome.path
@@ -224,6 +236,11 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
     report = _bench_step(progress, arts, quick)
     _say("")
     _say(_render_bench(report, list(arts)))
+    machine = report.get("machine") or {}
+    cfg = report.get("config") or {}
+    _say(f"  {cfg.get('prompt_tokens')}-token prompt, {cfg.get('gen_tokens')} new tokens, median of "
+         f"{cfg.get('repeat')}; {machine.get('cpu', 'this CPU')}, read bandwidth {machine.get('read_bandwidth_gbps')} "
+         "GB/s (full report: qwen-edge bench ARTIFACT... --markdown FILE --plot FILE)")
     _say("")
     for label, path in arts.items():
         _say(f"  {label}: {path}  verify: {verdicts.get(label, '-')}")

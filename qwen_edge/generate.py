@@ -187,11 +187,16 @@ def generate(runtime: Any, prompt_ids: Sequence[int], *, sampling: Sampling | No
         except Exception:
             runtime.reset()
     t_end = time.perf_counter()
-    if decoder is not None and finish not in ("stop_string",):
-        tail, hit = filt.feed(decoder.flush())
-        emit(tail)
-        if not hit:
-            emit(filt.flush())
+    if decoder is not None and finish not in ("stop_string", "cancelled"):  # a cancelled stream ends as it is
+        try:
+            tail, hit = filt.feed(decoder.flush())
+            emit(tail)
+            if not hit:
+                emit(filt.flush())
+            elif finish != "stop":
+                finish = "stop_string"
+        except KeyboardInterrupt:
+            finish = "cancelled"
     stats.new_tokens = len(out)
     stats.total_s = t_end - t0
     if t_first is not None:

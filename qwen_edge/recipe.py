@@ -80,7 +80,8 @@ class Recipe:
     target: str = "cpu-x86_64"
     """Target profile in runtimes/ (`cpu-x86_64`, `arm64-mobile`, `cuda`) the artifact is built for."""
     max_context: int | None = None
-    """Context length recorded in the artifact (default: the target profile's `max_context`)."""
+    """Context length recorded in the artifact (default: the model's trained maximum); runtimes still allocate
+    only the target profile's `max_context` tokens of KV cache unless asked for more."""
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     """Parity check after export."""
     output: str = ""
@@ -306,7 +307,7 @@ def validate_recipe(r: Recipe, src: str) -> None:
     if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16):
         raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8 or 16, not {q.lm_head_bits}")
     try:
-        target = load_target(r.target)
+        load_target(r.target)
     except QwenEdgeError as e:
         raise QwenEdgeError(f"{src}: {e}") from None
     if r.max_context is not None:
@@ -316,8 +317,6 @@ def validate_recipe(r: Recipe, src: str) -> None:
             limit = MODELS[r.model.lower()].arch.max_position_embeddings
             if r.max_context > limit:
                 raise QwenEdgeError(f"{src}: max_context {r.max_context} exceeds {r.model}'s {limit} positions")
-    elif target.max_context <= 0:
-        raise QwenEdgeError(f"{src}: target {target.name} has no usable max_context")
     if r.output:
         check_output_name(r.output, src)
     from .verify import METRICS
@@ -461,7 +460,7 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
         name = default_name(src, recipe.format, recipe.quant.type)
     check_output_name(name, f"recipe {recipe.name or '(flags)'}")
     target = load_target(recipe.target)
-    context = recipe.max_context or target.max_context
+    context = recipe.max_context
     options = recipe.quant.options()
     final = Path(out_dir) / name
     from .checkpoint import resolve_source
@@ -560,17 +559,14 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
             recipe.target = target
         if source:
             recipe.source_path = source
-        if fmt or quant or target:
-            validate_recipe(recipe, str(recipe_path))
     else:
         recipe = recipe_from_args(source, fmt, quant, target, overrides)
     if max_context is not None:
-        if max_context <= 0:
-            raise QwenEdgeError(f"--max-context must be positive, not {max_context}")
         recipe.max_context = max_context
     if name:
         check_output_name(name, "--name")
         recipe.output = name
+    validate_recipe(recipe, str(recipe_path or "command line"))
     outcome = export_recipe(recipe, out_dir, verify=verify, force=force)
     print(outcome.summary(), file=sys.stderr)
     if not outcome.passed:

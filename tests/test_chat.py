@@ -151,7 +151,8 @@ def test_context_policy_error(ckpt, tok):
         s = ChatSession(rt, tok, context_policy="error", max_new_tokens=60)
         s.send("first message here")
         with pytest.raises(QwenEdgeError, match="context_policy"):
-            s.send("second message " * 5)
+            s.send("word " * 50)  # fits alone (about 60 + 60 tokens), not after the first exchange
+        assert len(s.history) == 2
 
 
 def test_reset_and_cancel(base_rt, tok):

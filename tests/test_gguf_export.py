@@ -37,23 +37,26 @@ def test_every_quant_exports_loads_and_generates(exported, arch, quant):
     art = exported(arch, "gguf", quant)
     manifest = json.loads((art / "manifest.json").read_text())
     q = manifest["quantization"]
-    r = _reader(art / "model.gguf")
-    # the manifest lists exactly the tensor types llama.cpp will see (checked with gguf-py's own reader)
-    actual = {t.name: t.tensor_type.name for t in r.tensors}
+    g = read_gguf(art / "model.gguf")
+    # the manifest lists exactly the tensor types in the file (the parser itself is cross-checked against
+    # gguf-py's GGUFReader in test_gguf_file_info_agrees_with_gguf_reader)
+    actual = {t.name: t.type_name for t in g.tensors}
     assert q["tensor_types"] == actual
     assert q["requested"] == quant and manifest["quant"] == quant
     assert sum(q["type_counts"].values()) == len(actual)
-    n_params = sum(int(np.prod(t.shape)) for t in r.tensors)
-    n_bytes = sum(int(t.n_bytes) for t in r.tensors)
+    n_params = sum(t.n_elements for t in g.tensors)
+    assert n_params == json.loads((art / "manifest.json").read_text())["quantization"]["parameters"]
+    n_bytes = sum(t.nbytes for t in g.tensors)
     assert q["bits_per_weight"] == pytest.approx(8 * n_bytes / n_params, abs=1e-3)
+    assert g.size >= g.data_offset + n_bytes
     assert set(q["fallbacks"]) <= set(actual)
     for name, fb in q["fallbacks"].items():
         assert actual[name] == fb["type"] != q["base_type"]
     # norms and biases stay f32; nothing is left un-quantized silently
-    for t in r.tensors:
+    for t in g.tensors:
         if len(t.shape) == 1:
-            assert t.tensor_type.name == "F32", t.name
-        elif t.tensor_type.name != q["base_type"]:
+            assert t.type_name == "F32", t.name
+        elif t.type_name != q["base_type"]:
             assert t.name in q["fallbacks"]
     tied = "untied" not in arch
     assert ("output.weight" in actual) is (not tied)
@@ -106,8 +109,8 @@ def test_metadata_matches_llama_cpp_conventions(exported, synth_ckpt):
     assert _field(r, "tokenizer.ggml.add_bos_token") is False
     assert _field(r, "tokenizer.chat_template") == (art / "chat_template.jinja").read_text()
     # qwen2 writes no key/value length when head_dim = hidden / heads
-    r2 = _reader(exported("tiny-qwen2", "gguf", "f16") / "model.gguf")
-    assert "qwen2.attention.key_length" not in r2.fields
+    g2 = read_gguf(exported("tiny-qwen2", "gguf", "f16") / "model.gguf")
+    assert "qwen2.attention.key_length" not in g2.kv and g2.kv["qwen2.attention.head_count"] == 4
 
 
 def test_gguf_file_info_agrees_with_gguf_reader(exported):
@@ -119,6 +122,14 @@ def test_gguf_file_info_agrees_with_gguf_reader(exported):
     for t in r.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     assert info["tensor_types"] == counts
+    g = read_gguf(art / "model.gguf")
+    mine = {t.name: (t.type_name, list(t.shape), g.data_offset + t.offset, t.nbytes) for t in g.tensors}
+    theirs = {t.name: (t.tensor_type.name, [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes))
+              for t in r.tensors}
+    assert mine == theirs
+    for key in ("general.architecture", "general.file_type", "qwen2.block_count", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template", "tokenizer.ggml.add_bos_token"):
+        assert g.kv[key] == _field(r, key), key
     assert info["tokenizer"]["vocab_size"] == 151936 and info["tokenizer"]["add_bos_token"] is False
     assert info["hyperparameters"]["block_count"] == 2
     assert info["chat_template"].startswith("{%")
@@ -162,9 +173,11 @@ def test_bf16_and_f32_keep_the_checkpoint_values(exported, synth_ckpt):
     ck = Checkpoint(synth_ckpt("tiny-qwen3"))
     want = ck.tensor("model.layers.1.mlp.down_proj.weight")
     for quant in ("bf16", "f32"):
-        r = _reader(exported("tiny-qwen3", "gguf", quant) / "model.gguf")
-        t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
-        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        path = exported("tiny-qwen3", "gguf", quant) / "model.gguf"
+        g = read_gguf(path)
+        t = next(t for t in g.tensors if t.name == "blk.1.ffn_down.weight")
+        raw = np.fromfile(path, dtype=np.uint8, count=t.nbytes, offset=g.data_offset + t.offset)
+        got = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.type)).reshape(want.shape)
         np.testing.assert_array_equal(got, want)  # the checkpoint is bf16: both are exact
     ck.close()
 

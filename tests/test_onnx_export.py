@@ -112,7 +112,7 @@ def test_fused_ops_in_graph(exported):
     info = onnx_file_info(exported("tiny-qwen3", "onnx", "int4") / "model.onnx")
     ops = info["ops"]
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
-    assert ops["MatMulNBits"] == 2 * 3 + 2  # qkv, o, gate_up per layer + LM head (all and last)
+    assert ops["MatMulNBits"] == 2 * 4 + 2  # qkv, o, gate_up, down per layer + LM head (all and last)
     assert ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
     assert info["opsets"]["com.microsoft"] == 1
     assert [i["name"] for i in info["inputs"]][:2] == ["input_ids", "attention_mask"]

@@ -163,12 +163,10 @@ class OrtRuntime(Runtime):
         total = start + chunk.size
         binding.bind_cpu_input("input_ids", chunk.reshape(1, -1))
         binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+        self._have_logits = False  # until this run completes (an interrupt leaves no stale logits behind)
         try:
             self._sess.run_with_iobinding(binding, self._run_opts)
         except Exception as e:
-            self._have_logits = False
-            if isinstance(e, KeyboardInterrupt):
-                raise
             raise QwenEdgeError(f"onnxruntime run failed: {_first_line(e)}") from None
         self.n_cached = total
 

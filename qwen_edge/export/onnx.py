@@ -202,11 +202,14 @@ def onnx_file_info(path: str | os.PathLike) -> dict[str, Any]:
     data_bytes = check_external_data(m, p)
     types: Counter[str] = Counter()
     type_bytes: Counter[str] = Counter()
+    weight_bytes = 0
     for t in m.graph.initializer:
         name = _ELEM.get(t.data_type, str(t.data_type))
         types[name] += 1
         length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
         type_bytes[name] += length
+        if t.name not in ("cos_cache", "sin_cache") and not t.name.startswith("/const/"):
+            weight_bytes += length
     nbits = Counter()
     for node in m.graph.node:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
@@ -233,7 +236,7 @@ def onnx_file_info(path: str | os.PathLike) -> dict[str, Any]:
         "initializers": {"count": len(m.graph.initializer), "types": dict(types), "bytes": dict(type_bytes)},
         "external_data": {"files": ext_files, "bytes": data_bytes},
         "parameters": params,
-        "bits_per_weight": round(8 * sum(type_bytes.values()) / params, 4) if params else None,
+        "bits_per_weight": round(8 * weight_bytes / params, 4) if params else None,
         "inputs": io(m.graph.input),
         "outputs": io(m.graph.output),
     }

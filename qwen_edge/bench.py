@@ -1,0 +1,483 @@
+"""CPU latency suite: each artifact timed in its own process, interleaved across repeats, with a roofline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import GateFailed, QwenEdgeError
+
+BUDGET_METRICS = {
+    "decode_tokens_per_s": ("decode_tokens_per_s", "median"),
+    "prefill_tokens_per_s": ("prefill_tokens_per_s", "median"),
+    "time_to_first_token_s": ("time_to_first_token_s", "median"),
+    "load_s": ("load_s", "median"),
+    "inter_token_latency_p50_s": ("inter_token_latency_s", "p50"),
+    "inter_token_latency_p95_s": ("inter_token_latency_s", "p95"),
+    "peak_rss_bytes": ("peak_rss_bytes", None),
+    "size_bytes": ("size_bytes", None),
+    "bits_per_weight": ("bits_per_weight", None),
+    "roofline_fraction": ("roofline", "fraction"),
+}
+_BUDGET_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+KV_BYTES = 2
+"""Bytes per cached K/V element assumed by the roofline (f16 caches, llama.cpp's and most ONNX exports' default)."""
+
+
+# --- what is measured ------------------------------------------------------------------------------------------
+def parse_budget(expr: str) -> tuple[str, str, float]:
+    """`decode_tokens_per_s>=20` -> (metric, op, value); QwenEdgeError on anything else."""
+    m = _BUDGET_RE.match(expr or "")
+    if not m:
+        raise QwenEdgeError(f"budget {expr!r}: expected METRIC>=VALUE or METRIC<=VALUE, e.g. decode_tokens_per_s>=20")
+    name, op, raw = m.groups()
+    if name not in BUDGET_METRICS:
+        raise QwenEdgeError(f"budget {expr!r}: unknown metric {name!r} (known: {', '.join(BUDGET_METRICS)})")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise QwenEdgeError(f"budget {expr!r}: {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise QwenEdgeError(f"budget {expr!r}: the bound must be finite")
+    return name, op, value
+
+
+def budget_value(result: dict[str, Any], metric: str) -> float | None:
+    key, sub = BUDGET_METRICS[metric]
+    v = result.get(key)
+    if sub is not None:
+        v = (v or {}).get(sub)
+    return None if v is None else float(v)
+
+
+def check_budgets(results: list[dict[str, Any]], budgets: Sequence[str]) -> list[str]:
+    """Human-readable misses, one per (artifact, budget)."""
+    misses = []
+    for expr in budgets:
+        metric, op, bound = parse_budget(expr)
+        for r in results:
+            v = budget_value(r, metric)
+            ok = v is not None and {">=": v >= bound, "<=": v <= bound, ">": v > bound, "<": v < bound}[op]
+            if not ok:
+                where = f"{r['name']}" + (f" @{r['threads']} threads" if r.get("sweep") else "")
+                misses.append(f"{where}: {metric} {v if v is None else f'{v:.4g}'} (budget {op} {bound:g})")
+    return misses
+
+
+def model_files(path: Path) -> tuple[list[Path], str, str, float | None, dict[str, Any]]:
+    """(weight files, format, quant, bits per weight, manifest-or-config) of an artifact or a HF checkpoint dir."""
+    if (path / "manifest.json").is_file():
+        from .artifact import Artifact
+
+        art = Artifact.open(path, check_hashes=False)
+        skip = {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                "genai_config.json", "Modelfile", "special_tokens_map.json"}
+        files = [path / f["path"] for f in art.manifest["files"] if Path(f["path"]).name not in skip]
+        return files, art.format, art.quant, art.bits_per_weight, art.manifest
+    if (path / "config.json").is_file():
+        from .checkpoint import Checkpoint
+
+        ck = Checkpoint(path)
+        try:
+            files = list(ck.files)
+            dtypes = sorted({ck.tensor_info(n).dtype for n in ck.tensor_names()})
+            bpw = sum(f.stat().st_size for f in files) * 8 / max(ck.arch.parameter_count(), 1)
+            return files, "hf", "torch-fp32 (" + "/".join(d.lower() for d in dtypes) + " weights)", bpw, \
+                {"architecture": ck.arch.to_dict()}
+        finally:
+            ck.close()
+    raise QwenEdgeError(f"{path}: not an artifact (no manifest.json) nor a checkpoint (no config.json)")
+
+
+def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any], context: float) -> dict[str, Any]:
+    """Weight bytes a decode step reads plus the KV cache it attends over (the estimate is documented in docs)."""
+    total = sum(f.stat().st_size for f in files)
+    gather_only = 0
+    method = "file size"
+    try:
+        if fmt == "gguf":
+            gather_only, method = _gguf_embedding_bytes(files[0] if files[0].suffix == ".gguf" else
+                                                        next(f for f in files if f.suffix == ".gguf"))
+        elif fmt == "onnx":
+            gather_only, method = _onnx_gather_only_bytes(next(f for f in files if f.suffix == ".onnx"))
+        elif fmt == "hf":
+            # the torch backend holds weights in fp32 whatever the file's dtype
+            v, h = arch["vocab_size"], arch["hidden_size"]
+            total = _param_count(arch) * 4
+            gather_only = 0 if arch["tie_word_embeddings"] else v * h * 4
+            method = "fp32 parameters minus the embedding table (untied head)"
+    except (OSError, StopIteration, ValueError, KeyError) as e:
+        method = f"file size (tensor table unreadable: {type(e).__name__})"
+    kv = 2 * arch["num_layers"] * arch["num_kv_heads"] * arch["head_dim"] * KV_BYTES * context
+    weights = max(total - gather_only, 0)
+    return {"bytes_per_token": int(weights + kv), "weight_bytes": int(weights), "kv_bytes": int(kv),
+            "embedding_rows_excluded_bytes": int(gather_only), "method": method}
+
+
+def _param_count(arch: dict[str, Any]) -> int:
+    from .models import Arch
+
+    return Arch(**arch).parameter_count()
+
+
+def _gguf_embedding_bytes(path: Path) -> tuple[int, str]:
+    """token_embd.weight is only gathered (one row per token) when a separate output.weight exists."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    if "output.weight" in names and "token_embd.weight" in names:
+        return names["token_embd.weight"], "gguf tensors minus token_embd (untied head)"
+    return 0, "gguf tensors (tied: token_embd is read whole as the head)"
+
+
+def _onnx_gather_only_bytes(path: Path) -> tuple[int, str]:
+    """Bytes of initializers that only Gather-type nodes read (embedding tables: one row per token)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in init.external_data}
+            sizes[init.name] = int(ext.get("length", 0))
+        else:
+            sizes[init.name] = len(init.raw_data) or int(np.prod(init.dims, dtype=np.int64)) * 4
+    users: dict[str, set[str]] = {}
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in sizes:
+                    users.setdefault(name, set()).add(node.op_type if i == 0 else "other")
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(m.graph)
+    gather = {"Gather", "GatherBlockQuantized"}
+    out = sum(sizes[n] for n, ops in users.items() if ops and ops <= gather)
+    return out, "onnx initializers minus gather-only tables"
+
+
+def read_bandwidth_gbps(threads: int, size_mb: int = 256, repeats: int = 5) -> float:
+    """Best-of-N memory read bandwidth: numpy sums over a buffer much larger than the caches, split over threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    parts = np.array_split(a, max(1, threads))
+    best = 0.0
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        list(ex.map(np.sum, parts))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            dt = time.perf_counter() - t
+            best = max(best, a.nbytes / dt / 1e9)
+    return best
+
+
+# --- one measurement, in a fresh process ------------------------------------------------------------------------
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child process: load, warm up, then time prefill + a greedy decode loop once; peak RSS of this process."""
+    from .backends import load
+
+    t = time.perf_counter()
+    rt = load(spec["path"], target=spec["target"], threads=spec["threads"], max_context=spec["max_context"])
+    load_s = time.perf_counter() - t
+    prompt, gen = spec["prompt"], spec["gen_tokens"]
+    try:
+        for _ in range(spec["warmup"]):
+            _run_once(rt, prompt, min(gen, 8))
+        run = _run_once(rt, prompt, gen)
+        info = rt.info
+        run.update(load_s=load_s, backend=info.backend, threads_used=info.threads, device=info.device)
+    finally:
+        rt.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+    return run
+
+
+def _run_once(rt: Any, prompt: list[int], gen: int) -> dict[str, Any]:
+    rt.reset()
+    t0 = time.perf_counter()
+    rt.prefill(prompt)
+    tok = int(np.argmax(rt.logits()))
+    ttft = time.perf_counter() - t0
+    out = [tok]
+    steps: list[float] = []
+    while len(out) < gen:
+        t = time.perf_counter()
+        rt.decode(tok)
+        tok = int(np.argmax(rt.logits()))
+        steps.append(time.perf_counter() - t)
+        out.append(tok)
+    decode_s = sum(steps)
+    return {"ttft_s": ttft, "prefill_tokens_per_s": len(prompt) / ttft, "decode_s": decode_s,
+            "decode_tokens": len(steps), "generated_tokens": len(out),
+            "decode_tokens_per_s": len(steps) / decode_s if decode_s > 0 else None, "steps_s": steps}
+
+
+def bench_prompt(path: Path, n: int) -> list[int]:
+    """n prompt ids: the shipped evaluation text through the artifact's own tokenizer, repeated as needed."""
+    from .tokenizer import Tokenizer
+    from .train import eval_text
+
+    tok = Tokenizer.from_dir(path)
+    ids: list[int] = []
+    for d in eval_text()["documents"]:
+        ids += tok.encode(d["text"], parse_special=False)
+    if not ids:
+        raise QwenEdgeError(f"{path}: the tokenizer produced no ids for the benchmark prompt")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
+
+
+def machine_info(threads: list[int], bandwidth: float) -> dict[str, Any]:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = {}
+    for pkg in ("qwen-edge", "numpy", "onnxruntime", "llama-cpp-python", "torch", "transformers"):
+        try:
+            libs[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    from . import __version__
+
+    libs.setdefault("qwen-edge", __version__)
+    return {"cpu": cpu, "arch": platform.machine(), "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(logical=True), "threads": threads,
+            "memory_bytes": psutil.virtual_memory().total, "os": platform.platform(),
+            "python": platform.python_version(), "libraries": libs, "read_bandwidth_gbps": round(bandwidth, 2)}
+
+
+def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, gen_tokens: int = 128,
+          threads: int | None = None, repeat: int = 3, warmup: int = 1, thread_sweep: Sequence[int] | None = None,
+          target: str | None = None, max_context: int | None = None, log: Any = None) -> dict[str, Any]:
+    """Time each artifact (A B A B ... across repeats, each run in a fresh process); returns the report."""
+    from .targets import load_target
+
+    if not artifacts:
+        raise QwenEdgeError("bench needs at least one artifact")
+    for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 2), ("repeat", repeat, 1),
+                        ("warmup", warmup, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise QwenEdgeError(f"{name} must be an integer >= {lo}, not {v!r}")
+    profile = load_target(target)
+    sweep = [int(t) for t in thread_sweep] if thread_sweep else [int(threads or profile.resolved_threads())]
+    if any(t <= 0 for t in sweep):
+        raise QwenEdgeError(f"thread counts must be positive: {sweep}")
+    ctx = max_context or int(math.ceil((prompt_tokens + gen_tokens + 8) / 256) * 256)
+    if ctx < prompt_tokens + gen_tokens:
+        raise QwenEdgeError(f"--max-context {ctx} < prompt {prompt_tokens} + generated {gen_tokens} tokens")
+    paths = [Path(a) for a in artifacts]
+    entries = []
+    for p in paths:
+        if not p.exists():
+            raise QwenEdgeError(f"{p}: no such artifact")
+        files, fmt, quant, bpw, meta = model_files(p)
+        entries.append({"path": p, "files": files, "format": fmt, "quant": quant, "bpw": bpw,
+                        "arch": meta["architecture"], "prompt": bench_prompt(p, prompt_tokens)})
+    bandwidth = read_bandwidth_gbps(max(sweep))
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    ctx_mp = get_context("spawn")
+    t_start = time.perf_counter()
+    for r in range(repeat):
+        for th in sweep:
+            for i, e in enumerate(entries):
+                spec = {"path": str(e["path"]), "target": profile.name if target is None else target,
+                        "threads": th, "max_context": ctx, "prompt": e["prompt"], "gen_tokens": gen_tokens,
+                        "warmup": warmup}
+                with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
+                    res = ex.submit(_measure, spec).result()
+                runs.setdefault((i, th), []).append(res)
+                if log:
+                    log(f"repeat {r + 1}/{repeat} {e['path'].name} @{th}t: decode "
+                        f"{res['decode_tokens_per_s']:.1f} tok/s, prefill {res['prefill_tokens_per_s']:.1f} tok/s")
+    results = []
+    for th in sweep:
+        first = None
+        for i, e in enumerate(entries):
+            rs = runs[(i, th)]
+            steps = [s for x in rs for s in x["steps_s"]]
+            size = sum(f.stat().st_size for f in e["files"])
+            roof = bytes_per_token(e["path"], e["format"], e["files"], e["arch"], prompt_tokens + gen_tokens / 2)
+            decode = _stats([x["decode_tokens_per_s"] for x in rs])
+            bound = bandwidth * 1e9 / roof["bytes_per_token"] if roof["bytes_per_token"] else None
+            roof.update(bound_tokens_per_s=bound, fraction=(decode["median"] / bound) if bound else None,
+                        read_bandwidth_gbps=bandwidth)
+            res = {
+                "artifact": str(e["path"]), "name": e["path"].name, "format": e["format"], "quant": e["quant"],
+                "backend": rs[0]["backend"], "threads": rs[0]["threads_used"], "sweep": len(sweep) > 1,
+                "decode_tokens_per_s": decode,
+                "prefill_tokens_per_s": _stats([x["prefill_tokens_per_s"] for x in rs]),
+                "time_to_first_token_s": _stats([x["ttft_s"] for x in rs]),
+                "load_s": _stats([x["load_s"] for x in rs]),
+                "inter_token_latency_s": {"p50": float(np.percentile(steps, 50)),
+                                          "p95": float(np.percentile(steps, 95))},
+                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in rs),
+                "size_bytes": size, "bits_per_weight": e["bpw"],
+                "prompt_tokens": len(e["prompt"]), "generated_tokens": rs[0]["generated_tokens"],
+                "decode_tokens": rs[0]["decode_tokens"], "repeats": len(rs), "roofline": roof,
+            }
+            if first is None:
+                first = res
+            res["ratio_to_first"] = {
+                k: res[k]["median"] / first[k]["median"] if first[k]["median"] else None
+                for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s")
+            }
+            res["ratio_to_first"]["size_bytes"] = size / first["size_bytes"] if first["size_bytes"] else None
+            results.append(res)
+    return {
+        "machine": machine_info(sweep, bandwidth),
+        "results": results,
+        "config": {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "warmup": warmup,
+                   "threads": sweep, "target": profile.name, "max_context": ctx, "sampling": "greedy argmax",
+                   "order": "interleaved (A B A B ...), each run in a fresh spawned process",
+                   "seconds": round(time.perf_counter() - t_start, 1),
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+
+
+# --- reports ----------------------------------------------------------------------------------------------------
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.1f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    head = ("| artifact | format | quant | threads | size MB | bits/w | load s | TTFT ms | prefill tok/s "
+            "| decode tok/s (min-max) | ITL p50/p95 ms | peak RSS MB | decode x first | roofline tok/s | % roofline |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in report["results"]:
+        d, p, tt = r["decode_tokens_per_s"], r["prefill_tokens_per_s"], r["time_to_first_token_s"]
+        itl, roof = r["inter_token_latency_s"], r["roofline"]
+        bpw = f"{r['bits_per_weight']:.2f}" if r["bits_per_weight"] else "-"
+        bound = f"{roof['bound_tokens_per_s']:.0f}" if roof.get("bound_tokens_per_s") else "-"
+        frac = f"{100 * roof['fraction']:.0f}%" if roof.get("fraction") else "-"
+        lines.append(
+            f"| {r['name']} | {r['format']} | {r['quant']} | {r['threads']} | {_mb(r['size_bytes'])} | {bpw} "
+            f"| {r['load_s']['median']:.2f} | {1000 * tt['median']:.1f} | {p['median']:.1f} "
+            f"| {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | {1000 * itl['p50']:.2f}/{1000 * itl['p95']:.2f} "
+            f"| {_mb(r['peak_rss_bytes'])} | {r['ratio_to_first']['decode_tokens_per_s']:.2f} | {bound} | {frac} |")
+    c, m = report["config"], report["machine"]
+    lines.append("")
+    lines.append(f"{c['prompt_tokens']} prompt tokens, {c['gen_tokens']} generated (greedy), {c['repeat']} repeats "
+                 f"after {c['warmup']} warm-up, medians; {m['cpu']}, {m['physical_cores']} cores, "
+                 f"measured read bandwidth {m['read_bandwidth_gbps']} GB/s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Bar charts of decode and prefill tokens/s per artifact (grouped by thread count for a sweep)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
+    results = report["results"]
+    names = list(dict.fromkeys(r["name"] for r in results))
+    threads = list(dict.fromkeys(r["threads"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) * len(threads) + 2))
+    height = 0.8 / len(threads)
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s"),
+                           (axes[1], "prefill_tokens_per_s", "prefill tokens/s")):
+        for j, th in enumerate(threads):
+            ys, vals, lo, hi = [], [], [], []
+            for i, n in enumerate(names):
+                r = next((x for x in results if x["name"] == n and x["threads"] == th), None)
+                if r is None:
+                    continue
+                ys.append(i + j * height)
+                vals.append(r[key]["median"])
+                lo.append(r[key]["median"] - r[key]["min"])
+                hi.append(r[key]["max"] - r[key]["median"])
+            ax.barh(ys, vals, height=height, xerr=[lo, hi], label=f"{th} threads", capsize=3)
+        ax.set_yticks([i + height * (len(threads) - 1) / 2 for i in range(len(names))])
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    if len(threads) > 1:
+        axes[0].legend()
+    m = report["machine"]
+    fig.suptitle(f"qwen-edge bench: {m['cpu']} ({report['config']['prompt_tokens']} prompt / "
+                 f"{report['config']['gen_tokens']} generated tokens, median of {report['config']['repeat']})",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(out)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise QwenEdgeError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def render_text(report: dict[str, Any]) -> str:
+    return markdown_table(report)
+
+
+def run_bench_cli(a: Any) -> int:
+    """`qwen-edge bench`: measure, print (JSON on stdout with --json), write files, apply --budget gates."""
+    budgets = list(a.budget or [])
+    for b in budgets:
+        parse_budget(b)  # bad expressions fail (exit 2) before any measuring
+    sweep = None
+    if a.thread_sweep:
+        try:
+            sweep = [int(x) for x in str(a.thread_sweep).split(",") if x.strip()]
+        except ValueError:
+            raise QwenEdgeError(f"--thread-sweep {a.thread_sweep!r}: expected comma-separated integers") from None
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
+    log = None if a.json else (lambda s: print(s, file=sys.stderr))
+    report = bench(a.artifacts, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+                   repeat=a.repeat, warmup=a.warmup, thread_sweep=sweep, target=a.target,
+                   max_context=a.max_context, log=log)
+    if a.markdown:
+        try:
+            Path(a.markdown).write_text(markdown_table(report), encoding="utf-8")
+        except OSError as e:
+            raise QwenEdgeError(f"{a.markdown}: cannot write ({e.strerror or e})") from None
+    if a.plot:
+        plot(report, a.plot)
+    if a.json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        print(render_text(report))
+    sys.stdout.flush()
+    misses = check_budgets(report["results"], budgets)
+    if misses:
+        raise GateFailed("budget missed: " + "; ".join(misses))
+    return 0

@@ -1,0 +1,110 @@
+"""bench: two tiny artifacts measured interleaved via the CLI -> JSON, markdown and PNG; budgets gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen_edge.bench import check_budgets, parse_budget
+from qwen_edge.errors import QwenEdgeError
+
+RESULT_KEYS = {"artifact", "format", "quant", "decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s",
+               "peak_rss_bytes", "size_bytes", "bits_per_weight", "load_s", "inter_token_latency_s",
+               "ratio_to_first", "roofline", "decode_tokens"}
+
+
+@pytest.fixture(scope="module")
+def two(exported):
+    return [exported("tiny-qwen3", "gguf", "q8_0"), exported("tiny-qwen3", "onnx", "int4")]
+
+
+@pytest.fixture(scope="module")
+def bench_run(two, cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    r = cli("bench", *map(str, two), "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "2",
+            "--threads", "1", "--json", "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"))
+    return r, out
+
+
+def test_bench_cli_writes_json_markdown_and_png(bench_run, two):
+    r, out = bench_run
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # stdout holds the JSON document only
+    assert {"machine", "results", "config"} <= set(report)
+    assert report["machine"]["read_bandwidth_gbps"] > 0 and report["machine"]["cpu"]
+    assert [x["artifact"] for x in report["results"]] == [str(p) for p in two]
+    assert [(x["format"], x["quant"]) for x in report["results"]] == [("gguf", "q8_0"), ("onnx", "int4")]
+    md = (out / "bench.md").read_text()
+    assert md.count("\n| tiny-qwen3") == 2 and "decode tok/s" in md
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_bench_numbers_are_positive_and_consistent(bench_run):
+    report = json.loads(bench_run[0].stdout)
+    for x in report["results"]:
+        assert RESULT_KEYS <= set(x)
+        for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s", "load_s"):
+            s = x[k]
+            assert 0 < s["min"] <= s["median"] <= s["max"], (k, s)
+        assert x["generated_tokens"] == 8 and x["decode_tokens"] == 7  # the first token comes from prefill
+        assert x["prompt_tokens"] == 16 and x["repeats"] == 2 and x["threads"] == 1
+        assert 0 < x["inter_token_latency_s"]["p50"] <= x["inter_token_latency_s"]["p95"]
+        assert x["peak_rss_bytes"] > 20e6 and x["size_bytes"] > 1e6 and x["bits_per_weight"] > 0
+        roof = x["roofline"]
+        assert roof["bytes_per_token"] > 0 and roof["bound_tokens_per_s"] > 0 and roof["fraction"] > 0
+    first, second = report["results"]
+    assert first["ratio_to_first"]["decode_tokens_per_s"] == 1.0
+    assert second["ratio_to_first"]["decode_tokens_per_s"] == pytest.approx(
+        second["decode_tokens_per_s"]["median"] / first["decode_tokens_per_s"]["median"])
+    # the tied tiny model's head is the whole embedding table: the roofline reads it every token
+    assert first["roofline"]["weight_bytes"] > 151936 * 64  # >= one byte per head weight
+
+
+def test_budget_that_cannot_be_met_exits_1(two, cli):
+    r = cli("bench", str(two[0]), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--warmup", "0",
+            "--budget", "decode_tokens_per_s>=1e12", "--budget", "time_to_first_token_s<=100")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("failed: ") and "decode_tokens_per_s" in r.stderr and two[0].name in r.stderr
+    assert "time_to_first_token_s" not in r.stderr
+    assert "| tiny-qwen3" in r.stdout  # the human table still comes out
+
+
+@pytest.mark.parametrize("expr", ["decode_tokens_per_s=>20", "speed>=3", "decode_tokens_per_s>=fast", ""])
+def test_bad_budget_expression_exits_2_before_measuring(two, cli, expr):
+    r = cli("bench", str(two[0]), "--budget", expr)
+    assert r.returncode == 2 and r.stderr.startswith("error: budget"), r.stderr
+
+
+def test_budget_parsing_and_checking():
+    assert parse_budget(" decode_tokens_per_s >= 20 ") == ("decode_tokens_per_s", ">=", 20.0)
+    assert parse_budget("time_to_first_token_s<0.5") == ("time_to_first_token_s", "<", 0.5)
+    with pytest.raises(QwenEdgeError):
+        parse_budget("decode_tokens_per_s>=inf")
+    res = [{"name": "a", "decode_tokens_per_s": {"median": 10.0}, "peak_rss_bytes": 5},
+           {"name": "b", "decode_tokens_per_s": {"median": 30.0}, "peak_rss_bytes": 50}]
+    assert check_budgets(res, ["decode_tokens_per_s>=20"]) == ["a: decode_tokens_per_s 10 (budget >= 20)"]
+    assert len(check_budgets(res, ["peak_rss_bytes<=10", "decode_tokens_per_s>=5"])) == 1
+
+
+def test_missing_artifact_exits_2(cli, tmp_path):
+    r = cli("bench", str(tmp_path / "none"))
+    assert r.returncode == 2 and "no such artifact" in r.stderr
+
+
+def test_bench_of_the_torch_reference_and_a_thread_sweep(synth_ckpt, exported, tmp_path):
+    pytest.importorskip("torch")
+    from qwen_edge.bench import bench, markdown_table, plot
+
+    ckpt = synth_ckpt("tiny-qwen3")
+    report = bench([exported("tiny-qwen3", "gguf", "q8_0"), ckpt], prompt_tokens=8, gen_tokens=4, repeat=1,
+                   warmup=0, thread_sweep=[1, 2])
+    assert [(x["format"], x["threads"]) for x in report["results"]] == [("gguf", 1), ("hf", 1), ("gguf", 2), ("hf", 2)]
+    hf = report["results"][1]
+    assert hf["backend"] == "torch" and hf["roofline"]["method"].startswith("fp32")
+    assert report["results"][2]["ratio_to_first"]["decode_tokens_per_s"] == 1.0  # ratios per thread count
+    assert markdown_table(report).count("\n| ") == 4
+    p = plot(report, tmp_path / "sweep.png")
+    assert Path(p).stat().st_size > 5000

@@ -1,0 +1,167 @@
+"""onnxruntime backend: KV reuse and rewind, batched logits, limits, and clean errors on damaged artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from qwen_edge.backends import load
+from qwen_edge.checkpoint import sha256_file
+from qwen_edge.errors import QwenEdgeError
+
+A = [151644, 872, 198, 9707, 11, 1879, 0, 3555]
+B = [525, 498, 30, 151645, 198]
+C = [151644, 77091, 198, 40, 2776]
+
+
+@pytest.fixture(scope="module")
+def art(exported):
+    return exported("tiny-qwen3", "onnx", "fp32")
+
+
+def test_info_and_default_context(art):
+    with load(art, threads=1) as rt:
+        assert rt.info.backend == "onnxruntime" and rt.info.format == "onnx" and rt.info.quant == "fp32"
+        assert rt.info.context_length == 4096  # min(target max_context, artifact context), not the model's 32K
+        assert rt.info.threads == 1 and rt.info.vocab_size == 151936
+        assert rt.info.extra["kv_cache_bytes"] == 2 * 2 * 2 * 4096 * 32 * 4
+        assert 151645 in rt.info.extra["stop_ids"]
+
+
+def test_rewind_reuses_prefix(art):
+    with load(art, threads=1) as rt:
+        rt.prefill(A + B)
+        rt.rewind(len(A))
+        assert rt.n_cached == len(A)
+        with pytest.raises(QwenEdgeError, match="no logits"):
+            rt.logits()
+        rt.prefill(C)
+        reused = rt.logits()
+        rt.reset()
+        rt.prefill(A + C)
+        fresh = rt.logits()
+    np.testing.assert_allclose(reused, fresh, atol=1e-5)
+
+
+def test_prefill_all_logits_equals_step_by_step(art):
+    with load(art, threads=1) as rt:
+        rt.prefill(A[:3])
+        batched = rt.prefill_all_logits(A[3:] + B)
+        last = rt.logits()
+        rt.reset()
+        rt.prefill(A[:3])
+        steps = []
+        for t in A[3:] + B:
+            rt.decode(t)
+            steps.append(rt.logits())
+    np.testing.assert_allclose(batched, np.stack(steps), atol=1e-5)
+    np.testing.assert_array_equal(last, batched[-1])
+
+
+def test_chunked_prefill_matches_one_pass(art):
+    with load(art, threads=1, prefill_chunk=3) as rt:
+        chunked = rt.prefill_all_logits(A + B + C)
+    with load(art, threads=1) as rt:
+        rt.prefill(A + B + C)
+        one = rt.logits()
+    np.testing.assert_allclose(chunked[-1], one, atol=1e-5)
+
+
+def test_limits(art):
+    with load(art, threads=1, max_context=8) as rt:
+        assert rt.info.context_length == 8
+        rt.prefill(A)
+        with pytest.raises(QwenEdgeError, match="context full"):
+            rt.decode(1)
+        with pytest.raises(QwenEdgeError, match="cannot rewind"):
+            rt.rewind(9)
+        rt.rewind(2)
+        with pytest.raises(QwenEdgeError, match="outside the vocabulary"):
+            rt.prefill([151936])
+        assert rt.n_cached == 2
+    with pytest.raises(QwenEdgeError, match="max_context"):
+        load(art, max_context=1 << 20)
+    with pytest.raises(QwenEdgeError, match="unknown option"):
+        load(art, colour="red")
+    rt = load(art, threads=1)
+    rt.close()
+    with pytest.raises(QwenEdgeError, match="closed"):
+        rt.prefill(A)
+
+
+def test_cuda_unavailable_is_a_clear_error(art):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(QwenEdgeError, match="CUDAExecutionProvider"):
+        load(art, device="cuda")
+
+
+def _copy(art, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(art, dst)
+    return dst
+
+
+def _rehash(root, rel):
+    """Make the manifest agree with a damaged file so the ONNX-level checks are what catches it."""
+    m = json.loads((root / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] == rel:
+            f["bytes"] = (root / rel).stat().st_size
+            f["sha256"] = sha256_file(root / rel)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def _truncate(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncate", "truncated"),
+    ("truncate_rehashed", "truncated"),
+    ("missing_data", "missing"),
+    ("flip_byte", "sha256"),
+    ("garbage_model_rehashed", "not a valid ONNX model"),
+])
+def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
+    d = _copy(art, tmp_path)
+    data = d / "model.onnx.data"
+    if damage.startswith("truncate"):
+        _truncate(data, data.stat().st_size // 2)
+        if damage.endswith("rehashed"):
+            _rehash(d, "model.onnx.data")
+    elif damage == "missing_data":
+        data.unlink()
+    elif damage == "flip_byte":
+        with open(data, "r+b") as f:
+            f.seek(1000)
+            b = f.read(1)
+            f.seek(1000)
+            f.write(bytes([b[0] ^ 0xFF]))
+    elif damage == "garbage_model_rehashed":
+        (d / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+        _rehash(d, "model.onnx")
+    with pytest.raises(QwenEdgeError, match=match):
+        load(d)
+    r = cli("generate", str(d), "--prompt", "hi", "--max-new-tokens", "2")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_inspect_onnx(art, cli, tmp_path):
+    r = cli("inspect", str(art / "model.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "onnx" and info["ops"]["GroupQueryAttention"] == 2
+    d = _copy(art, tmp_path)
+    _truncate(d / "model.onnx.data", 100)
+    r = cli("inspect", str(d / "model.onnx"))
+    assert r.returncode == 2 and "truncated" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("inspect", str(d))
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
