@@ -136,7 +136,8 @@ def _parity(p: Any) -> str:
     keys = [k for k in ("kl_mean", "top1_agreement", "ppl_rel_change", "max_abs_logit_error") if k in metrics]
     shown = ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                       for k in keys[:4])
-    when = f" · {'quick' if p.get('quick') else 'full'} text" + (f", {p['verified_at']}" if p.get("verified_at") else "")
+    when = f" · {'quick' if p.get('quick') else 'full'} text"
+    when += f", {p['verified_at']}" if p.get("verified_at") else ""
     return head + (f" ({shown})" if shown else "") + when
 
 
@@ -185,7 +186,8 @@ def render_inspect(info: dict[str, Any]) -> str:
         if "tokens" in tok:
             parts.append(f"{tok['tokens']} tokens ({tok.get('added_tokens', 0)} added)")
         if tok.get("model") and tok.get("pre"):
-            parts.append(f"{tok['model']}/{tok['pre']} BPE, {tok.get('vocab_size')} entries, {tok.get('merges')} merges")
+            parts.append(f"{tok['model']}/{tok['pre']} BPE, {tok.get('vocab_size')} entries, "
+                         f"{tok.get('merges')} merges")
         for k in ("bos_token_id", "eos_token_id", "stop_ids", "pad_token_id", "padding_token_id", "add_bos",
                   "add_bos_token"):
             if tok.get(k) is not None:

@@ -438,7 +438,8 @@ class ExportOutcome:
         art = Artifact.open(self.path, check_hashes=False)
         bpw = art.bits_per_weight
         parts = [str(self.path), f"{art.format} {art.quant}", _fmt_size(art.size_bytes),
-                 f"{bpw:.2f} bpw" if isinstance(bpw, (int, float)) else "? bpw", f"verify {self.verify}" + (f" in {self.verify_seconds:.1f} s" if self.verify_seconds else ""),
+                 f"{bpw:.2f} bpw" if isinstance(bpw, (int, float)) else "? bpw",
+                 f"verify {self.verify}" + (f" in {self.verify_seconds:.1f} s" if self.verify_seconds else ""),
                  "up to date, export skipped" if self.skipped else f"exported in {self.seconds:.1f} s"]
         return " | ".join(parts)
 
@@ -477,6 +478,14 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     if not (verify and recipe.verify.enabled):
         outcome.verify = "off (--no-verify)" if not verify else "off (recipe)"
         return outcome
+    return verify_outcome(outcome, recipe, src)
+
+
+def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Any = None) -> ExportOutcome:
+    """Verify an exported artifact against `src` with the recipe's settings; a recorded pass of an unchanged
+    artifact under the same gate is reused. Fills `outcome.verify`, `passed`, `report`, `failure`."""
+    final = outcome.path
+    skipped = outcome.skipped
     if not verify_available():
         outcome.verify = "skipped (install qwen-edge[verify] for torch + transformers)"
         return outcome
@@ -488,7 +497,8 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
             outcome.verify = recorded
             return outcome
     t1 = time.perf_counter()
-    report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None, quick=recipe.verify.quick)
+    report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None, quick=recipe.verify.quick,
+                        log=log)
     outcome.verify_seconds = time.perf_counter() - t1
     outcome.report = report
     outcome.passed = bool(report.get("passed"))

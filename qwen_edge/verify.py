@@ -28,20 +28,20 @@ METRICS = UPPER_BOUNDS + LOWER_BOUNDS
 
 # Gate classes, calibrated on the fidelity checkpoint (docs/verify.md has the measurements and the margins).
 _CLASS_THRESHOLDS: dict[str, dict[str, float]] = {
-    "exact": {"max_abs_logit_error": 0.05, "mean_abs_logit_error": 0.005, "kl_mean": 1e-4, "kl_p99": 1e-3,
-              "ppl_rel_change": 0.001, "top1_agreement": 0.995, "greedy_common_prefix_mean": 31.0,
-              "greedy_common_prefix_min": 24.0},
-    "half": {"max_abs_logit_error": 0.5, "mean_abs_logit_error": 0.05, "kl_mean": 2e-3, "kl_p99": 2e-2,
-             "ppl_rel_change": 0.01, "top1_agreement": 0.98, "greedy_common_prefix_mean": 24.0,
+    "exact": {"max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.005, "kl_mean": 1e-5, "kl_p99": 1e-4,
+              "ppl_rel_change": 0.001, "top1_agreement": 0.995, "greedy_common_prefix_mean": 28.0,
+              "greedy_common_prefix_min": 16.0},
+    "half": {"max_abs_logit_error": 0.5, "mean_abs_logit_error": 0.01, "kl_mean": 1e-4, "kl_p99": 1e-3,
+             "ppl_rel_change": 0.005, "top1_agreement": 0.99, "greedy_common_prefix_mean": 24.0,
              "greedy_common_prefix_min": 8.0},
-    "8bit": {"max_abs_logit_error": 1.5, "mean_abs_logit_error": 0.15, "kl_mean": 1e-2, "kl_p99": 0.1,
-             "ppl_rel_change": 0.03, "top1_agreement": 0.96, "greedy_common_prefix_mean": 16.0,
+    "8bit": {"max_abs_logit_error": 2.0, "mean_abs_logit_error": 0.05, "kl_mean": 2e-3, "kl_p99": 0.02,
+             "ppl_rel_change": 0.02, "top1_agreement": 0.97, "greedy_common_prefix_mean": 16.0,
              "greedy_common_prefix_min": 4.0},
-    "6bit": {"max_abs_logit_error": 3.0, "mean_abs_logit_error": 0.3, "kl_mean": 3e-2, "kl_p99": 0.3,
-             "ppl_rel_change": 0.08, "top1_agreement": 0.93, "greedy_common_prefix_mean": 10.0,
+    "6bit": {"max_abs_logit_error": 4.0, "mean_abs_logit_error": 0.1, "kl_mean": 0.01, "kl_p99": 0.1,
+             "ppl_rel_change": 0.05, "top1_agreement": 0.94, "greedy_common_prefix_mean": 10.0,
              "greedy_common_prefix_min": 2.0},
-    "4bit": {"max_abs_logit_error": 8.0, "mean_abs_logit_error": 1.0, "kl_mean": 0.15, "kl_p99": 1.5,
-             "ppl_rel_change": 0.3, "top1_agreement": 0.8, "greedy_common_prefix_mean": 4.0,
+    "4bit": {"max_abs_logit_error": 10.0, "mean_abs_logit_error": 0.3, "kl_mean": 0.15, "kl_p99": 1.5,
+             "ppl_rel_change": 0.2, "top1_agreement": 0.85, "greedy_common_prefix_mean": 4.0,
              "greedy_common_prefix_min": 0.0},
 }
 QUANT_CLASS: dict[str, str] = {

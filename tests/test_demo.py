@@ -42,5 +42,6 @@ def test_progress_lines_without_a_terminal():
     except ValueError:
         pass
     lines = buf.getvalue().splitlines()
-    assert lines[0] == "[1/2] first …" and lines[1].startswith("[1/2] first: done in ") and lines[1].endswith("— ok")
+    assert lines[0] == "[1/2] first …"
+    assert lines[1].startswith("[1/2] first: done in ") and lines[1].endswith("— ok")
     assert lines[3].startswith("[2/2] second: failed after")
