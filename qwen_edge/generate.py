@@ -282,6 +282,8 @@ def read_messages(path: str | Path) -> list[dict[str, Any]]:
         raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise QwenEdgeError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise QwenEdgeError(f"{p}: JSON nested too deeply") from None
     if not isinstance(data, list) or not data:
         raise QwenEdgeError(f"{p}: expected a non-empty JSON list of {{role, content}} messages")
     for n, m in enumerate(data):
@@ -296,6 +298,8 @@ def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_
     """Greedy unless --temperature (or, for chat, the model's generation config) asks for sampling."""
     flags = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
              "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    # Validate every flag even when decoding is greedy: a bad value is an error, never silently ignored.
+    Sampling(temperature=1.0, **{k: v for k, v in flags.items() if v is not None})
     if args.temperature is None and default_greedy:
         ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if flags[k] is not None]
         if ignored:

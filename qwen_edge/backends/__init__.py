@@ -51,6 +51,10 @@ def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None
     if backend is not None:
         name = backend
     importlib.import_module(module)
+    if max_context is not None and max_context <= 0:
+        raise QwenEdgeError(f"max_context must be a positive number of tokens, not {max_context}")
+    if threads is not None and threads <= 0:
+        raise QwenEdgeError(f"threads must be positive, not {threads}")
     if device not in ("cpu", "cuda", "auto"):
         raise QwenEdgeError(f"unknown device {device!r} (cpu, cuda, auto)")
     from ..targets import load_target
