@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     work, out = Path(a.workdir), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     sections, reports = [], []
     for model in a.models.split(","):
         ckpt = work / "ckpt" / model

@@ -207,9 +207,20 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         run.update(load_s=load_s, backend=info.backend, threads_used=info.threads, device=info.device)
     finally:
         rt.close()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
+    run["peak_rss_bytes"] = peak_rss_bytes()
     return run
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (ru_maxrss there keeps the pre-exec parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _run_once(rt: Any, prompt: list[int], gen: int) -> dict[str, Any]:

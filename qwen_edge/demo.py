@@ -16,10 +16,10 @@ DEMO_ARCH = "qwen2.5-0.5b"
 QUICK_ARCH = "tiny-qwen2"
 DEMO_CONTEXT = 2048
 DEMO_FORMATS = (("GGUF q4_k_m", "gguf", "q4_k_m"), ("ONNX int4", "onnx", "int4"))
-RANDOM_WEIGHT_THRESHOLDS = {"top1_agreement": 0.0}
+RANDOM_WEIGHT_THRESHOLDS = {"top1_agreement": 0.0, "greedy_common_prefix_mean": 0.0, "greedy_common_prefix_min": 0.0}
 """On random weights every next-token distribution is near uniform (perplexity close to the vocabulary size), so
-the argmax is a coin toss between near-equal logits and top-1 agreement says nothing about quantization error;
-KL divergence and logit error still measure it and stay gated."""
+the argmax is a coin toss between near-equal logits: top-1 and greedy agreement say nothing about quantization
+error there. KL divergence, logit error and perplexity change still measure it and stay gated."""
 SYSTEM = "You are a concise assistant running on an edge device."
 QUESTION = "In one sentence: why do quantized models run faster on a CPU?"
 SYNTH_NOTE = (
@@ -86,8 +86,8 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _checkpoint(arch: str, out: Path) -> Path:
-    """The synthesized checkpoint under `out`, reused when an intact one of the same architecture is there."""
+def _checkpoint(arch: str, out: Path) -> tuple[Path, bool]:
+    """The synthesized checkpoint under `out` (and whether it was reused: an intact one of the same arch)."""
     from .checkpoint import Checkpoint
     from .synth import synth
 
@@ -97,10 +97,10 @@ def _checkpoint(arch: str, out: Path) -> Path:
             ck = Checkpoint(path)
             ck.close()
             if json.loads((path / "config.json").read_text()).get("_name_or_path") == f"qwen-edge/synth-{arch}":
-                return path
+                return path, True
         except (QwenEdgeError, ValueError, OSError):
             pass
-    return synth(arch, path, seed=0)
+    return synth(arch, path, seed=0), False
 
 
 def _recipe(source: Path, fmt: str, quant: str, name: str, synthesized: bool):
@@ -199,13 +199,11 @@ def _render_bench(report: dict[str, Any], labels: list[str]) -> str:
 
 def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: bool = False) -> int:
     """The README's tour, offline: checkpoint -> GGUF q4_k_m + ONNX int4 -> verify -> chat -> bench."""
-    from .recipe import export_recipe
+    from .recipe import export_recipe, verify_available
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     arch = QUICK_ARCH if quick else DEMO_ARCH
-    from .recipe import verify_available
-
     progress = Progress(total=2 + 2 * len(DEMO_FORMATS) + (len(DEMO_FORMATS) if verify_available() else 1))
     synthesized = model is None
     if model is not None:
@@ -218,8 +216,8 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
             ck.close()
     else:
         with progress.step(f"synthesize {arch} (architecture-exact, random weights, real tokenizer)") as note:
-            source = _checkpoint(arch, out)
-            note["text"] = str(source)
+            source, reused = _checkpoint(arch, out)
+            note["text"] = ("reused " if reused else "") + str(source)
     arts: dict[str, Path] = {}
     outcomes: dict[str, Any] = {}
     for label, fmt, quant in DEMO_FORMATS:
@@ -230,8 +228,9 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
             note["text"] = ("reused (same inputs) " if outcome.skipped else "") + str(outcome.path)
     verdicts = _verify_step(progress, outcomes, source)
     if synthesized and any(v.startswith(("passed", "FAILED")) for v in verdicts.values()):
-        _say("  (random weights: top-1 agreement is reported but not gated; their next-token distributions are near\n"
-             "   uniform, so the argmax is a coin toss. KL divergence and logit error measure the quantization.)")
+        _say("  (random weights: top-1 and greedy agreement are reported but not gated; their next-token distributions\n"
+             "   are near uniform, so the argmax is a coin toss. KL divergence, logit error and perplexity change\n"
+             "   measure the quantization and stay gated; on a real checkpoint (--model) every default gate applies.)")
     _say("")
     _say(f"user: {QUESTION}")
     prompts = _chat_step(progress, arts)

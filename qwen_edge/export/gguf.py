@@ -21,7 +21,7 @@ from ..models import Arch, size_label
 from ..safetensors_io import to_float32
 from . import ExportResult, register_exporter
 from .gguf_file import GGUFFile, check_gguf_file, file_type_name, gguf_file_info, read_gguf, type_counts
-from .gguf_quantize import LLAMA_FTYPES, llama_quantize
+from .gguf_quantize import llama_quantize
 from .gguf_vocab import add_tokenizer, stop_texts, write_modelfile
 
 __all__ = ["export_gguf", "check_gguf_file", "gguf_file_info", "read_gguf", "QUANTS", "MODEL_FILE"]
