@@ -229,6 +229,8 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None
         raise QwenEdgeError(f"{src}: cannot read recipe ({e})") from None
     except yaml.YAMLError as e:
         raise QwenEdgeError(f"{src}: invalid YAML ({' '.join(str(e).split())[:160]})") from None
+    except RecursionError:
+        raise QwenEdgeError(f"{src}: YAML nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
