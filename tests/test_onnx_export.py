@@ -112,12 +112,34 @@ def test_fused_ops_in_graph(exported):
     info = onnx_file_info(exported("tiny-qwen3", "onnx", "int4") / "model.onnx")
     ops = info["ops"]
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
-    assert ops["MatMulNBits"] == 2 * 4 + 2  # qkv, o, gate_up, down per layer + LM head (all and last)
+    assert ops["MatMulNBits"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + one LM head
     assert ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
     assert info["opsets"]["com.microsoft"] == 1
     assert [i["name"] for i in info["inputs"]][:2] == ["input_ids", "attention_mask"]
-    assert {"logits", "logits_last", "present.1.value"} <= {o["name"] for o in info["outputs"]}
+    assert info["outputs"][0]["name"] == "logits" and "present.1.value" in {o["name"] for o in info["outputs"]}
+    assert "logits_last" not in {o["name"] for o in info["outputs"]}
+    assert {"name": "logits_to_keep", "type": "int64", "shape": [1]} in info["inputs"]
     assert 4 < info["bits_per_weight"] < 12
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_logits_to_keep_defaults_to_every_position(quant, exported):
+    import onnxruntime as ort
+
+    art = exported("tiny-qwen3", "onnx", quant)
+    sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    # an overridable initializer: not a required input (onnxruntime-genai never feeds it)
+    assert "logits_to_keep" not in {i.name for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    feeds = {"input_ids": np.array([PROMPT[:6]]), "attention_mask": np.ones((1, 6), dtype=np.int64)}
+    feeds.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), dtype=np.float32)
+                  for i in range(2) for kv in ("key", "value")})
+    full = sess.run(["logits"], feeds)[0]
+    assert full.shape == (1, 6, 151936)
+    for k, rows in ((1, 1), (4, 4), (100, 6)):
+        part = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([k])})[0]
+        assert part.shape == (1, rows, 151936)
+        np.testing.assert_allclose(part[0], full[0, 6 - rows:], atol=1e-5)
 
 
 def test_tied_embeddings_stored_once(exported):

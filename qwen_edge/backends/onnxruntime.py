@@ -61,7 +61,10 @@ class OrtRuntime(Runtime):
             raise QwenEdgeError(f"{model_path.name}: graph lacks {missing[0]!r} (not a qwen-edge decoder)")
         kv_elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
         self.kv_dtype = np.float16 if kv_elem == 10 else np.float32
-        self._last_name = "logits_last" if "logits_last" in outputs else "logits"
+        # logits_to_keep (an overridable initializer) limits the LM head to the rows we read; artifacts from before it
+        # have a separate logits_last output instead.
+        self._keep = "logits_to_keep" in {t.name for t in proto.graph.initializer} and "logits_to_keep" in inputs
+        self._last_name = "logits_last" if "logits_last" in outputs and not self._keep else "logits"
         del proto
 
         if device == "auto":
@@ -122,6 +125,10 @@ class OrtRuntime(Runtime):
         self._run_opts.only_execute_path_to_fetches = True
         self._bind_last = self._make_binding()
         self._bind_last.bind_ortvalue_output(self._last_name, self._last_val)
+        if self._keep:
+            # bind_cpu_input rejects overridable initializers; an OrtValue binds (and must outlive the binding).
+            self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
+            self._bind_last.bind_ortvalue_input("logits_to_keep", self._keep_one)
         self._have_logits = False
         self._all_np: np.ndarray | None = None
         self.n_cached = 0
@@ -188,6 +195,9 @@ class OrtRuntime(Runtime):
             buf = out[s:s + chunk.size].reshape(1, chunk.size, self.vocab)
             b = self._make_binding()
             b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(buf))
+            if self._keep:
+                keep = self._ort.OrtValue.ortvalue_from_numpy(np.array([chunk.size], dtype=np.int64))
+                b.bind_ortvalue_input("logits_to_keep", keep)
             self._run(b, chunk)
         self._last_np[0, 0] = out[-1]
         self._have_logits = True

@@ -124,7 +124,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         "embedding": rec.embedding,
     }
     extra = {"onnx": {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
-                      "rotary_cache_tokens": ctx, "ops": dict(Counter(n.op_type for n in model.graph.node))}}
+                      "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],
+                      "ops": dict(Counter(n.op_type for n in model.graph.node))}}
     return ExportResult(model_file=MODEL_FILE, quantization=quantization, context_length=ctx, extra=extra)
 
 

@@ -12,6 +12,8 @@ from .onnx_graph import MS, GraphBuilder
 from .onnx_quant import quantize_blockwise
 
 INT64_MAX = np.iinfo(np.int64).max
+LOGITS_TO_KEEP = "logits_to_keep"
+"""Optional int64 [1] input: how many trailing positions get logits (0 or more than the chunk: all; the default)."""
 
 
 @dataclass
@@ -128,16 +130,18 @@ class DecoderBuilder:
         final = g.node("SkipSimplifiedLayerNormalization",
                        [prev, resid, self._float("model.norm.weight", self.t("model.norm.weight"))],
                        "/model/norm/SkipSLN", domain=MS, outputs=["/model/norm/output_0"], epsilon=a.rms_norm_eps)[0]
-        last = g.op("Slice", [final, g.const_i64([-1]), g.const_i64([int(INT64_MAX)]), g.const_i64([1])],
-                    "/model/norm/SliceLast")
-        head = self.lm_head_weights()
-        logits = self.lm_head(final, head, "all", ids)
-        logits_last = self.lm_head(last, head, "last", ids)
-        for name, y, seq in (("logits", logits, "sequence_length"), ("logits_last", logits_last, 1)):
-            if p.float_dtype != np.float32:
-                y = g.op("Cast", [y], f"/lm_head/{name}/Cast", to=TensorProto.FLOAT)
-            g.node("Identity", [y], f"/lm_head/{name}/Identity", outputs=[name])
-            g.add_output(name, TensorProto.FLOAT, ["batch_size", seq, a.vocab_size])
+        # One LM head, on the last `logits_to_keep` positions only: an overridable initializer (a graph input with a
+        # default) so onnxruntime-genai, which does not feed it, gets every position; our backend feeds 1 (or S).
+        keep = g.init(LOGITS_TO_KEEP, np.array([INT64_MAX], dtype=np.int64))
+        g.add_input(LOGITS_TO_KEEP, TensorProto.INT64, [1])
+        start = g.op("Neg", [keep], "/lm_head/keep/Neg")
+        kept = g.op("Slice", [final, start, g.const_i64([int(INT64_MAX)]), g.const_i64([1])], "/lm_head/keep/Slice")
+        y = self.lm_head(kept, self.lm_head_weights(), "kept")
+        if p.float_dtype != np.float32:
+            y = g.op("Cast", [y], "/lm_head/Cast", to=TensorProto.FLOAT)
+        g.node("Identity", [y], "/lm_head/Identity", outputs=["logits"])
+        g.add_output("logits", TensorProto.FLOAT, ["batch_size", "logits_length", a.vocab_size])
+        g.outputs.insert(0, g.outputs.pop())  # logits first, as in onnxruntime-genai's own models
         return self.rec
 
     def rotary_caches(self) -> tuple[str, str]:
@@ -192,7 +196,7 @@ class DecoderBuilder:
             return ("q", self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", w, p.lm_head_bits))
         return ("f", self._float("lm_head.weight", w))
 
-    def lm_head(self, x: str, head, tag: str, ids: str) -> str:
+    def lm_head(self, x: str, head, tag: str) -> str:
         g, a = self.g, self.a
         kind, w = head
         if kind == "q":
@@ -202,9 +206,7 @@ class DecoderBuilder:
                         block_size=q.block_size, accuracy_level=self.plan.accuracy_level)
         flat = g.op("Reshape", [x, g.const_i64([-1, a.hidden_size])], f"/lm_head/{tag}/Reshape")
         y = g.op("Gemm", [flat, w], f"/lm_head/{tag}/Gemm", transB=1)
-        if tag == "last":
-            return g.op("Unsqueeze", [y, g.const_i64([1])], f"/lm_head/{tag}/Unsqueeze")
-        shp = g.op("Concat", [g.op("Shape", [ids], f"/lm_head/{tag}/Shape"), g.const_i64([a.vocab_size])],
+        shp = g.op("Concat", [g.op("Shape", [x], f"/lm_head/{tag}/Shape", start=0, end=2), g.const_i64([a.vocab_size])],
                    f"/lm_head/{tag}/Concat", axis=0)
         return g.op("Reshape", [y, shp], f"/lm_head/{tag}/Reshape2")
 
