@@ -1,0 +1,45 @@
+"""Full-size runs on the synthesized Qwen2.5-0.5B and Qwen3-0.6B (marked slow: `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_edge.artifact import Artifact
+from qwen_edge.backends import load
+from qwen_edge.export import export
+from qwen_edge.export.gguf import QUANTS as GGUF_QUANTS
+from qwen_edge.synth import synth
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ckpt_05b(tmp_path_factory):
+    return synth("qwen2.5-0.5b", tmp_path_factory.mktemp("full") / "qwen2.5-0.5b")
+
+
+@pytest.mark.parametrize("quant", GGUF_QUANTS)
+def test_every_gguf_quant_of_05b_loads_and_generates(ckpt_05b, tmp_path, quant):
+    art = export(ckpt_05b, "gguf", quant, tmp_path, name=f"q05-{quant}")
+    q = Artifact.open(art).manifest["quantization"]
+    assert q["requested"] == quant and q["bits_per_weight"] > 0
+    with load(art, max_context=256, threads=2) as rt:
+        rt.prefill([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])
+        out = []
+        for _ in range(8):
+            t = int(np.argmax(rt.logits()))
+            out.append(t)
+            rt.decode(t)
+        assert len(out) == 8 and all(0 <= t < 151936 for t in out)
+        assert np.isfinite(rt.logits()).all()
+    for fb in q.get("fallbacks", []):
+        assert fb.get("reason"), fb
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
+def test_onnx_quants_of_05b_run(ckpt_05b, tmp_path, quant):
+    art = export(ckpt_05b, "onnx", quant, tmp_path, name=f"q05-onnx-{quant}")
+    with load(art, max_context=256, threads=2) as rt:
+        rt.prefill([151644, 872, 198, 9707])
+        assert np.isfinite(rt.logits()).all() and rt.logits().shape == (151936,)
