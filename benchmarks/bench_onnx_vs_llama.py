@@ -101,6 +101,8 @@ def main() -> int:
 
     from qwen_edge.backends import load
 
+    load_before = os.getloadavg()
+
     prompt = np.random.default_rng(0).integers(1000, 100000, a.prompt_tokens).tolist()
     rts = {k: load(p, threads=a.threads) for k, p in arts.items()}
     for rt in rts.values():  # warmup
@@ -115,6 +117,7 @@ def main() -> int:
             runs[k]["decode"].append(dc)
     for rt in rts.values():
         rt.close()
+    load_after = os.getloadavg()
 
     results = []
     for k in rts:
@@ -125,7 +128,9 @@ def main() -> int:
              "prefill": o["prefill_tokens_per_s"]["median"] / l["prefill_tokens_per_s"]["median"]}
     doc = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")},
+                    "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in load_after]},
         "settings": {"threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                      "repeats": a.repeats, "source": str(src), "onnx_options": json.loads(a.onnx_options)},
         "results": results,
@@ -140,7 +145,8 @@ def main() -> int:
         print(f"| {r['backend']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
               f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {r['size_bytes'] / mb:.0f} | "
               f"{r['peak_rss_bytes'] / mb:.0f} |")
-    print(f"\nonnx/llama.cpp: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x")
+    print(f"\nonnx/llama.cpp: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x "
+          f"(1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
     print(f"export onnx int4: {onnx_exp['seconds']:.1f} s, peak RSS {onnx_exp['peak_rss_bytes'] / mb:.0f} MB; "
           f"gguf q4_0: {gguf_exp['seconds']:.1f} s, peak RSS {gguf_exp['peak_rss_bytes'] / mb:.0f} MB\n")
     print(json.dumps(doc, indent=2))

@@ -19,7 +19,8 @@ from .errors import GateFailed, QwenEdgeError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
 """The checkout's recipes (an editable install); `recipes_dir()` falls back to ./export_recipes."""
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "quantize_embeddings")
+ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "lm_head_block_size",
+             "quantize_embeddings")
 GGUF_ONLY = ("intermediate",)
 
 
@@ -37,6 +38,8 @@ class QuantConfig:
     """ONNX MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: the target profile's)."""
     lm_head_bits: int | None = None
     """ONNX int4/int8: bits of the LM head (4, 8 or 16; exporter default 8, which protects quality)."""
+    lm_head_block_size: int | None = None
+    """ONNX: block size of an 8-bit LM head (exporter default 128: a quarter of the scale bytes, same accuracy)."""
     quantize_embeddings: bool | None = None
     """ONNX int4/int8: quantize the token embedding table too (smaller file, gathers dequantize per row)."""
     intermediate: str | None = None

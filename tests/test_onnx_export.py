@@ -161,6 +161,7 @@ def test_tied_embeddings_stored_once(exported):
     {"lm_head_bits": 4},
     {"lm_head_bits": 16, "quantize_embeddings": False},
     {"quantize_embeddings": False, "accuracy_level": 0},
+    {"lm_head_block_size": 32},
 ])
 def test_int4_options_run(options, exported):
     from qwen_edge.backends import load
@@ -169,6 +170,12 @@ def test_int4_options_run(options, exported):
     q = _manifest(art)["quantization"]
     assert q["block_size"] == options.get("block_size", 32)
     assert q["lm_head"] == {4: "int4", 8: "int8", 16: "fp32"}[options.get("lm_head_bits", 8)]
+    # int8 head: block 128 capped at the hidden size (64 here), never below block_size
+    head_block = {4: q["block_size"], 8: max(64, q["block_size"]), 16: None}[options.get("lm_head_bits", 8)]
+    assert q["lm_head_block_size"] == options.get("lm_head_block_size", head_block)
+    if head_block:
+        assert q["tensor_types"]["lm_head.weight_Q" + str(options.get("lm_head_bits", 8))].endswith(
+            f"-b{q['lm_head_block_size']}-{'sym' if options.get('symmetric', True) else 'asym'}")
     with load(art, threads=1) as rt:
         rt.prefill(PROMPT[:5])
         assert np.isfinite(rt.logits()).all()
@@ -177,6 +184,7 @@ def test_int4_options_run(options, exported):
 @pytest.mark.parametrize("quant,options,match", [
     ("int4", {"block_size": 48}, "block_size"),
     ("int4", {"lm_head_bits": 2}, "lm_head_bits"),
+    ("int4", {"lm_head_block_size": 100}, "lm_head_block_size"),
     ("int4", {"colour": "red"}, "unknown onnx option"),
     ("fp32", {"block_size": 64}, "applies to int4/int8"),
     ("int4", {"symmetric": "maybe"}, "true or false"),

@@ -24,8 +24,10 @@ OPTIONS = {
     "block_size": "MatMulNBits block size along K (power of two >= 16; default 32)",
     "symmetric": "symmetric blocks without zero points (default true)",
     "lm_head_bits": "LM head: 4, 8 or 16 (float); default 8 for int4/int8",
+    "lm_head_block_size": "LM head block size along K (default 128 for an int8 head, else block_size)",
     "quantize_embeddings": "embeddings as GatherBlockQuantized (default true for int4/int8)",
-    "accuracy_level": "MatMulNBits accuracy_level (default: the target's, 4 = int8 compute on CPU)",
+    "accuracy_level": "MatMulNBits accuracy_level (default: the target's, 4 = int8 compute on CPU; "
+                      "0 is about 25x slower to decode on CPU)",
     "context_length": "rotary cache length (default: the model's max_position_embeddings)",
     "genai_max_length": "onnxruntime-genai search.max_length (default min(context, 4096))",
 }
@@ -72,9 +74,12 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
         plan.lm_head_bits = None if head == 16 else head
         plan.quantize_embeddings = _bool(options.get("quantize_embeddings", True), "quantize_embeddings")
         plan.block_size = _int(options.get("block_size", 32), "block_size", (16, 32, 64, 128, 256))
+        if "lm_head_block_size" in options:  # else the builder picks (see DecoderBuilder.head_block)
+            plan.lm_head_block_size = _int(options["lm_head_block_size"], "lm_head_block_size",
+                                           (16, 32, 64, 128, 256))
         plan.symmetric = _bool(options.get("symmetric", True), "symmetric")
     else:
-        for key in ("block_size", "symmetric", "lm_head_bits", "quantize_embeddings"):
+        for key in ("block_size", "symmetric", "lm_head_bits", "lm_head_block_size", "quantize_embeddings"):
             if key in options:
                 raise QwenEdgeError(f"onnx option {key} applies to int4/int8, not {quant}")
     return plan
@@ -121,6 +126,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         "symmetric": plan.symmetric if plan.linear_bits else None,
         "accuracy_level": plan.accuracy_level if plan.linear_bits else None,
         "lm_head": f"int{plan.lm_head_bits}" if plan.lm_head_bits else plan.float_name,
+        "lm_head_block_size": plan.lm_head_block_size if plan.lm_head_bits else None,
         "embedding": rec.embedding,
     }
     extra = {"onnx": {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
