@@ -10,7 +10,7 @@ FIDELITY_ARCH = "tiny-qwen3"
 
 def cache_root() -> Path:
     root = os.environ.get("QWEN_EDGE_TEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen-edge", "test")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen_edge", "test")
     return Path(root)
 
 
