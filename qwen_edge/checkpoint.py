@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import QwenEdgeError
+from .errors import QwenEdgeError, first_line
 from .models import Arch
 from .safetensors_io import SafetensorsFile, TensorInfo, to_float32
 
@@ -218,7 +218,7 @@ def resolve_source(source: str) -> Path:
         try:
             return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
         except Exception as e:  # network, auth, missing repo: all one line for the user
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise QwenEdgeError(f"{source}: cannot fetch from the Hugging Face hub (offline?): {msg}") from None
     raise QwenEdgeError(f"{source}: no such checkpoint directory")
 

@@ -9,7 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import GateFailed, QwenEdgeError
+from .errors import GateFailed, QwenEdgeError, first_line
 
 
 def _print_json(obj: Any) -> None:
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except QwenEdgeError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except GateFailed as e:
         print(f"failed: {e}", file=sys.stderr)
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: one line unless debugging is asked for
         if os.environ.get("QWEN_EDGE_DEBUG"):
             raise
-        print(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"error: internal error: {type(e).__name__}: {first_line(e)} "
               "(set QWEN_EDGE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
 

@@ -17,3 +17,10 @@ class GateFailed(Exception):
 
 class NotAvailable(QwenEdgeError):
     """A capability that needs an optional dependency or hardware that is not present."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its first non-empty line, capped, or its type name."""
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import QwenEdgeError
+from .errors import QwenEdgeError, first_line
 
 RUNTIMES_DIR = Path(__file__).resolve().parent.parent / "runtimes"
 ALIASES = {"cpu": "cpu-x86_64", "x86_64": "cpu-x86_64", "arm64": "arm64-mobile", "gpu": "cuda"}
@@ -84,7 +84,7 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as e:
-            raise QwenEdgeError(f"{path}: cannot read target profile ({str(e).splitlines()[0]})") from None
+            raise QwenEdgeError(f"{path}: cannot read target profile ({first_line(e)})") from None
         src = str(path)
         if not isinstance(data, dict):
             raise QwenEdgeError(f"{path}: a target profile must be a mapping")

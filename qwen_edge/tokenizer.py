@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .errors import QwenEdgeError
+from .errors import QwenEdgeError, first_line
 
 AddedToken = tuple[int, str, bool]
 """(id, content, special): one added token of a tokenizer."""
@@ -365,12 +365,6 @@ class _RenderDeadline(BaseException):
     """Raised from the trace hook; a BaseException so template machinery cannot swallow it."""
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else type(e).__name__
-    return msg if len(msg) <= 300 else msg[:297] + "..."
-
-
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\d*)(?:\.(\d*))?")
 _BRACE_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")
 
@@ -555,7 +549,7 @@ def _compile(source: str) -> Any:
     except Exception as e:  # jinja2.TemplateSyntaxError and anything the parser or optimizer trips on
         line = getattr(e, "lineno", None)
         where = f" (line {line})" if line else ""
-        raise TemplateError(f"chat template does not compile{where}: {_one_line(e)}") from None
+        raise TemplateError(f"chat template does not compile{where}: {first_line(e)}") from None
 
 
 def compile_template(source: str, *, time_budget_s: float = TEMPLATE_TIME_BUDGET_S) -> None:
@@ -610,11 +604,11 @@ def render_template(
                     raise TemplateError(f"chat template output exceeds {max_output_chars} characters")
                 chunks.append(chunk)
         except TemplateError as e:
-            raise TemplateError(_one_line(e)) from None
+            raise TemplateError(first_line(e)) from None
         except RecursionError:
             raise TemplateError("chat template recursed too deeply") from None
         except Exception as e:  # UndefinedError, SecurityError, OverflowError, TypeError, ...
-            raise TemplateError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {first_line(e)}") from None
     return "".join(chunks)
 
 
@@ -664,21 +658,21 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(tj))
         except Exception as e:
-            raise QwenEdgeError(f"{tj}: cannot load ({_one_line(e)})") from None
+            raise QwenEdgeError(f"{tj}: cannot load ({first_line(e)})") from None
         config: dict[str, Any] = {}
         cfg_path = root / "tokenizer_config.json"
         if cfg_path.is_file():
             try:
                 config = json.loads(cfg_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise QwenEdgeError(f"{cfg_path}: invalid JSON ({_one_line(e)})") from None
+                raise QwenEdgeError(f"{cfg_path}: invalid JSON ({first_line(e)})") from None
         template: str | None = None
         jinja_path = root / "chat_template.jinja"
         if jinja_path.is_file():
             try:
                 template = jinja_path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise TemplateError(f"{jinja_path}: chat template is unreadable ({_one_line(e)})") from None
+                raise TemplateError(f"{jinja_path}: chat template is unreadable ({first_line(e)})") from None
         else:
             template = _template_from_config(config.get("chat_template"))
             legacy = root / "chat_template.json"

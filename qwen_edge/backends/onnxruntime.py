@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import NotAvailable, QwenEdgeError
+from ..errors import NotAvailable, QwenEdgeError, first_line
 from ..targets import Target, load_target
 from .base import Runtime, RuntimeInfo, register_backend
 
@@ -23,11 +23,6 @@ def _ort():
     except ImportError as e:
         raise NotAvailable(f"the onnxruntime backend needs onnxruntime (pip install onnxruntime): {e}") from None
     return ort
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 class OrtRuntime(Runtime):
@@ -102,7 +97,7 @@ class OrtRuntime(Runtime):
         try:
             self._sess = ort.InferenceSession(str(model_path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
-            raise QwenEdgeError(f"{model_path.name}: onnxruntime cannot load it ({_first_line(e)})") from None
+            raise QwenEdgeError(f"{model_path.name}: onnxruntime cannot load it ({first_line(e)})") from None
         self._ort = ort
         self.device = device
         ort_device = "cuda" if device == "cuda" else "cpu"
@@ -174,7 +169,7 @@ class OrtRuntime(Runtime):
         try:
             self._sess.run_with_iobinding(binding, self._run_opts)
         except Exception as e:
-            raise QwenEdgeError(f"onnxruntime run failed: {_first_line(e)}") from None
+            raise QwenEdgeError(f"onnxruntime run failed: {first_line(e)}") from None
         self.n_cached = total
 
     def prefill(self, ids: Sequence[int]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import NotAvailable, QwenEdgeError
+from ..errors import NotAvailable, QwenEdgeError, first_line
 from ..targets import Target, load_target
 from .base import Runtime, RuntimeInfo, register_backend
 
@@ -65,7 +65,7 @@ class TorchRuntime(Runtime):
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True)
         except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise QwenEdgeError(f"{path}: transformers cannot load the checkpoint ({msg})") from None
         finally:
             if bar_was_on:

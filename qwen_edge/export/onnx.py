@@ -11,7 +11,7 @@ import numpy as np
 
 from ..artifact import write_json
 from ..checkpoint import Checkpoint
-from ..errors import QwenEdgeError
+from ..errors import QwenEdgeError, first_line
 from . import ExportResult, register_exporter
 from .onnx_decoder import DecoderBuilder, QuantPlan
 from .onnx_genai import genai_config
@@ -150,7 +150,7 @@ def load_onnx_proto(path: str | os.PathLike):
     try:
         m = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise QwenEdgeError(f"{p.name}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise QwenEdgeError(f"{p.name}: not a valid ONNX model ({first_line(e)})") from None
     if not m.graph.node:
         raise QwenEdgeError(f"{p.name}: not a valid ONNX model (empty graph)")
     return m
