@@ -33,8 +33,8 @@ def test_every_gguf_quant_of_05b_loads_and_generates(ckpt_05b, tmp_path, quant):
             rt.decode(t)
         assert len(out) == 8 and all(0 <= t < 151936 for t in out)
         assert np.isfinite(rt.logits()).all()
-    for fb in q.get("fallbacks", []):
-        assert fb.get("reason"), fb
+    for name, fb in q.get("fallbacks", {}).items():
+        assert fb["type"] and fb["reason"], name
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
