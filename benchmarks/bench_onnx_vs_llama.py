@@ -36,7 +36,7 @@ print(json.dumps({"path": str(path), "seconds": dt, "peak_rss_bytes": resource.g
 """
 
 RSS = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from qwen_edge.backends import load
 from qwen_edge.artifact import Artifact
@@ -47,7 +47,8 @@ rt.prefill(ids)
 for _ in range(n_gen):
     rt.decode(int(rt.logits().argmax()))
 kv = rt.info.extra.get("kv_cache_bytes")
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+from qwen_edge.bench import peak_rss_bytes
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(),
                   "size_bytes": Artifact.open(path, check_hashes=False).size_bytes, "kv_cache_bytes": kv,
                   "context_length": rt.info.context_length}))
 """
@@ -138,13 +139,15 @@ def main() -> int:
         "export": {"onnx int4": onnx_exp, "llama.cpp q4_0": gguf_exp},
     }
     mb = 1 << 20
-    print(f"| backend | decode tok/s (median, min-max) | prefill tok/s (median, min-max) | size MB | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| backend | decode tok/s (median, min-max) | prefill tok/s (median, min-max) | size MB | peak RSS MB "
+          "| RSS budget MB (1.5 x size + KV) |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         d, p = r["decode_tokens_per_s"], r["prefill_tokens_per_s"]
+        r["rss_budget_bytes"] = int(1.5 * r["size_bytes"] + (r["kv_cache_bytes"] or 0))
         print(f"| {r['backend']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
               f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {r['size_bytes'] / mb:.0f} | "
-              f"{r['peak_rss_bytes'] / mb:.0f} |")
+              f"{r['peak_rss_bytes'] / mb:.0f} | {r['rss_budget_bytes'] / mb:.0f} |")
     print(f"\nonnx/llama.cpp: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x "
           f"(1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
     print(f"export onnx int4: {onnx_exp['seconds']:.1f} s, peak RSS {onnx_exp['peak_rss_bytes'] / mb:.0f} MB; "

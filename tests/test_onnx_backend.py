@@ -165,3 +165,35 @@ def test_cli_inspect_onnx(art, cli, tmp_path):
     assert r.returncode == 2 and "truncated" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("inspect", str(d))
     assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+def test_int4_loads_lm_head_first_and_matches_plain_session(exported):
+    """The backend hands onnxruntime the graph with the biggest MatMulNBits (the LM head) first, so its raw weight is
+    packed and released before the layers' packed copies exist (lower load peak); results equal a plain session's."""
+    import onnx
+    import onnxruntime as ort
+
+    from qwen_edge.backends.onnxruntime import _prepack_largest_first
+
+    art = exported("tiny-qwen2", "onnx", "int4")
+    proto = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    known = {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer} | {""}
+    for node in proto.graph.node:  # the file itself stays topologically sorted
+        assert set(node.input) <= known, node.name
+        known.update(node.output)
+    reordered = onnx.load_from_string(_prepack_largest_first(proto))
+    first = reordered.graph.node[0]
+    assert first.op_type == "MatMulNBits" and first.input[1] == "lm_head.weight_Q8"
+    assert sorted(n.name for n in reordered.graph.node) == sorted(n.name for n in proto.graph.node)
+
+    ids = np.array([A], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    plain = ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+                  for i in plain.get_inputs() if i.name.startswith("past_key_values.")})
+    want = plain.run(["logits"], feeds)[0][0, -1]
+    with load(art, threads=1) as rt:
+        rt.prefill(A)
+        np.testing.assert_allclose(rt.logits(), want, atol=1e-5)

@@ -148,12 +148,21 @@ def test_tied_embeddings_stored_once(exported):
         _, inits = _initializers(exported("tiny-qwen2", "onnx", quant))
         tables = [n for n, t in inits.items() if list(t.dims) == [v, h]]
         assert len(tables) == 1, tables
+
+    def stored(t):
+        return tuple(e.value for e in t.external_data if e.key in ("location", "offset", "length"))
+
+    # int4, tied: the Gather reads a 2-D view over the LM head's own bytes (two initializers, one stored range)
     _, inits = _initializers(exported("tiny-qwen2", "onnx", "int4"))
-    big = [n for n, t in inits.items() if t.dims and t.dims[0] == v and len(t.dims) == 3]
-    assert big == ["lm_head.weight_Q8"]
+    big = {n: t for n, t in inits.items() if t.dims and t.dims[0] == v and t.data_type == 2}
+    assert sorted(big) == ["lm_head.weight_Q8", "model.embed_tokens.weight_view"]
+    head, view = big["lm_head.weight_Q8"], big["model.embed_tokens.weight_view"]
+    assert len(head.dims) == 3 and list(view.dims) == [v, head.dims[1] * head.dims[2]]
+    assert stored(head) == stored(view) and stored(head)
     _, inits = _initializers(exported("tiny-qwen2-untied", "onnx", "int4"))
-    big = sorted(n for n, t in inits.items() if t.dims and t.dims[0] == v and len(t.dims) == 3)
-    assert big == ["lm_head.weight_Q8", "model.embed_tokens.weight_Q4"]
+    big = {n: t for n, t in inits.items() if t.dims and t.dims[0] == v and t.data_type == 2}
+    assert sorted(big) == ["lm_head.weight_Q8", "model.embed_tokens.weight_Q4"]
+    assert len({stored(t) for t in big.values()}) == 2 and len(big["model.embed_tokens.weight_Q4"].dims) == 2
 
 
 @pytest.mark.parametrize("options", [

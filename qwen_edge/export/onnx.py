@@ -159,6 +159,7 @@ def load_onnx_proto(path: str | os.PathLike):
 def check_external_data(model, model_path: Path) -> int:
     """Every external initializer's byte range lies inside its file beside the model; returns the bytes referenced."""
     sizes: dict[str, int] = {}
+    seen: set[tuple[str, int, int]] = set()
     total = 0
     for t in model.graph.initializer:
         if t.data_location != 1:
@@ -179,7 +180,9 @@ def check_external_data(model, model_path: Path) -> int:
         if off < 0 or length < 0 or off + length > sizes[loc]:
             raise QwenEdgeError(f"{model_path.parent.name}/{loc}: truncated ({sizes[loc]} bytes; tensor {t.name!r} "
                                 f"needs bytes {off}..{off + length})")
-        total += length
+        if (loc, off, length) not in seen:  # a view of another initializer's bytes counts once
+            seen.add((loc, off, length))
+            total += length
     return total
 
 
@@ -210,10 +213,17 @@ def onnx_file_info(path: str | os.PathLike) -> dict[str, Any]:
     types: Counter[str] = Counter()
     type_bytes: Counter[str] = Counter()
     weight_bytes = 0
+    stored: set[tuple[str, ...]] = set()
     for t in m.graph.initializer:
         name = _ELEM.get(t.data_type, str(t.data_type))
+        ext = {e.key: e.value for e in t.external_data}
+        if ext:  # a view of bytes already counted (the tied embedding over the LM head) adds nothing
+            key = (ext.get("location", ""), ext.get("offset", "0"), ext.get("length", ""))
+            if key in stored:
+                continue
+            stored.add(key)
         types[name] += 1
-        length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
+        length = int(ext["length"]) if "length" in ext else len(t.raw_data)
         type_bytes[name] += length
         if t.name not in ("cos_cache", "sin_cache") and not t.name.startswith("/const/"):
             weight_bytes += length

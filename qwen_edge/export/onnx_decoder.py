@@ -75,9 +75,12 @@ class DecoderBuilder:
                                     else p.block_size)
         return p.lm_head_block_size
 
-    def _quantized(self, name: str, w: np.ndarray, bits: int, block: int | None = None) -> tuple[str, str, str, object]:
+    def _quantized(self, name: str, w: np.ndarray, bits: int, block: int | None = None,
+                   flat: bool = False) -> tuple[str, str, str, object]:
+        """Block-quantized weight: data [N, blocks, blob] for MatMulNBits, or [N, blocks x blob] (`flat`) for a
+        GatherBlockQuantized table."""
         q = quantize_blockwise(w, bits, block or self.plan.block_size, self.plan.symmetric)
-        b = self.g.init(name, q.data)
+        b = self.g.init(name, q.data.reshape(q.n, -1) if flat else q.data)
         s = self.g.init(name + "_scales", q.scales.astype(self.plan.float_dtype))
         z = self.g.init(name + "_zp", q.zero_points) if q.zero_points is not None else ""
         self.rec.tensor_types[name] = q.type_name
@@ -174,14 +177,21 @@ class DecoderBuilder:
             self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", self.t("model.embed_tokens.weight"),
                                            p.lm_head_bits, self.head_block())
             self.rec.embedding = f"tied: GatherBlockQuantized on the int{p.lm_head_bits} LM head data"
-            return self._gather_quantized(ids, *self._head_q)
+            b, s, z, q = self._head_q
+            # Views of the head's bytes, not the head's own initializers: onnxruntime prepacks the LM head and frees
+            # its copy, while the Gather's view stays file-backed and only the gathered rows are ever paged in.
+            view = g.alias("model.embed_tokens.weight_view", b, [q.n, int(np.prod(q.data.shape[1:]))])
+            s = g.alias("model.embed_tokens.scales_view", s)
+            z = g.alias("model.embed_tokens.zp_view", z) if z else ""
+            return self._gather_quantized(ids, view, s, z, q)
         if tied and not p.lm_head_bits:
             # Stored once: a float table, gathered here and used by the LM head's Gemm (transB).
             self._head_f = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
             self.rec.embedding = f"tied: one {p.float_name} table for Gather and the LM head Gemm"
             return g.op("Gather", [self._head_f, ids], "/model/embed_tokens/Gather", axis=0)
         if emb_bits:
-            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", self.t("model.embed_tokens.weight"), emb_bits)
+            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", self.t("model.embed_tokens.weight"), emb_bits,
+                                 flat=True)
             self.rec.embedding = f"{'tied, stored twice' if tied else 'untied'}: int{emb_bits} GatherBlockQuantized"
             return self._gather_quantized(ids, *qd)
         table = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
@@ -190,12 +200,13 @@ class DecoderBuilder:
         return g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=0)
 
     def _gather_quantized(self, ids: str, b: str, s: str, z: str, q) -> str:
-        g = self.g
-        flat = g.op("Reshape", [b, g.const_i64([q.n, -1])], "/model/embed_tokens/Reshape")
-        y = g.op("GatherBlockQuantized", [flat, ids, s] + ([z] if z else []), "/model/embed_tokens/GBQ", domain=MS,
-                 bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+        """GatherBlockQuantized over 2-D [N, blocks x blob] data (stored so: a Reshape of a weight would be
+        constant-folded by onnxruntime into an anonymous copy of the whole table)."""
+        y = self.g.op("GatherBlockQuantized", [b, ids, s] + ([z] if z else []), "/model/embed_tokens/GBQ", domain=MS,
+                      bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
         if q.data.shape[1] * q.block_size != q.k:
-            y = g.op("Slice", [y, g.const_i64([0]), g.const_i64([q.k]), g.const_i64([-1])], "/model/embed_tokens/Slice")
+            y = self.g.op("Slice", [y, self.g.const_i64([0]), self.g.const_i64([q.k]), self.g.const_i64([-1])],
+                          "/model/embed_tokens/Slice")
         return y
 
     def lm_head_weights(self):

@@ -79,6 +79,27 @@ class GraphBuilder:
         self.init_bytes[name] = arr.nbytes
         return name
 
+    def alias(self, name: str, of: str, shape: list[int] | None = None) -> str:
+        """A second initializer over the stored bytes of `of` (viewed with `shape`, default its own); nothing is written.
+
+        onnxruntime maps each external initializer on its own, so a kernel that prepacks `of` and releases it leaves
+        this view mapped but untouched: only the pages actually read (a Gather's rows) become resident. A tensor
+        stored inside model.onnx has no pages to spare and is shared as it is (`of` is returned)."""
+        src = next(t for t in self.initializers if t.name == of)
+        if src.data_location != TensorProto.EXTERNAL:
+            return of
+        if shape is not None and int(np.prod(shape)) != int(np.prod(list(src.dims))):
+            raise ValueError(f"cannot view {of!r} {list(src.dims)} as {shape}: sizes differ")
+        t = TensorProto()
+        t.CopyFrom(src)
+        t.name = name
+        if shape is not None:
+            del t.dims[:]
+            t.dims.extend(shape)
+        self.initializers.append(t)
+        self.init_bytes[name] = 0
+        return name
+
     def const_i64(self, values: list[int] | int) -> str:
         scalar = isinstance(values, int)
         key = ("i64", scalar, tuple([values] if scalar else values))
