@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,42 +32,6 @@ dt = time.perf_counter() - t
 print(json.dumps({"path": str(path), "seconds": dt, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
-RSS = """
-import json, sys
-import numpy as np
-from qwen_edge.backends import load
-from qwen_edge.artifact import Artifact
-path, threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rt = load(path, threads=threads)
-ids = np.random.default_rng(0).integers(1000, 100000, n_prompt).tolist()
-rt.prefill(ids)
-for _ in range(n_gen):
-    rt.decode(int(rt.logits().argmax()))
-kv = rt.info.extra.get("kv_cache_bytes")
-from qwen_edge.bench import peak_rss_bytes
-print(json.dumps({"peak_rss_bytes": peak_rss_bytes(),
-                  "size_bytes": Artifact.open(path, check_hashes=False).size_bytes, "kv_cache_bytes": kv,
-                  "context_length": rt.info.context_length}))
-"""
-
-
-def timed_run(rt, prompt: list[int], n_gen: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) for one greedy generation of exactly n_gen tokens."""
-    rt.reset()
-    t0 = time.perf_counter()
-    rt.prefill(prompt)
-    tok = int(rt.logits().argmax())
-    t1 = time.perf_counter()
-    for _ in range(n_gen - 1):
-        rt.decode(tok)
-        tok = int(rt.logits().argmax())
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), (n_gen - 1) / (t2 - t1)
-
-
-def stats(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -94,61 +55,42 @@ def main() -> int:
 
     onnx_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4", a.onnx_options)
     gguf_exp = child(EXPORT, str(src), "gguf", "q4_0", str(work), "gguf-q4_0", "{}")
-    arts = {"onnx int4": onnx_exp["path"], "llama.cpp q4_0": gguf_exp["path"]}
-    rss = {k: child(RSS, p, str(a.threads), "16", "16") for k, p in arts.items()}
 
     sys.path.insert(0, str(ROOT))
-    import numpy as np
+    from qwen_edge.bench import bench
 
-    from qwen_edge.backends import load
-
+    # llama.cpp first, so "x first" is onnx / llama.cpp; each run is a fresh process, the order alternates per repeat
     load_before = os.getloadavg()
-
-    prompt = np.random.default_rng(0).integers(1000, 100000, a.prompt_tokens).tolist()
-    rts = {k: load(p, threads=a.threads) for k, p in arts.items()}
-    for rt in rts.values():  # warmup
-        timed_run(rt, prompt[:32], 8)
-        timed_run(rt, prompt, 16)
-    runs: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in rts}
-    order = list(rts)
-    for r in range(a.repeats):
-        for k in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating order
-            pf, dc = timed_run(rts[k], prompt, a.gen_tokens)
-            runs[k]["prefill"].append(pf)
-            runs[k]["decode"].append(dc)
-    for rt in rts.values():
-        rt.close()
+    report = bench([gguf_exp["path"], onnx_exp["path"]], prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+                   threads=a.threads, repeat=a.repeats, warmup=1, log=lambda m: print(m, file=sys.stderr))
     load_after = os.getloadavg()
-
-    results = []
-    for k in rts:
-        results.append({"artifact": arts[k], "backend": k, "decode_tokens_per_s": stats(runs[k]["decode"]),
-                        "prefill_tokens_per_s": stats(runs[k]["prefill"]), **rss[k]})
-    o, l = results
-    ratio = {"decode": o["decode_tokens_per_s"]["median"] / l["decode_tokens_per_s"]["median"],
-             "prefill": o["prefill_tokens_per_s"]["median"] / l["prefill_tokens_per_s"]["median"]}
+    llama, onnx = report["results"]
+    ratio = {k: onnx["ratio_to_first"][f"{k}_tokens_per_s"] for k in ("decode", "prefill")}
+    paired = {k: onnx["paired_ratio_to_first"][f"{k}_tokens_per_s"] for k in ("decode", "prefill")}
     doc = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                    "load_average_before": [round(x, 2) for x in load_before],
+        "machine": {**report["machine"], "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},
         "settings": {"threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
-                     "repeats": a.repeats, "source": str(src), "onnx_options": json.loads(a.onnx_options)},
-        "results": results,
+                     "repeats": a.repeats, "source": str(src), "onnx_options": json.loads(a.onnx_options),
+                     **report["config"]},
+        "results": {"onnx int4": onnx, "llama.cpp q4_0": llama},
         "ratio_onnx_over_llama": ratio,
+        "paired_ratio_onnx_over_llama": paired,
         "export": {"onnx int4": onnx_exp, "llama.cpp q4_0": gguf_exp},
     }
     mb = 1 << 20
     print("| backend | decode tok/s (median, min-max) | prefill tok/s (median, min-max) | size MB | peak RSS MB "
           "| RSS budget MB (1.5 x size + KV) |")
     print("|---|---|---|---|---|---|")
-    for r in results:
+    for name, r in (("onnx int4", onnx), ("llama.cpp q4_0", llama)):
         d, p = r["decode_tokens_per_s"], r["prefill_tokens_per_s"]
-        r["rss_budget_bytes"] = int(1.5 * r["size_bytes"] + (r["kv_cache_bytes"] or 0))
-        print(f"| {r['backend']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
+        print(f"| {name} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
               f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {r['size_bytes'] / mb:.0f} | "
               f"{r['peak_rss_bytes'] / mb:.0f} | {r['rss_budget_bytes'] / mb:.0f} |")
-    print(f"\nonnx/llama.cpp: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x "
+    pd, pp = paired["decode"], paired["prefill"]
+    print(f"\nonnx/llama.cpp: decode {ratio['decode']:.2f}x, prefill {ratio['prefill']:.2f}x (ratio of medians); "
+          f"paired per repeat: decode {pd['median']:.2f}x ({pd['min']:.2f}-{pd['max']:.2f}), "
+          f"prefill {pp['median']:.2f}x ({pp['min']:.2f}-{pp['max']:.2f}) "
           f"(1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
     print(f"export onnx int4: {onnx_exp['seconds']:.1f} s, peak RSS {onnx_exp['peak_rss_bytes'] / mb:.0f} MB; "
           f"gguf q4_0: {gguf_exp['seconds']:.1f} s, peak RSS {gguf_exp['peak_rss_bytes'] / mb:.0f} MB\n")

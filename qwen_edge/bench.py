@@ -121,7 +121,7 @@ def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any
             method = "fp32 parameters minus the embedding table (untied head)"
     except (OSError, StopIteration, ValueError, KeyError) as e:
         method = f"file size (tensor table unreadable: {type(e).__name__})"
-    kv = 2 * arch["num_layers"] * arch["num_kv_heads"] * arch["head_dim"] * KV_BYTES * context
+    kv = kv_cache_bytes(arch, 1, KV_BYTES) * context
     weights = max(total - gather_only, 0)
     return {"bytes_per_token": int(weights + kv), "weight_bytes": int(weights), "kv_bytes": int(kv),
             "embedding_rows_excluded_bytes": int(gather_only), "method": method}
@@ -145,32 +145,12 @@ def _gguf_embedding_bytes(path: Path) -> tuple[int, str]:
 
 
 def _onnx_gather_only_bytes(path: Path) -> tuple[int, str]:
-    """Bytes of initializers that only Gather-type nodes read (embedding tables: one row per token)."""
-    import onnx
+    """Bytes of initializers that only Gather-type nodes read (embedding tables: one row per token); by stored range,
+    so the tied embedding's view over the LM head's bytes (read in full every step) is not subtracted."""
+    from .export.onnx import load_onnx_proto, weight_uses
 
-    m = onnx.load(str(path), load_external_data=False)
-    sizes: dict[str, int] = {}
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            ext = {e.key: e.value for e in init.external_data}
-            sizes[init.name] = int(ext.get("length", 0))
-        else:
-            sizes[init.name] = len(init.raw_data) or int(np.prod(init.dims, dtype=np.int64)) * 4
-    users: dict[str, set[str]] = {}
-
-    def walk(graph: Any) -> None:
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name in sizes:
-                    users.setdefault(name, set()).add(node.op_type if i == 0 else "other")
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-
-    walk(m.graph)
-    gather = {"Gather", "GatherBlockQuantized"}
-    out = sum(sizes[n] for n, ops in users.items() if ops and ops <= gather)
-    return out, "onnx initializers minus gather-only tables"
+    uses = weight_uses(load_onnx_proto(path))
+    return sum(r[2] for r, kinds in uses.items() if kinds == {"gather"}), "onnx initializers minus gather-only tables"
 
 
 def read_bandwidth_gbps(threads: int, size_mb: int = 256, repeats: int = 5) -> float:
@@ -204,7 +184,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             _run_once(rt, prompt, min(gen, 8))
         run = _run_once(rt, prompt, gen)
         info = rt.info
-        run.update(load_s=load_s, backend=info.backend, threads_used=info.threads, device=info.device)
+        run.update(load_s=load_s, backend=info.backend, threads_used=info.threads, device=info.device,
+                   context_length=info.context_length, kv_cache_bytes=info.extra.get("kv_cache_bytes"))
     finally:
         rt.close()
     run["peak_rss_bytes"] = peak_rss_bytes()
@@ -241,6 +222,14 @@ def _run_once(rt: Any, prompt: list[int], gen: int) -> dict[str, Any]:
     return {"ttft_s": ttft, "prefill_tokens_per_s": len(prompt) / ttft, "decode_s": decode_s,
             "decode_tokens": len(steps), "generated_tokens": len(out),
             "decode_tokens_per_s": len(steps) / decode_s if decode_s > 0 else None, "steps_s": steps}
+
+
+def kv_cache_bytes(arch: dict[str, Any], context: int, itemsize: int) -> int | None:
+    """Bytes of a preallocated K+V cache for `context` tokens (llama.cpp's default cache type is f16: 2 bytes)."""
+    try:
+        return 2 * int(arch["num_layers"]) * int(arch["num_kv_heads"]) * int(arch["head_dim"]) * int(context) * itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def bench_prompt(path: Path, n: int) -> list[int]:
@@ -320,7 +309,8 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
     t_start = time.perf_counter()
     for r in range(repeat):
         for th in sweep:
-            for i, e in enumerate(entries):
+            for i in (range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))):  # A B, then B A
+                e = entries[i]
                 spec = {"path": str(e["path"]), "target": profile.name if target is None else target,
                         "threads": th, "max_context": ctx, "prompt": e["prompt"], "gen_tokens": gen_tokens,
                         "warmup": warmup}
@@ -363,6 +353,15 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
                 for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s")
             }
             res["ratio_to_first"]["size_bytes"] = size / first["size_bytes"] if first["size_bytes"] else None
+            # Per repeat the two ran back to back: these ratios cancel the slow drift of a shared machine.
+            firsts = runs[(0, th)]
+            res["paired_ratio_to_first"] = {
+                k: _stats([x[k] / y[k] for x, y in zip(rs, firsts)])
+                for k in ("decode_tokens_per_s", "prefill_tokens_per_s")
+            }
+            kv = rs[0].get("kv_cache_bytes") or kv_cache_bytes(e["arch"], rs[0].get("context_length") or ctx, 2)
+            res["kv_cache_bytes"] = kv
+            res["rss_budget_bytes"] = int(1.5 * size + kv) if kv is not None else None
             results.append(res)
     return {
         "machine": machine_info(sweep, bandwidth),

@@ -197,3 +197,32 @@ def test_int4_loads_lm_head_first_and_matches_plain_session(exported):
     with load(art, threads=1) as rt:
         rt.prefill(A)
         np.testing.assert_allclose(rt.logits(), want, atol=1e-5)
+
+
+def test_idle_mapped_weights_leave_the_resident_set(exported):
+    """After load, the tied int4 embedding (a view over the LM head's bytes) is advised random-access and dropped
+    from the page cache, and MatMulNBits scales (copied into the packed weights) are paged out; output unchanged."""
+    import sys
+
+    from qwen_edge.export.onnx import load_onnx_proto, weight_uses
+
+    art = exported("tiny-qwen2", "onnx", "int4")
+    uses = weight_uses(load_onnx_proto(art / "model.onnx"))
+    view = [r for r, k in uses.items() if k == {"gather", "packed"}]
+    assert len(view) == 1 and view[0][2] >= 151936 * 64  # the head's 8-bit data, gathered and packed
+    assert not [r for r, k in uses.items() if k == {"gather"}]  # no second copy of the table
+    with load(art, threads=1) as rt:
+        mapped = rt.info.extra["mapped_weights"]
+        if sys.platform.startswith("linux"):
+            assert mapped["gather_only_bytes"] == view[0][2]  # found mapped (1 MiB+ tensors are page aligned)
+        rt.prefill(A)
+        got = rt.logits()
+        for t in B:
+            rt.decode(t)
+        after = rt.logits()
+    with load(art, threads=1) as rt:
+        rt.prefill(A)
+        np.testing.assert_array_equal(rt.logits(), got)  # a reload that re-reads the dropped pages agrees
+        for t in B:
+            rt.decode(t)
+        np.testing.assert_array_equal(rt.logits(), after)

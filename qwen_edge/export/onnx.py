@@ -156,6 +156,41 @@ def load_onnx_proto(path: str | os.PathLike):
     return m
 
 
+def stored_range(t) -> tuple[str, int, int] | None:
+    """(file, offset, length) of an external initializer's bytes; None when it is stored inside model.onnx."""
+    if t.data_location != 1:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    return info.get("location", ""), int(info.get("offset", 0)), int(info.get("length", 0))
+
+
+def weight_uses(model) -> dict[tuple[str, int, int], set[str]]:
+    """How onnxruntime reads each stored byte range of the data file: a set of "gather" (the table of a
+    Gather/GatherBlockQuantized: a few rows per token), "packed" (a MatMulNBits weight, scales or zero points: copied
+    into the kernel's packed weight at load) and "other" (read as it is). Keyed by bytes, not names: the tied
+    embedding is a view over the LM head's bytes, so that range is {"gather", "packed"}."""
+    where = {t.name: r for t in model.graph.initializer if (r := stored_range(t)) is not None}
+    uses: dict[tuple[str, int, int], set[str]] = {}
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in where:
+                    if node.op_type in ("Gather", "GatherBlockQuantized"):
+                        kind = "gather" if i == 0 else "other"
+                    elif node.op_type == "MatMulNBits":
+                        kind = "packed" if i in (1, 2, 3) else "other"
+                    else:
+                        kind = "other"
+                    uses.setdefault(where[name], set()).add(kind)
+            for a in node.attribute:
+                if a.type == 5:  # AttributeProto.GRAPH
+                    walk(a.g)
+
+    walk(model.graph)
+    return uses
+
+
 def check_external_data(model, model_path: Path) -> int:
     """Every external initializer's byte range lies inside its file beside the model; returns the bytes referenced."""
     sizes: dict[str, int] = {}
