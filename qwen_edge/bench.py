@@ -121,7 +121,7 @@ def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any
             method = "fp32 parameters minus the embedding table (untied head)"
     except (OSError, StopIteration, ValueError, KeyError) as e:
         method = f"file size (tensor table unreadable: {type(e).__name__})"
-    kv = kv_cache_bytes(arch, 1, KV_BYTES) * context
+    kv = (kv_cache_bytes(arch, 1, KV_BYTES) or 0) * context
     weights = max(total - gather_only, 0)
     return {"bytes_per_token": int(weights + kv), "weight_bytes": int(weights), "kv_bytes": int(kv),
             "embedding_rows_excluded_bytes": int(gather_only), "method": method}
@@ -359,7 +359,9 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
                 k: _stats([x[k] / y[k] for x, y in zip(rs, firsts)])
                 for k in ("decode_tokens_per_s", "prefill_tokens_per_s")
             }
-            kv = rs[0].get("kv_cache_bytes") or kv_cache_bytes(e["arch"], rs[0].get("context_length") or ctx, 2)
+            kv = rs[0].get("kv_cache_bytes")  # onnxruntime reports its own; llama.cpp's default cache is f16
+            if kv is None and e["format"] == "gguf":
+                kv = kv_cache_bytes(e["arch"], rs[0].get("context_length") or ctx, 2)
             res["kv_cache_bytes"] = kv
             res["rss_budget_bytes"] = int(1.5 * size + kv) if kv is not None else None
             results.append(res)

@@ -56,9 +56,10 @@ def _trim_mapped_weights(folder: Path, gather_only: set, packed_only: set) -> di
       paged in by the packing and are not read again: MADV_PAGEOUT releases them (safe for any page: a page read
       later comes back from the file).
     - gather-only ranges (the embedding table; for tied int4, a view over the LM head's bytes, whose own copy is
-      packed) are read a row per token. Their pages were cached as large folios when the head was packed, and a fault maps a whole folio, so
-      each token would map hundreds of KB; dropping them from the page cache and marking the mapping MADV_RANDOM
-      (no readahead) makes a token cost the page or two its row lies on (~10 MB over a 256-token run, not ~70).
+      packed) are read a row per token. Their pages sit in the page cache as large folios (read whole when the head
+      was hashed and packed), and a fault maps a whole folio, so each token would map hundreds of KB. Dropping them
+      from the page cache and marking the mapping MADV_RANDOM (no readahead) makes a token cost the page or two its
+      row lies on (~10 MB over a 256-token run, not ~70).
 
     Best effort: any failure leaves memory as onnxruntime had it. Returns the bytes of each kind found mapped."""
     done = {"gather_only_bytes": 0, "packed_only_bytes": 0}

@@ -248,17 +248,16 @@ def onnx_file_info(path: str | os.PathLike) -> dict[str, Any]:
     types: Counter[str] = Counter()
     type_bytes: Counter[str] = Counter()
     weight_bytes = 0
-    stored: set[tuple[str, ...]] = set()
+    stored: set[tuple[str, int, int]] = set()
     for t in m.graph.initializer:
         name = _ELEM.get(t.data_type, str(t.data_type))
-        ext = {e.key: e.value for e in t.external_data}
-        if ext:  # a view of bytes already counted (the tied embedding over the LM head) adds nothing
-            key = (ext.get("location", ""), ext.get("offset", "0"), ext.get("length", ""))
-            if key in stored:
+        rng = stored_range(t)
+        if rng is not None:  # a view of bytes already counted (the tied embedding over the LM head) adds nothing
+            if rng in stored:
                 continue
-            stored.add(key)
+            stored.add(rng)
         types[name] += 1
-        length = int(ext["length"]) if "length" in ext else len(t.raw_data)
+        length = rng[2] if rng is not None else len(t.raw_data)
         type_bytes[name] += length
         if t.name not in ("cos_cache", "sin_cache") and not t.name.startswith("/const/"):
             weight_bytes += length
