@@ -47,7 +47,7 @@ def test_onnx_quants_of_05b_run(ckpt_05b, tmp_path, quant):
 
 def test_onnx_int4_05b_runtime_peak_rss_within_budget(ckpt_05b, tmp_path):
     """Issue 5's memory target: a fresh process that loads the int4 Qwen2.5-0.5B, prefills 128 tokens and decodes 128
-    peaks under 1.5 x the artifact size plus its KV cache (measured 519 MB against 641 MB; 829 MB before the LM head
+    peaks under 1.5 x the artifact size plus its KV cache (measured 519 MiB against 641 MiB; 790 MiB before the LM head
     was packed first and the idle mapped weights released)."""
     import json
     import subprocess
