@@ -14,6 +14,7 @@ import pytest
 
 from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
+from runtime_contract import assert_rewind_reuses_prefix
 
 pytest.importorskip("llama_cpp")
 
@@ -102,19 +103,7 @@ def test_f16_logits_match_pytorch(exported, synth_ckpt, arch):
 
 
 def test_rewind_reuses_the_cache(rt):
-    a, b, c = PROMPT[:6], [3, 4, 5, 6, 7], [42, 43, 44]
-    rt.reset()
-    rt.prefill(a + b)
-    rt.rewind(len(a))
-    assert rt.n_cached == len(a)
-    with pytest.raises(QwenEdgeError, match="no logits"):
-        rt.logits()
-    rt.prefill(c)
-    reused = rt.logits()
-    rt.reset()
-    rt.prefill(a + c)
-    fresh = rt.logits()
-    np.testing.assert_allclose(reused, fresh, atol=1e-4)
+    assert_rewind_reuses_prefix(rt, PROMPT[:6], [3, 4, 5, 6, 7], [42, 43, 44], atol=1e-4)
     with pytest.raises(QwenEdgeError, match="cannot rewind"):
         rt.rewind(rt.n_cached + 1)
 

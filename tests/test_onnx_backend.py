@@ -11,6 +11,7 @@ import pytest
 from qwen_edge.backends import load
 from qwen_edge.checkpoint import sha256_file
 from qwen_edge.errors import QwenEdgeError
+from runtime_contract import assert_rewind_reuses_prefix
 
 A = [151644, 872, 198, 9707, 11, 1879, 0, 3555]
 B = [525, 498, 30, 151645, 198]
@@ -33,17 +34,7 @@ def test_info_and_default_context(art):
 
 def test_rewind_reuses_prefix(art):
     with load(art, threads=1) as rt:
-        rt.prefill(A + B)
-        rt.rewind(len(A))
-        assert rt.n_cached == len(A)
-        with pytest.raises(QwenEdgeError, match="no logits"):
-            rt.logits()
-        rt.prefill(C)
-        reused = rt.logits()
-        rt.reset()
-        rt.prefill(A + C)
-        fresh = rt.logits()
-    np.testing.assert_allclose(reused, fresh, atol=1e-5)
+        assert_rewind_reuses_prefix(rt, A, B, C, atol=1e-5)
 
 
 def test_prefill_all_logits_equals_step_by_step(art):

@@ -34,8 +34,9 @@ def _prepack_largest_first(proto) -> bytes:
     largest weight: 129 MB of a 380 MB int4 Qwen2.5-0.5B) packs last, when every layer's packed copy already exists,
     and load peaks ~130 MB above the steady state; packed first, the peak is the steady state. onnxruntime sorts the
     graph itself before running, so only the load order changes (the file on disk stays topologically sorted)."""
-    sizes = {t.name: next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
-             for t in proto.graph.initializer}
+    from ..export.onnx import stored_range
+
+    sizes = {t.name: r[2] if (r := stored_range(t)) else len(t.raw_data) for t in proto.graph.initializer}
     nodes = list(proto.graph.node)
     order = sorted(range(len(nodes)), key=lambda i: (-sizes.get(nodes[i].input[1], 0)
                                                      if nodes[i].op_type == "MatMulNBits" and len(nodes[i].input) > 1
