@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import GateFailed, QwenEdgeError
+from .reports import BenchReport, BenchResult, Log, Stat
 
 BUDGET_METRICS = {
     "decode_tokens_per_s": ("decode_tokens_per_s", "median"),
@@ -246,7 +247,7 @@ def bench_prompt(path: Path, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
+def _stats(xs: list[float]) -> Stat:
     return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
 
 
@@ -278,7 +279,7 @@ def machine_info(threads: list[int], bandwidth: float) -> dict[str, Any]:
 
 def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, gen_tokens: int = 128,
           threads: int | None = None, repeat: int = 3, warmup: int = 1, thread_sweep: Sequence[int] | None = None,
-          target: str | None = None, max_context: int | None = None, log: Any = None) -> dict[str, Any]:
+          target: str | None = None, max_context: int | None = None, log: Log = None) -> BenchReport:
     """Time each artifact (A B A B ... across repeats, each run in a fresh process); returns the report."""
     from .targets import load_target
 
@@ -332,7 +333,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
             bound = bandwidth * 1e9 / roof["bytes_per_token"] if roof["bytes_per_token"] else None
             roof.update(bound_tokens_per_s=bound, fraction=(decode["median"] / bound) if bound else None,
                         read_bandwidth_gbps=bandwidth)
-            res = {
+            res: BenchResult = {
                 "artifact": str(e["path"]), "name": e["path"].name, "format": e["format"], "quant": e["quant"],
                 "backend": rs[0]["backend"], "threads": rs[0]["threads_used"], "sweep": len(sweep) > 1,
                 "decode_tokens_per_s": decode,

@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from .errors import QwenEdgeError
-from .generate import GenerationStats, generate, runtime_stop_ids
+from .generate import Cancel, GenerationStats, generate, runtime_stop_ids
 from .sampling import Sampling
-from .tokenizer import THINK_END, THINK_START, split_thinking
+from .tokenizer import THINK_END, THINK_START, Tokenizer, split_thinking
+
+if TYPE_CHECKING:
+    from .backends.base import Runtime
+
+ContextPolicy = Literal["drop_oldest", "error"]
 
 CONTEXT_POLICIES = ("drop_oldest", "error")
 
@@ -122,8 +127,9 @@ class ChatSession:
     Not for concurrent use: a second thread calling `send` while a reply is generating gets a QwenEdgeError.
     """
 
-    def __init__(self, runtime: Any, tokenizer: Any, *, system: str | None = None, thinking: bool | None = None,
-                 sampling: Sampling | None = None, max_new_tokens: int = 512, context_policy: str = "drop_oldest",
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, *, system: str | None = None,
+                 thinking: bool | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
+                 context_policy: ContextPolicy = "drop_oldest",
                  stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = ()):
         if context_policy not in CONTEXT_POLICIES:
             raise QwenEdgeError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
@@ -143,9 +149,11 @@ class ChatSession:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str = "cpu", target: str | None = None,
-             max_context: int | None = None, threads: int | None = None, **kwargs: Any) -> "ChatSession":
-        """Load an artifact (or checkpoint) and its tokenizer and open a session on it."""
+    def load(cls, path: str | os.PathLike[str], *, device: str = "cpu", target: str | None = None,
+             max_context: int | None = None, threads: int | None = None, system: str | None = None,
+             thinking: bool | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
+             context_policy: ContextPolicy = "drop_oldest", stop_strings: Sequence[str] = ()) -> "ChatSession":
+        """Load an artifact (or checkpoint) and its tokenizer and open a session on it (`close()` frees it)."""
         from .backends import load
         from .generate import model_meta
         from .tokenizer import Tokenizer
@@ -153,8 +161,8 @@ class ChatSession:
         meta = model_meta(path)
         tok = Tokenizer.from_dir(meta.tokenizer_dir)
         rt = load(path, device=device, target=target, max_context=max_context, threads=threads)
-        kwargs.setdefault("stop_ids", meta.stop_ids)
-        return cls(rt, tok, **kwargs)
+        return cls(rt, tok, system=system, thinking=thinking, sampling=sampling, max_new_tokens=max_new_tokens,
+                   context_policy=context_policy, stop_ids=meta.stop_ids, stop_strings=stop_strings)
 
     # --- state ------------------------------------------------------------------------------------------------
     @property
@@ -183,7 +191,14 @@ class ChatSession:
             self.runtime.reset()
 
     def close(self) -> None:
+        """Free the runtime (its KV cache and weights)."""
         self.runtime.close()
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _guard(self) -> "_NonBlocking":
         return _NonBlocking(self._lock)
@@ -216,7 +231,7 @@ class ChatSession:
             dropped += 1
 
     def send(self, text: str, *, thinking: bool | None = None, on_text: Callable[[str], None] | None = None,
-             on_thinking: Callable[[str], None] | None = None, cancel: Any = None,
+             on_thinking: Callable[[str], None] | None = None, cancel: Cancel = None,
              max_new_tokens: int | None = None, sampling: Sampling | None = None) -> TurnResult:
         """Add a user message, generate the reply (streamed to on_text, thinking to on_thinking), return it.
 

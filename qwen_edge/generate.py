@@ -7,10 +7,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 
 from .errors import QwenEdgeError
 from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from .backends.base import Runtime
+    from .tokenizer import Tokenizer
+
+
+class _Event(Protocol):
+    def is_set(self) -> bool: ...
+
+
+Cancel = Union[_Event, Callable[[], bool], None]
+"""A cancellation signal polled once per token: a `threading.Event` (set = stop) or a callable returning True."""
 
 FINISH_REASONS = ("stop", "length", "stop_string", "cancelled", "context")
 
@@ -46,12 +58,15 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
+    """What `generate` returns: the ids in and out, the text, why it ended and how long it took."""
+
     prompt_ids: list[int]
     output_ids: list[int]
     """Generated ids, without the stop id that ended the generation."""
     text: str
     """Decoded output, cut before a stop string."""
     finish_reason: str
+    """One of FINISH_REASONS: stop (a stop id), length, stop_string, cancelled, context (the KV cache is full)."""
     stats: GenerationStats = field(default_factory=GenerationStats)
     stop_id: int | None = None
 
@@ -89,17 +104,18 @@ class _StopStringFilter:
         return out
 
 
-def _is_cancelled(cancel: Any) -> bool:
+def _is_cancelled(cancel: Cancel) -> bool:
     if cancel is None:
         return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
+    is_set = getattr(cancel, "is_set", None)
+    if is_set is not None:
+        return bool(is_set())
+    return bool(cancel())  # type: ignore[operator]
 
 
-def generate(runtime: Any, prompt_ids: Sequence[int], *, sampling: Sampling | None = None, max_new_tokens: int = 256,
-             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer: Any = None,
-             on_text: Callable[[str], None] | None = None, cancel: Any = None,
+def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling | None = None,
+             max_new_tokens: int = 256, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+             tokenizer: Tokenizer | None = None, on_text: Callable[[str], None] | None = None, cancel: Cancel = None,
              cached_prefix: int = 0) -> GenerationResult:
     """Run one generation on `runtime` from `prompt_ids`.
 
@@ -249,7 +265,7 @@ def model_meta(path: str | Path) -> ModelMeta:
     return ModelMeta(stop, gen, d)
 
 
-def runtime_stop_ids(runtime: Any, tokenizer: Any = None) -> list[int]:
+def runtime_stop_ids(runtime: Runtime, tokenizer: Tokenizer | None = None) -> list[int]:
     """Stop ids of a loaded runtime: its info.extra, else its artifact's manifest, else the tokenizer's eos."""
     extra = getattr(runtime.info, "extra", {}) or {}
     if extra.get("stop_ids"):

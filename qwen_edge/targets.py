@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
+from .datafiles import find, list_files
 from .errors import QwenEdgeError, first_line
 
-RUNTIMES_DIR = Path(__file__).resolve().parent.parent / "runtimes"
 ALIASES = {"cpu": "cpu-x86_64", "x86_64": "cpu-x86_64", "arm64": "arm64-mobile", "gpu": "cuda"}
 
 
@@ -25,6 +25,8 @@ class Target:
     """`cpu` or `cuda`."""
     arch: str = "x86_64"
     """CPU architecture the profile describes (`x86_64`, `arm64`)."""
+    source: str = ""
+    """Where the profile was read from: a file path, `packaged:NAME`, or empty for one given as a mapping."""
     threads: int | str = "auto"
     """CPU threads for compute; `auto` = physical cores of the machine."""
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -65,7 +67,8 @@ def physical_cores() -> int:
 
 
 def available_targets() -> list[str]:
-    return sorted(p.stem for p in RUNTIMES_DIR.glob("*.yaml"))
+    """Profile names along the search path ($QWEN_EDGE_RUNTIMES_PATH, then the packaged profiles)."""
+    return sorted(p.stem for p, _ in list_files("runtimes"))
 
 
 def load_target(name_or_path: str | dict | Target | None) -> Target:
@@ -78,14 +81,15 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         data, src = dict(name_or_path), "target"
     else:
         key = ALIASES.get(name_or_path, name_or_path)
-        path = Path(key) if key.endswith((".yaml", ".yml")) else RUNTIMES_DIR / f"{key}.yaml"
-        if not path.is_file():
+        found = (Path(key), "file") if key.endswith((".yaml", ".yml")) else find("runtimes", key) if _is_name(key) else None
+        if found is None or not found[0].is_file():
             raise QwenEdgeError(f"unknown target {name_or_path!r} (available: {', '.join(available_targets())})")
+        path, origin = found
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as e:
             raise QwenEdgeError(f"{path}: cannot read target profile ({first_line(e)})") from None
-        src = str(path)
+        src = str(path) if origin != "packaged" else f"packaged:{path.stem}"
         if not isinstance(data, dict):
             raise QwenEdgeError(f"{path}: a target profile must be a mapping")
     known = {f.name for f in fields(Target)}
@@ -94,9 +98,14 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
             raise QwenEdgeError(f"{src}: unknown key {k!r} (known: {', '.join(sorted(known))})")
     if "name" not in data:
         raise QwenEdgeError(f"{src}: missing 'name'")
-    t = Target(**data)
+    t = Target(**{**data, "source": src if src != "target" else str(data.get("source") or "")})
     if t.device not in ("cpu", "cuda"):
         raise QwenEdgeError(f"{src}: device must be cpu or cuda, not {t.device!r}")
     if not isinstance(t.max_context, int) or t.max_context <= 0:
         raise QwenEdgeError(f"{src}: max_context must be a positive integer")
     return t
+
+
+def _is_name(key: str) -> bool:
+    """A bare profile name (no path separators, no `..`), safe to look up along the search path."""
+    return bool(key) and "/" not in key and "\\" not in key and ".." not in key and "\0" not in key

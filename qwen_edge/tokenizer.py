@@ -18,7 +18,10 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import QwenEdgeError, first_line
 
@@ -630,7 +633,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: Any,
+        backend: HFTokenizer,
         chat_template: str | None = None,
         special_tokens: Mapping[str, str | None] | None = None,
     ) -> None:
@@ -695,7 +698,7 @@ class Tokenizer:
         return cls(backend, load_template(family), specials)
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> HFTokenizer:
         """The underlying `tokenizers.Tokenizer`."""
         return self._backend
 
@@ -809,7 +812,7 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=4)
-def _family_backend(family: str) -> Any:
+def _family_backend(family: str) -> HFTokenizer:
     """One parsed `tokenizers.Tokenizer` per family, shared by `Tokenizer.for_family` (never mutated)."""
     from tokenizers import Tokenizer as HFTokenizer
 
