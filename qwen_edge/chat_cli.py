@@ -7,6 +7,7 @@ import sys
 from typing import Any, TextIO
 
 from .chat import ChatSession, TurnResult
+from .errors import QwenEdgeError, first_line
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -75,8 +76,11 @@ def format_stats(r: TurnResult | None) -> str:
 class ChatRepl:
     """Reads lines, runs turns, prints streamed replies; slash commands manage the session."""
 
-    def __init__(self, session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, *, label: str = ""):
+    def __init__(self, session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, *, label: str = "",
+                 stats: bool = False):
         self.s = session
+        self.stats = stats
+        """Print a one-line timing after each reply (`--stats`)."""
         self.stdin, self.out, self.err = stdin, stdout, stderr
         self.tty = _isatty(stdin) and _isatty(stdout)
         self.style = Style(use_color(stdout))
@@ -163,6 +167,13 @@ class ChatRepl:
             self.write(st.end() + "\n")
             self.info("[stopped]")
             return
+        except QwenEdgeError as e:  # refused (too long for the context, a template error): the session goes on
+            if state["thinking"] or state["any"]:
+                self.write(st.end() + "\n")
+            self.err.write(f"error: {first_line(e)}\n")
+            self.err.flush()
+            self.info("[message not sent; the conversation is unchanged]")
+            return
         if state["thinking"]:
             self.write(("" if st.enabled else "\n</think>") + st.end())
         self.write("\n")
@@ -174,6 +185,8 @@ class ChatRepl:
             self.info("[context full: reply cut; older turns are dropped on the next message]")
         elif r.finish_reason == "length":
             self.info(f"[reply cut at {r.stats.new_tokens} tokens: raise --max-new-tokens]")
+        if self.stats:
+            self.info(f"[{r.stats.summary()}]")
 
     def loop(self) -> int:
         if self.tty:
@@ -222,6 +235,7 @@ def run_chat_cli(args: Any) -> int:
         i = runtime.info
         label = f"{os.path.basename(os.path.normpath(str(args.artifact)))}: {i.backend} {i.format}/{i.quant} " \
                 f"on {i.device}, {i.threads} threads, context {i.context_length}"
-        return ChatRepl(session, sys.stdin, sys.stdout, sys.stderr, label=label).loop()
+        return ChatRepl(session, sys.stdin, sys.stdout, sys.stderr, label=label,
+                        stats=bool(getattr(args, "stats", False))).loop()
     finally:
         runtime.close()

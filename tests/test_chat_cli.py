@@ -148,3 +148,21 @@ def test_chat_with_piped_stdin(cli, synth_ckpt):
     assert p.returncode == 0, p.stderr
     assert "time to first token" in p.stdout and "system prompt set" in p.stdout
     assert "conversation cleared" in p.stdout and "\x1b[" not in p.stdout
+
+
+def test_a_message_too_long_is_refused_and_the_session_goes_on(chat):
+    t = chat("--max-new-tokens", "6", "--seed", "1", "--no-think", "--stats")
+    t.expect(PROMPT)
+    t.send("Hi\r")
+    first = t.expect(PROMPT)
+    assert re.search(r"\[prompt \d+ tok .*generated \d+ tok .*TTFT", first)  # --stats: a timing line per reply
+    t.send("long " * 600 + "\r")  # ~600 tokens against a 512-token context
+    refused = t.expect(PROMPT)
+    assert "error: the message needs" in refused and "message not sent" in refused
+    t.send("/stats\r")
+    assert "reused from cache" in t.expect(PROMPT)  # the first reply's stats survive: the session is intact
+    t.send("Hello again\r")
+    again = t.expect(PROMPT)
+    assert re.search(r"\[prompt \d+ tok \(.*\d+ reused\)", again)  # answered, reusing the first turn's cache
+    t.send("/exit\r")
+    assert t.close() == 0
