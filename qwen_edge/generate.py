@@ -266,7 +266,10 @@ def model_meta(path: str | Path) -> ModelMeta:
 
 
 def runtime_stop_ids(runtime: Runtime, tokenizer: Tokenizer | None = None) -> list[int]:
-    """Stop ids of a loaded runtime: its info.extra, else its artifact's manifest, else the tokenizer's eos."""
+    """Stop ids of a loaded runtime: its info.stop_ids (or info.extra), else its artifact's manifest, else the
+    tokenizer's eos."""
+    if getattr(runtime.info, "stop_ids", None):
+        return [int(i) for i in runtime.info.stop_ids]
     extra = getattr(runtime.info, "extra", {}) or {}
     if extra.get("stop_ids"):
         return [int(i) for i in extra["stop_ids"]]

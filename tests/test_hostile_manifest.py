@@ -258,6 +258,22 @@ def test_unlisted_template_rejected(art, tmp_path):
     hostile.expect_rejected("manifest/unlisted-template", lambda: Artifact.open(d), match="not listed")
 
 
+def test_load_refuses_swapped_or_truncated_model(art, exported, tmp_path):
+    """load() hashes nothing by default, yet a swapped-in or truncated model file still fails on its size, in Python,
+    before the native engine opens it (a same-size change is `load(check_hashes=True)`'s and `inspect`'s to find)."""
+    from qwen_edge.backends import load
+
+    other = exported("tiny-qwen3", "gguf", "q8_0") / "model.gguf"
+    d = clone(art, tmp_path / "swapped")
+    put(d / "model.gguf", other.read_bytes())
+    hostile.expect_rejected("load/swapped-model", lambda: load(d, max_context=32), match="manifest says")
+    d = clone(art, tmp_path / "truncated")
+    put(d / "model.gguf", (art / "model.gguf").read_bytes()[:-1])
+    hostile.expect_rejected("load/truncated-model", lambda: load(d, max_context=32), match="manifest says")
+    hostile.expect_cli_rejected("cli/generate-truncated-model", "generate", str(d), "--prompt", "hi",
+                                "--max-new-tokens", "1", match="manifest says")
+
+
 def test_not_an_artifact(tmp_path):
     hostile.expect_rejected("manifest/no-dir", lambda: Artifact.open(tmp_path / "nope"))
     hostile.expect_rejected("manifest/no-manifest", lambda: Artifact.open(tmp_path))

@@ -14,7 +14,9 @@ import pytest
 
 from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
-from runtime_contract import assert_rewind_reuses_prefix
+from qwen_edge.export.gguf_file import read_gguf
+from runtime_contract import (artifact_facts, assert_cli_max_context_refused, assert_info_describes_artifact,
+                              assert_max_context_bounded, assert_rewind_reuses_prefix)
 
 pytest.importorskip("llama_cpp")
 
@@ -48,6 +50,34 @@ def test_info_and_context_cap(f16_qwen3):
     with load(f16_qwen3) as r:  # default: the target's max_context, never the model's full context
         assert r.info.context_length == min(4096, json.loads((f16_qwen3 / "manifest.json").read_text())
                                             ["context_length"])
+
+
+def test_info_describes_the_artifact(rt, f16_qwen3):
+    assert_info_describes_artifact(rt, *artifact_facts(f16_qwen3))
+
+
+def test_max_context_beyond_the_artifact_is_an_error(f16_qwen3, cli):
+    """No silent clamp: llama.cpp would accept any n_ctx, the backend refuses what the artifact does not support."""
+    from qwen_edge.backends import load
+
+    ctx, _ = artifact_facts(f16_qwen3)
+    assert_max_context_bounded(load, f16_qwen3, ctx, threads=1)
+    assert_cli_max_context_refused(cli, f16_qwen3, ctx)
+
+
+def test_recorded_context_bounds_max_context(synth_ckpt, tmp_path):
+    """An artifact exported with a shorter context records it in the manifest while the GGUF header keeps the model's
+    trained maximum: the manifest's figure is the artifact's context length, and llama.cpp gets no more."""
+    from qwen_edge.backends import load
+    from qwen_edge.export import export
+
+    art = export(synth_ckpt("tiny-qwen3"), "gguf", "f16", tmp_path, context_length=256)
+    ctx, stops = artifact_facts(art)
+    assert ctx == 256 and read_gguf(art / "model.gguf").arch_kv("context_length") > 256
+    with load(art, threads=1) as r:  # the target's 4096 exceeds it: the default takes the artifact's 256
+        assert_info_describes_artifact(r, ctx, stops)
+        assert r.info.context_length == 256
+    assert_max_context_bounded(load, art, ctx, threads=1)
 
 
 @pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-qwen3"])
@@ -169,18 +199,51 @@ def test_bare_gguf_file_loads(f16_qwen3, tmp_path):
         r.prefill(PROMPT)
         assert r.logits().shape == (151936,)
         assert r.info.quant == ""
+        g = read_gguf(p)  # no manifest: the facts come from the GGUF header
+        assert r.info.artifact_context_length == g.arch_kv("context_length")
+        assert r.info.stop_ids and r.info.stop_ids[0] == g.kv["tokenizer.ggml.eos_token_id"]
+    with pytest.raises(QwenEdgeError, match="check_hashes"):
+        load(p, check_hashes=True)  # nothing to check a bare file against
 
 
-def test_altered_artifact_is_refused(f16_qwen3, tmp_path):
+def _rehash(root, rel):
+    from qwen_edge.checkpoint import sha256_file
+
+    m = json.loads((root / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] == rel:
+            f["bytes"], f["sha256"] = (root / rel).stat().st_size, sha256_file(root / rel)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_load_checks_sizes_and_header_not_hashes(f16_qwen3, tmp_path, cli):
+    """load() reads no weights: a same-size altered weight byte passes it (only the sha256 can tell), and
+    load(check_hashes=True) and `inspect` catch it; a truncated model file fails load before llama.cpp sees it."""
     from qwen_edge.backends import load
 
     art = tmp_path / "art"
     shutil.copytree(f16_qwen3, art)
-    data = bytearray((art / "model.gguf").read_bytes())
-    data[-100] ^= 0xFF  # a weight byte: only the manifest's sha256 can tell
-    (art / "model.gguf").write_bytes(bytes(data))
+    model = art / "model.gguf"
+    g = read_gguf(model)
+    with open(model, "r+b") as f:  # one byte in the middle of the tensor data, same size
+        f.seek((g.data_offset + g.size) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    with load(art, max_context=64) as r:
+        r.prefill(PROMPT)
     with pytest.raises(QwenEdgeError, match="sha256"):
-        load(art)
+        load(art, max_context=64, check_hashes=True)
+    r = cli("inspect", str(art))
+    assert r.returncode == 2 and "sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    with open(model, "r+b") as f:
+        f.truncate(g.size - 4096)
+    with pytest.raises(QwenEdgeError, match="manifest says"):  # the size in the manifest
+        load(art, max_context=64)
+    _rehash(art, "model.gguf")
+    with pytest.raises(QwenEdgeError, match="truncated GGUF"):  # the header's tensor table, pure Python
+        load(art, max_context=64)
 
 
 _FUZZ = r"""

@@ -11,7 +11,8 @@ import pytest
 from qwen_edge.backends import load
 from qwen_edge.checkpoint import sha256_file
 from qwen_edge.errors import QwenEdgeError
-from runtime_contract import assert_rewind_reuses_prefix
+from runtime_contract import (artifact_facts, assert_cli_max_context_refused, assert_info_describes_artifact,
+                              assert_max_context_bounded, assert_rewind_reuses_prefix)
 
 A = [151644, 872, 198, 9707, 11, 1879, 0, 3555]
 B = [525, 498, 30, 151645, 198]
@@ -30,6 +31,13 @@ def test_info_and_default_context(art):
         assert rt.info.threads == 1 and rt.info.vocab_size == 151936
         assert rt.info.extra["kv_cache_bytes"] == 2 * 2 * 2 * 4096 * 32 * 4
         assert 151645 in rt.info.extra["stop_ids"]
+        assert_info_describes_artifact(rt, *artifact_facts(art))
+
+
+def test_max_context_beyond_the_artifact_is_an_error(art, cli):
+    ctx, _ = artifact_facts(art)
+    assert_max_context_bounded(load, art, ctx, threads=1)
+    assert_cli_max_context_refused(cli, art, ctx)
 
 
 def test_rewind_reuses_prefix(art):
@@ -117,7 +125,6 @@ def _truncate(path, keep):
     ("truncate", "truncated"),
     ("truncate_rehashed", "truncated"),
     ("missing_data", "missing"),
-    ("flip_byte", "sha256"),
     ("garbage_model_rehashed", "not a valid ONNX model"),
 ])
 def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
@@ -129,12 +136,6 @@ def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
             _rehash(d, "model.onnx.data")
     elif damage == "missing_data":
         data.unlink()
-    elif damage == "flip_byte":
-        with open(data, "r+b") as f:
-            f.seek(1000)
-            b = f.read(1)
-            f.seek(1000)
-            f.write(bytes([b[0] ^ 0xFF]))
     elif damage == "garbage_model_rehashed":
         (d / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
         _rehash(d, "model.onnx")
@@ -143,6 +144,24 @@ def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
     r = cli("generate", str(d), "--prompt", "hi", "--max-new-tokens", "2")
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_load_checks_sizes_and_graph_not_hashes(art, tmp_path, cli):
+    """load() reads no weights: a same-size altered byte in the middle of model.onnx.data passes it (only the sha256
+    can tell), and load(check_hashes=True) and `inspect` catch it."""
+    d = _copy(art, tmp_path)
+    data = d / "model.onnx.data"
+    with open(data, "r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    with load(d, threads=1, max_context=16) as rt:
+        rt.prefill(A)
+    with pytest.raises(QwenEdgeError, match="sha256"):
+        load(d, threads=1, max_context=16, check_hashes=True)
+    r = cli("inspect", str(d))
+    assert r.returncode == 2 and "sha256" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_cli_inspect_onnx(art, cli, tmp_path):

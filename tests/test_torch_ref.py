@@ -27,6 +27,19 @@ def test_load_checkpoint_gives_torch_runtime(rt, synth_ckpt):
     assert rt.n_cached == 0
 
 
+def test_runtime_contract_context_and_stop_ids(rt, synth_ckpt):
+    """The contract every backend shares (tests/runtime_contract.py): the checkpoint's own maximum and stop ids in
+    RuntimeInfo, and a max_context beyond max_position_embeddings is an error, not a silent clamp."""
+    import json
+
+    from runtime_contract import assert_info_describes_artifact, assert_max_context_bounded
+
+    ckpt = synth_ckpt("tiny-qwen3")
+    ctx = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+    assert_info_describes_artifact(rt, ctx, [151645, 151643])
+    assert_max_context_bounded(qwen_edge.load, ckpt, ctx, threads=1)
+
+
 def test_cached_prefill_matches_full_recompute(rt):
     ids = [9707, 11, 1879, 0, 358, 1079, 264, 1273, 315, 279]
     rt.reset()

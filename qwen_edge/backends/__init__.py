@@ -20,11 +20,13 @@ FORMAT_BACKENDS = {
 __all__ = ["Runtime", "RuntimeInfo", "load", "register_backend", "registered_backends", "FORMAT_BACKENDS"]
 
 
-def _detect_format(path: Path) -> str:
+def _detect_format(path: Path, check_hashes: bool = False) -> str:
     if (path / "manifest.json").is_file():
         from ..artifact import Artifact
 
-        return Artifact.open(path, check_hashes=False).format
+        return Artifact.open(path, check_hashes=check_hashes).format
+    if check_hashes:
+        raise QwenEdgeError(f"{path}: check_hashes needs an artifact directory (no manifest.json to check against)")
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if (path / "config.json").is_file():
@@ -34,17 +36,22 @@ def _detect_format(path: Path) -> str:
 
 def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None = None,
          max_context: int | None = None, threads: int | None = None, backend: str | None = None,
-         **options) -> Runtime:
+         check_hashes: bool = False, **options) -> Runtime:
     """Load any artifact (or a HF checkpoint, with the torch reference backend) as a Runtime.
 
     Backend factories are called as `factory(path, device=, target=Target, max_context=, threads=, **options)`;
-    `max_context=None` means min(target.max_context, the artifact's context length); `threads=None` means
-    the target's threads.
+    `max_context=None` means min(target.max_context, the artifact's context length), and a `max_context` above
+    the artifact's context length is a QwenEdgeError on every backend; `threads=None` means the target's threads.
+
+    Loading checks what is cheap and guards the native engine: the manifest, every listed file present with the
+    size the manifest records, and the model file's structure (GGUF header and tensor table in bounds; ONNX graph
+    parses and its external data ranges fit their files). It does not read the weights: `check_hashes=True`
+    also compares every file's sha256 with the manifest (a full read), as `qwen-edge inspect` and `verify` do.
     """
     path = Path(artifact)
     if not path.exists():
         raise QwenEdgeError(f"{path}: no such artifact")
-    fmt = _detect_format(path)
+    fmt = _detect_format(path, check_hashes=bool(check_hashes))
     if fmt not in FORMAT_BACKENDS:
         raise QwenEdgeError(f"{path}: unknown artifact format {fmt!r}")
     name, module = FORMAT_BACKENDS[fmt]

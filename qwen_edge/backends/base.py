@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,6 +23,11 @@ class RuntimeInfo:
     format: str = ""
     quant: str = ""
     vocab_size: int = 0
+    stop_ids: list[int] = field(default_factory=list)
+    """Token ids that end a reply, from the artifact (manifest, GGUF header or checkpoint config)."""
+    artifact_context_length: int = 0
+    """The artifact's own maximum context (manifest `context_length`, the GGUF header's, or the checkpoint's
+    `max_position_embeddings`): the most `max_context` may ask for. 0 when unknown."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +86,28 @@ class Runtime(abc.ABC):
                 f"context full: {self.n_cached} cached + {n_new} new tokens > context length "
                 f"{self.info.context_length} (raise --max-context or shorten the prompt)"
             )
+
+
+def resolve_context(max_context: int | None, target_max: int, artifact_max: int) -> int:
+    """Tokens the KV cache holds: `max_context`, or min(the target's maximum, the artifact's) when None.
+
+    Every backend calls this before its engine loads, so asking for more than the artifact's context length is the
+    same one-line QwenEdgeError on every backend (never a silent clamp)."""
+    if artifact_max <= 0:
+        raise QwenEdgeError(f"the artifact's context length {artifact_max} is not a positive number of tokens")
+    if max_context is None:
+        return max(1, min(int(target_max), artifact_max))
+    try:
+        n = operator.index(max_context)  # int or numpy integer; not a float, str or bool
+    except TypeError:
+        n = 0
+    if isinstance(max_context, bool) or n <= 0:
+        raise QwenEdgeError(f"max_context must be a positive number of tokens, not {max_context!r}")
+    max_context = n
+    if max_context > artifact_max:
+        raise QwenEdgeError(f"max_context {max_context} exceeds the artifact's context length {artifact_max} "
+                            f"(ask for at most {artifact_max} tokens)")
+    return max_context
 
 
 _BACKENDS: dict[str, Callable[..., Runtime]] = {}

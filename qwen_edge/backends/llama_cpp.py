@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import NotAvailable, QwenEdgeError
 from ..export.gguf_file import check_gguf_file
 from ..export.gguf_quantize import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
-from .base import Runtime, RuntimeInfo, register_backend
+from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 N_BATCH = 512
 """Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
@@ -23,17 +23,29 @@ _backend_ready = False
 
 
 def _resolve(path: Path, check_hashes: bool) -> tuple[Path, dict[str, Any]]:
-    """(model file, facts from the manifest) for an artifact directory or a bare .gguf file."""
+    """(model file, facts from the manifest) for an artifact directory or a bare .gguf file.
+
+    The manifest check is cheap (sizes, not sha256) unless `check_hashes`; the GGUF structure is checked after."""
     if path.is_dir():
         from ..artifact import Artifact
 
         art = Artifact.open(path, check_hashes=check_hashes)
         if art.format != "gguf":
             raise QwenEdgeError(f"{path}: a {art.format} artifact, the llama_cpp backend needs gguf")
-        return art.model_file, {"context_length": art.context_length, "quant": art.quant}
+        return art.model_file, {"context_length": art.context_length, "quant": art.quant, "stop_ids": art.stop_ids}
     if path.is_file():
         return path, {}
     raise QwenEdgeError(f"{path}: no such artifact or GGUF file")
+
+
+def _gguf_stop_ids(g: Any) -> list[int]:
+    """A bare GGUF's stop ids from its header: end-of-turn, then end-of-sequence (what llama.cpp stops on)."""
+    out: list[int] = []
+    for key in ("eot_token_id", "eos_token_id"):
+        v = g.kv.get(f"tokenizer.ggml.{key}")
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in out:
+            out.append(v)
+    return out
 
 
 class LlamaCppRuntime(Runtime):
@@ -49,7 +61,7 @@ class LlamaCppRuntime(Runtime):
         self._has_logits = False
         self.n_cached = 0
         L = self._L = import_llama_cpp()
-        model_path, facts = _resolve(Path(path), bool(options.get("check_hashes", True)))
+        model_path, facts = _resolve(Path(path), bool(options.get("check_hashes", False)))
         g = check_gguf_file(model_path)
         if target is None:
             from ..targets import load_target
@@ -67,10 +79,10 @@ class LlamaCppRuntime(Runtime):
         n_threads = int(threads) if threads else target.resolved_threads()
         if n_threads <= 0:
             raise QwenEdgeError(f"threads must be positive, not {threads}")
-        train_ctx = int(g.arch_kv("context_length") or facts.get("context_length") or 4096)
-        n_ctx = min(int(max_context or target.max_context), train_ctx, int(facts.get("context_length") or train_ctx))
-        if n_ctx <= 0:
-            raise QwenEdgeError(f"max_context must be positive, not {max_context}")
+        # the artifact's context length: the manifest's (never above the GGUF header's), else the header's
+        known = [int(x) for x in (facts.get("context_length"), g.arch_kv("context_length")) if x]
+        train_ctx = min(known) if known else 4096
+        n_ctx = resolve_context(max_context, target.max_context, train_ctx)
         n_batch = int(options.get("n_batch") or N_BATCH)
         n_batch = max(1, min(n_batch, n_ctx))
         self._load(model_path, gpu_layers, n_ctx, n_batch, n_threads)
@@ -80,8 +92,10 @@ class LlamaCppRuntime(Runtime):
             backend="llama_cpp", device=device, threads=n_threads, artifact=str(path),
             context_length=min(n_ctx, int(L.llama_n_ctx(self._ctx))), format="gguf",
             quant=str(facts.get("quant") or ""), vocab_size=self._n_vocab,
+            stop_ids=list(facts["stop_ids"]) if "stop_ids" in facts else _gguf_stop_ids(g),
+            artifact_context_length=train_ctx,
             extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
-                   "train_context_length": train_ctx, "llama_cpp": getattr(L, "__version__", "")},
+                   "llama_cpp": getattr(L, "__version__", "")},
         )
 
     def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int) -> None:

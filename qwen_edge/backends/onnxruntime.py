@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError, first_line
 from ..targets import Target, load_target
-from .base import Runtime, RuntimeInfo, register_backend
+from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile")
 DEFAULT_PREFILL_CHUNK = 1024
@@ -58,7 +58,7 @@ def _trim_mapped_weights(folder: Path, gather_only: set, packed_only: set) -> di
       later comes back from the file).
     - gather-only ranges (the embedding table; for tied int4, a view over the LM head's bytes, whose own copy is
       packed) are read a row per token. Their pages sit in the page cache as large folios (read whole when the head
-      was hashed and packed), and a fault maps a whole folio, so each token would map hundreds of KB. Dropping them
+      was packed), and a fault maps a whole folio, so each token would map hundreds of KB. Dropping them
       from the page cache and marking the mapping MADV_RANDOM (no readahead) makes a token cost the page or two its
       row lies on (~10 MB over a 256-token run, not ~70).
 
@@ -102,13 +102,13 @@ class OrtRuntime(Runtime):
     """An ONNX decoder from qwen-edge's exporter; `prefill` appends to a KV cache shared by past and present."""
 
     def __init__(self, path: Path, *, device: str, target: Target, max_context: int | None, threads: int | None,
-                 allow_spinning: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, check_hashes: bool = True,
+                 allow_spinning: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, check_hashes: bool = False,
                  optimized_model_path: str | None = None, profile: bool = False):
         from ..artifact import Artifact
         from ..export.onnx import check_external_data, load_onnx_proto, weight_uses
 
         ort = _ort()
-        art = Artifact.open(path, check_hashes=check_hashes)
+        art = Artifact.open(path, check_hashes=check_hashes)  # sizes always; sha256 (a full read) on request
         if art.format != "onnx":
             raise QwenEdgeError(f"{path}: a {art.format} artifact, not onnx")
         model_path = art.model_file
@@ -154,9 +154,7 @@ class OrtRuntime(Runtime):
         n_threads = int(threads) if threads else target.resolved_threads()
         if n_threads <= 0:
             raise QwenEdgeError(f"threads must be positive, not {n_threads}")
-        ctx = int(max_context) if max_context else min(target.max_context, art.context_length)
-        if not 0 < ctx <= art.context_length:
-            raise QwenEdgeError(f"max_context {ctx}: must be in 1..{art.context_length} (the artifact's rotary cache)")
+        ctx = resolve_context(max_context, target.max_context, art.context_length)  # the rotary cache's length
         if int(prefill_chunk) <= 0:
             raise QwenEdgeError(f"prefill_chunk must be positive, not {prefill_chunk}")
         self.prefill_chunk = int(prefill_chunk)
@@ -210,7 +208,8 @@ class OrtRuntime(Runtime):
         self.n_cached = 0
         self.info = RuntimeInfo(
             backend="onnxruntime", device=device, threads=n_threads, artifact=str(path), context_length=ctx,
-            format="onnx", quant=art.quant, vocab_size=self.vocab,
+            format="onnx", quant=art.quant, vocab_size=self.vocab, stop_ids=art.stop_ids,
+            artifact_context_length=art.context_length,
             extra={"stop_ids": art.stop_ids, "providers": self._sess.get_providers(),
                    "onnxruntime_version": ort.__version__, "kv_cache_bytes": int(2 * self.n_layers * np.prod(shape)
                                                                                   * np.dtype(self.kv_dtype).itemsize),
@@ -311,8 +310,9 @@ class OrtRuntime(Runtime):
 @register_backend("onnxruntime")
 def load_onnxruntime(path: str | os.PathLike, *, device: str = "cpu", target: Target | str | None = None,
                      max_context: int | None = None, threads: int | None = None, **options: Any) -> OrtRuntime:
-    """Factory for `qwen_edge.load(onnx_artifact)`; options: allow_spinning, prefill_chunk, check_hashes,
-    optimized_model_path, profile."""
+    """Factory for `qwen_edge.load(onnx_artifact)`; options: allow_spinning, prefill_chunk, check_hashes (default
+    off: sizes and the graph's external data ranges are checked, sha256 only on request), optimized_model_path,
+    profile."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise QwenEdgeError(f"onnxruntime backend: unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")

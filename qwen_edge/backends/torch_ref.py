@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError, first_line
 from ..targets import Target, load_target
-from .base import Runtime, RuntimeInfo, register_backend
+from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -54,10 +54,7 @@ class TorchRuntime(Runtime):
         if n_threads <= 0:
             raise QwenEdgeError(f"threads must be positive, not {n_threads}")
         torch.set_num_threads(n_threads)
-        ctx = int(max_context) if max_context else min(target.max_context, model_max)
-        if ctx <= 0:
-            raise QwenEdgeError(f"max_context must be positive, not {ctx}")
-        ctx = min(ctx, model_max)
+        ctx = resolve_context(max_context, target.max_context, model_max)
         hf_logging = transformers.utils.logging
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in a chat terminal
@@ -80,7 +77,7 @@ class TorchRuntime(Runtime):
         self.n_cached = 0
         self.info = RuntimeInfo(
             backend="torch", device=device, threads=n_threads, artifact=str(path), context_length=ctx,
-            format="hf", quant="fp32", vocab_size=vocab,
+            format="hf", quant="fp32", vocab_size=vocab, stop_ids=list(stop_ids), artifact_context_length=model_max,
             extra={"stop_ids": stop_ids, "attn_implementation": attn_implementation,
                    "generation_config": generation_config, "torch_version": torch.__version__,
                    "transformers_version": transformers.__version__},
