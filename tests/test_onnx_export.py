@@ -243,3 +243,91 @@ def test_full_size_fp32_matches_reference(synth_ckpt, exported):
     toks, ours = greedy_run(art, PROMPT, DECODE_STEPS)
     ref = reference_logits(synth_ckpt("qwen2.5-0.5b"), PROMPT + toks)[len(PROMPT) - 1:]
     assert np.abs(ours - ref).max() <= 1e-3
+
+
+# --- streaming export (issue 12): bounded memory, same bytes ------------------------------------------------------
+def _model_bytes(art) -> tuple[bytes, bytes]:
+    return (art / "model.onnx").read_bytes(), (art / "model.onnx.data").read_bytes()
+
+
+def test_data_file_streams_chunks_with_the_same_layout(tmp_path):
+    from qwen_edge.export.onnx_graph import PAGE_ALIGN, DataFile
+
+    rng = np.random.default_rng(0)
+    small, big = rng.random(100, dtype=np.float32), rng.random((520, 512), dtype=np.float32)  # 400 B, 1040 KiB
+    whole = DataFile(tmp_path / "whole.data")
+    ts = [whole.add("small", small), whole.add("big", big)]
+    whole.close()
+    split = DataFile(tmp_path / "split.data")
+    split.add_chunks("small", np.float32, small.shape, [small[:7], small[7:]])
+    t = split.add_chunks("big", np.float32, big.shape, (big[i:i + 33] for i in range(0, 520, 33)))
+    split.close()
+    assert (tmp_path / "whole.data").read_bytes() == (tmp_path / "split.data").read_bytes()
+    info = {e.key: e.value for e in t.external_data if e.key != "location"}
+    assert info == {e.key: e.value for e in ts[1].external_data if e.key != "location"}
+    assert int(info["offset"]) % PAGE_ALIGN == 0 and int(info["length"]) == big.nbytes
+
+
+def test_data_file_refuses_a_short_or_mistyped_stream(tmp_path):
+    from qwen_edge.export.onnx_graph import DataFile
+
+    d = DataFile(tmp_path / "x.data")
+    with pytest.raises(ValueError, match="float64"):
+        d.add_chunks("w", np.float32, (4, 4), [np.zeros((4, 4))])
+    with pytest.raises(ValueError, match="did not finish"):  # a failed stream leaves the file unusable
+        d.add("next", np.zeros(64, dtype=np.float32))
+    d.close()
+    d = DataFile(tmp_path / "y.data")
+    with pytest.raises(ValueError, match="got 32 bytes, expected 64"):
+        d.add_chunks("w", np.float32, (4, 4), [np.zeros((2, 4), dtype=np.float32)])
+    d.close()
+
+
+@pytest.mark.parametrize("quant,options", [("int4", {}), ("int4", {"symmetric": False, "block_size": 64}),
+                                           ("int8", {}), ("fp16", {}), ("fp32", {})])
+def test_chunk_size_does_not_change_a_byte(quant, options, synth_ckpt, exported, tmp_path, monkeypatch):
+    """Row chunks of a few rows (and transposed column chunks) write the very bytes of one-chunk tensors; so does a
+    second export (deterministic output)."""
+    from qwen_edge.export import export
+    from qwen_edge.export import onnx_source
+
+    arch = "tiny-qwen2-untied" if quant == "int8" else "tiny-qwen2"
+    art = exported(arch, "onnx", quant, **options)
+    monkeypatch.setattr(onnx_source, "CHUNK_BYTES", 4 * 64 * 3)  # three rows of 64 per chunk
+    again = export(synth_ckpt(arch), "onnx", quant, tmp_path, name="small-chunks", options=options)
+    assert _model_bytes(again) == _model_bytes(art)
+
+
+def test_blockwise_rows_match_whole_tensor_quantization():
+    from qwen_edge.export.onnx_quant import QuantLayout, dequantize, quantize_blockwise, quantize_rows
+
+    w = np.random.default_rng(1).standard_normal((37, 80)).astype(np.float32)
+    for bits, sym in ((4, True), (4, False), (8, True), (8, False)):
+        whole = quantize_blockwise(w, bits, 32, sym)
+        parts = [quantize_rows(w[i:i + 5], bits, 32, sym) for i in range(0, 37, 5)]
+        lay = QuantLayout(37, 80, bits, 32, sym)
+        assert whole.data.shape == lay.data_shape and whole.type_name == lay.type_name
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole.data)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole.scales)
+        assert np.abs(dequantize(whole) - w).max() < (0.5 if bits == 4 else 0.05) * np.abs(w).max()
+
+
+def test_a_write_failing_midway_leaves_no_artifact(synth_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    from qwen_edge.export import export
+    from qwen_edge.export.onnx_graph import DataFile
+
+    real = DataFile.add_chunks
+    calls = {"n": 0}
+
+    def full_disk(self, name, dtype, shape, chunks):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, dtype, shape, chunks)
+
+    monkeypatch.setattr(DataFile, "add_chunks", full_disk)
+    with pytest.raises(QwenEdgeError, match="No space left"):
+        export(synth_ckpt("tiny-qwen3"), "onnx", "int4", tmp_path, name="full")
+    assert not list(tmp_path.iterdir())

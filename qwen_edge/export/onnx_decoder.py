@@ -9,7 +9,8 @@ from onnx import TensorProto
 
 from ..checkpoint import Checkpoint
 from .onnx_graph import MS, GraphBuilder
-from .onnx_quant import quantize_blockwise
+from .onnx_quant import QuantLayout, quantize_rows
+from .onnx_source import Source
 
 INT64_MAX = np.iinfo(np.int64).max
 LM_HEAD_INT8_BLOCK = 128
@@ -52,11 +53,13 @@ class BuildRecord:
 
 
 class DecoderBuilder:
-    """Emits the decoder into a GraphBuilder, reading one checkpoint tensor at a time."""
+    """Emits the decoder into a GraphBuilder, streaming each weight from the checkpoint to the data file in row
+    chunks: memory stays bounded by a chunk (and a quantized tensor's scales), not by the largest tensor."""
 
     def __init__(self, ckpt: Checkpoint, g: GraphBuilder, plan: QuantPlan, context_length: int):
         self.ckpt, self.g, self.plan, self.ctx = ckpt, g, plan, context_length
         self.a = ckpt.arch
+        self.src = Source(ckpt)
         self.rec = BuildRecord()
 
     # --- weights ---------------------------------------------------------------------------------------------
@@ -65,6 +68,18 @@ class DecoderBuilder:
         self.rec.tensor_types[name] = self.plan.float_name
         self.rec.weight_bytes += self.g.init_bytes[name]
         return out
+
+    def _float_stream(self, name: str, shape: tuple[int, ...], chunks) -> str:
+        """A float weight written chunk by chunk (the embedding table, a float LM head, a transposed linear)."""
+        dt = self.plan.float_dtype
+        out = self.g.init_chunks(name, dt, shape, (c.astype(dt, copy=False) for c in chunks))
+        self.rec.tensor_types[name] = self.plan.float_name
+        self.rec.weight_bytes += self.g.init_bytes[name]
+        return out
+
+    def _float_table(self, name: str, src: str = "model.embed_tokens.weight") -> str:
+        """A [rows, hidden] float table stored as it is, row chunk by row chunk (Gather table or Gemm transB head)."""
+        return self._float_stream(name, self.src.shape([src]), self.src.rows([src]))
 
     def head_block(self) -> int:
         """The LM head's block size: the plan's, else 128 for int8 (capped at hidden size) and block_size for int4."""
@@ -75,38 +90,54 @@ class DecoderBuilder:
                                     else p.block_size)
         return p.lm_head_block_size
 
-    def _quantized(self, name: str, w: np.ndarray, bits: int, block: int | None = None,
-                   flat: bool = False) -> tuple[str, str, str, object]:
-        """Block-quantized weight: data [N, blocks, blob] for MatMulNBits, or [N, blocks x blob] (`flat`) for a
-        GatherBlockQuantized table."""
-        q = quantize_blockwise(w, bits, block or self.plan.block_size, self.plan.symmetric)
-        b = self.g.init(name, q.data.reshape(q.n, -1) if flat else q.data)
-        s = self.g.init(name + "_scales", q.scales.astype(self.plan.float_dtype))
-        z = self.g.init(name + "_zp", q.zero_points) if q.zero_points is not None else ""
+    def _quantized(self, name: str, src: list[str], bits: int, block: int | None = None,
+                   flat: bool = False) -> tuple[str, str, str, QuantLayout]:
+        """Block-quantized weight (the row-wise concatenation of the checkpoint tensors `src`): data [N, blocks,
+        blob] for MatMulNBits, or [N, blocks x blob] (`flat`) for a GatherBlockQuantized table. The data streams to
+        the file chunk by chunk as it is quantized; only the scales (and zero points) wait for the last row."""
+        n, k = self.src.shape(src)
+        q = QuantLayout(n, k, bits, block or self.plan.block_size, self.plan.symmetric)
+        scales: list[np.ndarray] = []
+        zps: list[np.ndarray] = []
+
+        def data():
+            for x in self.src.rows(src):
+                d, sc, zp = quantize_rows(x, q.bits, q.block_size, q.symmetric)
+                scales.append(sc)
+                if zp is not None:
+                    zps.append(zp)
+                yield d
+
+        b = self.g.init_chunks(name, np.uint8, (n, q.blocks * q.blob) if flat else q.data_shape, data())
+        s = self.g.init(name + "_scales", np.concatenate(scales).astype(self.plan.float_dtype))
+        z = self.g.init(name + "_zp", np.concatenate(zps)) if zps else ""
         self.rec.tensor_types[name] = q.type_name
         self.rec.weight_bytes += sum(self.g.init_bytes[n] for n in (b, s, z) if n)
         return b, s, z, q
 
-    def linear(self, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, bits: int | None) -> str:
-        """y = x @ w.T + bias, for w in HF [out, in] layout: MatMulNBits when quantized, else MatMul (+Add)."""
-        n, k = w.shape
+    def linear(self, x: str, name: str, w: list[str], bias: list[str] | None, bits: int | None) -> str:
+        """y = x @ w.T + bias, for w the checkpoint tensors (HF [out, in] layout) fused by rows and bias theirs:
+        MatMulNBits when quantized, else MatMul (+Add) on the transposed weight."""
+        n, k = self.src.shape(w)
+        b_arr = self.src.tensor(bias) if bias is not None else None
         if bits:
             b, s, z, _ = self._quantized(f"{name}.weight_Q{bits}", w, bits)
             inputs = [x, b, s, z, ""]
-            if bias is not None:
-                inputs.append(self._float(f"{name}.bias", bias))
+            if b_arr is not None:
+                inputs.append(self._float(f"{name}.bias", b_arr))
             while inputs and inputs[-1] == "":
                 inputs.pop()
             return self.g.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits,
                              block_size=self.plan.block_size, accuracy_level=self.plan.accuracy_level)
-        wt = self._float(f"{name}.weight", np.ascontiguousarray(w.T))
+        wt = self._float_stream(f"{name}.weight", (k, n), self.src.columns_t(w))
         y = self.g.op("MatMul", [x, wt], f"/{name}/MatMul")
-        if bias is not None:
-            y = self.g.op("Add", [y, self._float(f"{name}.bias", bias)], f"/{name}/Add")
+        if b_arr is not None:
+            y = self.g.op("Add", [y, self._float(f"{name}.bias", b_arr)], f"/{name}/Add")
         return y
 
     def t(self, name: str) -> np.ndarray:
-        return self.ckpt.tensor(name)
+        """A small checkpoint tensor (a norm weight) as float32."""
+        return self.src.tensor([name])
 
     # --- graph -------------------------------------------------------------------------------------------------
     def build(self) -> BuildRecord:
@@ -174,37 +205,37 @@ class DecoderBuilder:
         emb_bits = (p.lm_head_bits if tied else p.linear_bits) if p.quantize_embeddings else None
         if tied and p.lm_head_bits and p.quantize_embeddings:
             # Stored once: the LM head's MatMulNBits data, gathered by GatherBlockQuantized.
-            self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", self.t("model.embed_tokens.weight"),
+            self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", ["model.embed_tokens.weight"],
                                            p.lm_head_bits, self.head_block())
             self.rec.embedding = f"tied: GatherBlockQuantized on the int{p.lm_head_bits} LM head data"
             b, s, z, q = self._head_q
             # Views of the head's bytes, not the head's own initializers: onnxruntime prepacks the LM head and frees
             # its copy, while the Gather's view stays file-backed and only the gathered rows are ever paged in.
-            view = g.alias("model.embed_tokens.weight_view", b, [q.n, int(np.prod(q.data.shape[1:]))])
+            view = g.alias("model.embed_tokens.weight_view", b, [q.n, q.blocks * q.blob])
             s = g.alias("model.embed_tokens.scales_view", s)
             z = g.alias("model.embed_tokens.zp_view", z) if z else ""
             return self._gather_quantized(ids, view, s, z, q)
         if tied and not p.lm_head_bits:
             # Stored once: a float table, gathered here and used by the LM head's Gemm (transB).
-            self._head_f = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
+            self._head_f = self._float_table("model.embed_tokens.weight")
             self.rec.embedding = f"tied: one {p.float_name} table for Gather and the LM head Gemm"
             return g.op("Gather", [self._head_f, ids], "/model/embed_tokens/Gather", axis=0)
         if emb_bits:
-            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", self.t("model.embed_tokens.weight"), emb_bits,
+            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", ["model.embed_tokens.weight"], emb_bits,
                                  flat=True)
             self.rec.embedding = f"{'tied, stored twice' if tied else 'untied'}: int{emb_bits} GatherBlockQuantized"
             return self._gather_quantized(ids, *qd)
-        table = self._float("model.embed_tokens.weight", self.t("model.embed_tokens.weight"))
+        table = self._float_table("model.embed_tokens.weight")
         self.rec.embedding = (f"tied, stored twice: {p.float_name} Gather table beside the int{p.lm_head_bits} LM head"
                               if tied else f"untied: {p.float_name} Gather table")
         return g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=0)
 
-    def _gather_quantized(self, ids: str, b: str, s: str, z: str, q) -> str:
+    def _gather_quantized(self, ids: str, b: str, s: str, z: str, q: QuantLayout) -> str:
         """GatherBlockQuantized over 2-D [N, blocks x blob] data (stored so: a Reshape of a weight would be
         constant-folded by onnxruntime into an anonymous copy of the whole table)."""
         y = self.g.op("GatherBlockQuantized", [b, ids, s] + ([z] if z else []), "/model/embed_tokens/GBQ", domain=MS,
                       bits=q.bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
-        if q.data.shape[1] * q.block_size != q.k:
+        if q.blocks * q.block_size != q.k:
             y = self.g.op("Slice", [y, self.g.const_i64([0]), self.g.const_i64([q.k]), self.g.const_i64([-1])],
                           "/model/embed_tokens/Slice")
         return y
@@ -215,10 +246,10 @@ class DecoderBuilder:
             return ("q", self._head_q)
         if a.tie_word_embeddings and getattr(self, "_head_f", None) is not None:
             return ("f", self._head_f)
-        w = self.t(self.ckpt.lm_head_name())
+        w = [self.ckpt.lm_head_name()]
         if p.lm_head_bits:
             return ("q", self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", w, p.lm_head_bits, self.head_block()))
-        return ("f", self._float("lm_head.weight", w))
+        return ("f", self._float_table("lm_head.weight", w[0]))
 
     def lm_head(self, x: str, head, tag: str) -> str:
         g, a = self.g, self.a
@@ -238,11 +269,9 @@ class DecoderBuilder:
         a, g, p = self.a, self.g, self.plan
         pre = f"model.layers.{i}"
         sa = f"{pre}.self_attn"
-        w = np.concatenate([self.t(f"{sa}.q_proj.weight"), self.t(f"{sa}.k_proj.weight"), self.t(f"{sa}.v_proj.weight")])
-        bias = (np.concatenate([self.t(f"{sa}.q_proj.bias"), self.t(f"{sa}.k_proj.bias"), self.t(f"{sa}.v_proj.bias")])
-                if a.qkv_bias else None)
+        w = [f"{sa}.q_proj.weight", f"{sa}.k_proj.weight", f"{sa}.v_proj.weight"]
+        bias = [f"{sa}.q_proj.bias", f"{sa}.k_proj.bias", f"{sa}.v_proj.bias"] if a.qkv_bias else None
         qkv = self.linear(h, f"{pre}.attn.qkv_proj", w, bias, p.linear_bits)
-        del w
         kv_shape = ["batch_size", a.num_kv_heads, "past_sequence_length", a.head_dim]
         past_k = g.add_input(f"past_key_values.{i}.key", p.elem, kv_shape)
         past_v = g.add_input(f"past_key_values.{i}.value", p.elem, kv_shape)
@@ -261,7 +290,7 @@ class DecoderBuilder:
                      do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
         for name in present:
             g.add_output(name, p.elem, ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim])
-        return self.linear(out, f"{pre}.attn.o_proj", self.t(f"{sa}.o_proj.weight"), None, p.linear_bits)
+        return self.linear(out, f"{pre}.attn.o_proj", [f"{sa}.o_proj.weight"], None, p.linear_bits)
 
     def head_norm(self, x: str, weight: str, heads: int, name: str) -> str:
         g, a = self.g, self.a
@@ -273,11 +302,10 @@ class DecoderBuilder:
     def mlp(self, i: int, h: str) -> str:
         a, g, p = self.a, self.g, self.plan
         pre = f"model.layers.{i}"
-        w = np.concatenate([self.t(f"{pre}.mlp.gate_proj.weight"), self.t(f"{pre}.mlp.up_proj.weight")])
+        w = [f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"]
         gu = self.linear(h, f"{pre}.mlp.gate_up_proj", w, None, p.linear_bits)
-        del w
         gate, up = g.node("Split", [gu, g.const_i64([a.intermediate_size, a.intermediate_size])], f"/{pre}/mlp/Split",
                           n_out=2, axis=-1)
         sig = g.op("Sigmoid", [gate], f"/{pre}/mlp/act/Sigmoid")
         act = g.op("Mul", [g.op("Mul", [gate, sig], f"/{pre}/mlp/act/Mul"), up], f"/{pre}/mlp/Mul")
-        return self.linear(act, f"{pre}.mlp.down_proj", self.t(f"{pre}.mlp.down_proj.weight"), None, p.linear_bits)
+        return self.linear(act, f"{pre}.mlp.down_proj", [f"{pre}.mlp.down_proj.weight"], None, p.linear_bits)

@@ -1,9 +1,9 @@
-"""A small ONNX graph builder whose initializers stream into one external-data file as they are made."""
+"""A small ONNX graph builder whose initializers stream, chunk by chunk, into one external-data file."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -25,29 +25,54 @@ NP_TO_ONNX = {
 
 
 class DataFile:
-    """Appends tensor bytes to `model.onnx.data` and returns TensorProtos that point into it."""
+    """Appends tensor bytes to `model.onnx.data` as they are produced and returns TensorProtos that point into it.
+
+    A tensor's size is known before its first byte (`add_chunks` takes dtype and shape), so its offset and alignment
+    are fixed up front and its chunks go straight to the file: no tensor is ever held whole, nor copied to bytes. A
+    write that fails part way leaves the file unusable, and every later call says so."""
 
     def __init__(self, path: Path):
         self.path = path
         self.name = path.name
         self.f: BinaryIO = open(path, "wb")
         self.offset = 0
+        self._broken: str | None = None
 
     def add(self, name: str, arr: np.ndarray) -> TensorProto:
         arr = np.ascontiguousarray(arr)
-        data = arr.tobytes()
-        align = PAGE_ALIGN if len(data) >= PAGE_ALIGN_MIN else 64
+        return self.add_chunks(name, arr.dtype, arr.shape, [arr])
+
+    def add_chunks(self, name: str, dtype: Any, shape: tuple[int, ...] | list[int],
+                   chunks: Iterable[np.ndarray]) -> TensorProto:
+        """One tensor of `dtype` and `shape` whose bytes arrive as `chunks` in C order (any split)."""
+        if self._broken:
+            raise ValueError(f"{self.name}: cannot add {name!r}: {self._broken}")
+        if self.f.closed:
+            raise ValueError(f"{self.name}: cannot add {name!r}: the file is closed")
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        align = PAGE_ALIGN if nbytes >= PAGE_ALIGN_MIN else 64
         pad = (-self.offset) % align
         if pad:
             self.f.write(b"\0" * pad)
             self.offset += pad
-        t = TensorProto(name=name, data_type=NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
+        t = TensorProto(name=name, data_type=NP_TO_ONNX[dtype], dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for k, v in (("location", self.name), ("offset", str(self.offset)), ("length", str(nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
-        self.f.write(data)
-        self.offset += len(data)
+        self._broken = f"the write of {name!r} did not finish"
+        written = 0
+        for c in chunks:
+            if c.dtype != dtype:
+                raise ValueError(f"{name}: chunk of {c.dtype}, expected {dtype}")
+            self.f.write(np.ascontiguousarray(c).reshape(-1).view(np.uint8).data)
+            written += c.nbytes
+        if written != nbytes:
+            self._broken = f"{name!r} got {written} bytes, expected {nbytes}"
+            raise ValueError(f"{self.name}: {self._broken}")
+        self._broken = None
+        self.offset += nbytes
         return t
 
     def close(self) -> None:
@@ -77,6 +102,20 @@ class GraphBuilder:
             t = self.data.add(name, arr)
         self.initializers.append(t)
         self.init_bytes[name] = arr.nbytes
+        return name
+
+    def init_chunks(self, name: str, dtype: Any, shape: tuple[int, ...] | list[int],
+                    chunks: Iterable[np.ndarray]) -> str:
+        """An initializer streamed chunk by chunk into the data file (a tiny one is gathered and kept inline)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes <= INLINE_MAX_BYTES:
+            arr = np.concatenate([np.ravel(c) for c in chunks])
+            if arr.dtype != dtype:
+                raise ValueError(f"{name}: chunks of {arr.dtype}, expected {dtype}")
+            return self.init(name, arr.reshape(shape))
+        self.initializers.append(self.data.add_chunks(name, dtype, shape, chunks))
+        self.init_bytes[name] = nbytes
         return name
 
     def alias(self, name: str, of: str, shape: list[int] | None = None) -> str:

@@ -10,6 +10,33 @@ ROW_CHUNK = 4096
 """Rows quantized at a time: bounds the float32 temporaries to a few tens of MB even for the vocab table."""
 
 
+@dataclass(frozen=True)
+class QuantLayout:
+    """The shapes of one block-quantized [N, K] weight, known before any row is quantized (so it can be streamed)."""
+
+    n: int
+    k: int
+    bits: int
+    block_size: int
+    symmetric: bool = True
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def blob(self) -> int:
+        return self.block_size * self.bits // 8
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (self.n, self.blocks, self.blob)
+
+    @property
+    def type_name(self) -> str:
+        return f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+
+
 @dataclass
 class BlockQuant:
     """One quantized [N, K] weight: `data` uint8 [N, k_blocks, blob], `scales` [N, k_blocks], `zero_points` or None."""
@@ -32,7 +59,10 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _quantize_rows(w: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_rows(w: np.ndarray, bits: int, block: int,
+                  symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float32 rows [n, K] -> (data [n, blocks, blob], float32 scales [n, blocks], zero points or None); each row
+    on its own, so any split into row chunks gives the same bytes."""
     n, k = w.shape
     nb = -(-k // block)
     if nb * block != k:
@@ -74,7 +104,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, symmetric: boo
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
     n, k = w.shape
-    parts = [_quantize_rows(np.asarray(w[i:i + ROW_CHUNK], dtype=np.float32), bits, block_size, symmetric)
+    parts = [quantize_rows(np.asarray(w[i:i + ROW_CHUNK], dtype=np.float32), bits, block_size, symmetric)
              for i in range(0, n, ROW_CHUNK)]
     data = np.concatenate([p[0] for p in parts])
     scales = np.concatenate([p[1] for p in parts])
