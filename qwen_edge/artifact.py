@@ -352,8 +352,12 @@ def write_tokenizer_files(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
 
 def base_manifest(ckpt: Checkpoint, *, name: str, fmt: str, quant: str, model_file: str, source: str,
                   context_length: int, target: str | None, recipe: dict | None, tokenizer: dict[str, Any],
-                  quantization: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest fields every exporter writes (files are added by `ArtifactWriter.commit`)."""
+                  quantization: dict[str, Any], extra: dict[str, Any] | None = None,
+                  hub: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest fields every exporter writes (files are added by `ArtifactWriter.commit`).
+
+    `source` is the directory as given, or the hub id; `hub` (`Source.record()`) adds a hub source's `hub_id`, the
+    `revision` asked for (null: the default branch) and the `commit` it resolved to."""
     m: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "toolkit": {"name": "qwen-edge", "version": __version__},
@@ -362,7 +366,7 @@ def base_manifest(ckpt: Checkpoint, *, name: str, fmt: str, quant: str, model_fi
         "quant": quant,
         "model_file": model_file,
         "source": {"path": source, "weights_sha256": ckpt.weights_sha256,
-                   "name_or_path": ckpt.config.get("_name_or_path")},
+                   "name_or_path": ckpt.config.get("_name_or_path"), **(hub or {})},
         "architecture": ckpt.arch.to_dict(),
         "context_length": context_length,
         "quantization": quantization,

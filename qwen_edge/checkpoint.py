@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -205,23 +207,128 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def resolve_source(source: str) -> Path:
-    """A local checkpoint directory as is; a hub id (`Org/Name`) downloaded through huggingface_hub."""
-    p = Path(source).expanduser()
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+"""`Org/Name` as the hub spells repository ids (huggingface_hub validates the finer rules)."""
+REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,254}")
+"""A branch, tag or commit (`main`, `v1.0`, `refs/pr/3`, 40 hex digits)."""
+COMMIT = re.compile(r"[0-9a-f]{40}")
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+"""What a checkpoint needs from a hub repository (config, weights, tokenizer, template); pickles are skipped."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint source resolved to a local directory; for a hub id also the id, the revision asked for and the
+    commit the revision resolved to (the snapshot's commit hash)."""
+
+    path: Path
+    spec: str
+    """The source as given (a directory, `Org/Name` or `Org/Name@rev`)."""
+    hub_id: str | None = None
+    revision: str | None = None
+    """The revision asked for (`None`: the repository's default branch)."""
+    commit: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.hub_id is not None
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's hub fields (`hub_id`, `revision`, `commit`); empty for a local directory."""
+        return {"hub_id": self.hub_id, "revision": self.revision, "commit": self.commit} if self.is_hub else {}
+
+    @property
+    def label(self) -> str:
+        """`Org/Name@commit` for a hub source (what to pass to pin it), else the directory as given."""
+        return f"{self.hub_id}@{self.commit}" if self.is_hub and self.commit else self.spec
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def split_hub_id(text: str) -> tuple[str, str | None] | None:
+    """`Org/Name` -> (`Org/Name`, None); `Org/Name@rev` -> (`Org/Name`, `rev`); None when `text` is no hub id."""
+    repo, at, rev = text.partition("@")
+    if not HUB_ID.fullmatch(repo) or (at and not rev):
+        return None
+    return repo, (rev if at else None)
+
+
+def _check_revision(rev: str, source: str) -> None:
+    if not REVISION.fullmatch(rev) or ".." in rev or "//" in rev or rev.endswith("/"):
+        raise QwenEdgeError(f"{source}: invalid revision {rev[:80]!r} (a branch, tag or commit hash)")
+
+
+def resolve(source: "str | os.PathLike | Source", revision: str | None = None) -> Source:
+    """A local checkpoint directory as is; a hub id (`Org/Name`, `Org/Name@rev`, or `revision=`) resolved once
+    through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN as huggingface_hub reads
+    them), downloading what the cache lacks when online."""
+    if isinstance(source, Source):
+        if revision is not None and revision != source.revision:
+            raise QwenEdgeError(f"{source.spec}: already resolved without revision {revision!r}")
+        return source
+    text = os.fspath(source)
+    p = Path(text).expanduser()
     if p.exists():
-        return p
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise QwenEdgeError(f"{source}: not a local directory and huggingface_hub is not installed") from None
-        try:
-            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-        except Exception as e:  # network, auth, missing repo: all one line for the user
-            msg = first_line(e)
-            raise QwenEdgeError(f"{source}: cannot fetch from the Hugging Face hub (offline?): {msg}") from None
-    raise QwenEdgeError(f"{source}: no such checkpoint directory")
+        if revision is not None:
+            raise QwenEdgeError(f"{text}: a local directory has no revision (revision {revision!r} is for hub ids)")
+        return Source(p, text)
+    hub = split_hub_id(text) if not text.startswith((".", "/", "~")) else None
+    if hub is None:
+        raise QwenEdgeError(f"{text}: no such checkpoint directory")
+    repo, rev = hub
+    if rev is not None and revision is not None and rev != revision:
+        raise QwenEdgeError(f"{text}: two revisions given ({rev!r} in the source and {revision!r})")
+    rev = rev if rev is not None else revision
+    if rev is not None:
+        _check_revision(rev, text)
+    path = _snapshot(repo, rev, text)
+    commit = path.name if COMMIT.fullmatch(path.name) and path.parent.name == "snapshots" else None
+    return Source(path, text, hub_id=repo, revision=rev, commit=commit)
 
 
-def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    return Checkpoint(resolve_source(str(source)))
+def _snapshot(repo: str, rev: str | None, text: str) -> Path:
+    """The snapshot directory of `repo` at `rev` from huggingface_hub; every failure is one QwenEdgeError line."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import errors as hf_errors
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:
+        raise QwenEdgeError(f"{text}: not a local directory and huggingface_hub is not installed") from None
+    at = f" at revision {rev!r}" if rev else ""
+    try:
+        return Path(snapshot_download(repo, revision=rev, allow_patterns=HUB_FILES))
+    except hf_errors.RevisionNotFoundError:
+        raise QwenEdgeError(f"{text}: unknown revision {rev!r} of {repo} on the Hugging Face hub") from None
+    except hf_errors.GatedRepoError:
+        raise QwenEdgeError(f"{text}: {repo} is gated on the Hugging Face hub; accept its terms there and set "
+                            "HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise QwenEdgeError(f"{text}: no such checkpoint directory, and no repository {repo} on the Hugging Face hub "
+                            "(a private one needs HF_TOKEN)") from None
+    except hf_errors.IncompleteSnapshotError as e:
+        raise QwenEdgeError(f"{text}: the cached snapshot{at} is incomplete and the hub cannot be reached "
+                            f"({first_line(e, 160)})") from None
+    except hf_errors.LocalEntryNotFoundError as e:
+        cache = Path(constants.HF_HUB_CACHE)
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else \
+            f"the hub cannot be reached ({first_line(e.__cause__ or e, 120)})"
+        if not (cache / repo_folder_name(repo_id=repo, repo_type="model")).is_dir():
+            raise QwenEdgeError(f"{text}: no such checkpoint directory, and {repo} is not in the Hugging Face cache "
+                                f"{cache} while {why}") from None
+        raise QwenEdgeError(f"{text}: unknown revision {rev or 'main'!r}: the Hugging Face cache {cache} holds {repo} "
+                            f"but not{at or ' at its default branch'}, and {why}") from None
+    except ValueError as e:  # HFValidationError: an id or revision the hub refuses
+        raise QwenEdgeError(f"{text}: not a valid hub id ({first_line(e, 160)})") from None
+    except Exception as e:  # network, disk, auth: all one line for the user
+        raise QwenEdgeError(f"{text}: cannot fetch {repo}{at} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{first_line(e, 160)})") from None
+
+
+def resolve_source(source: "str | os.PathLike | Source", revision: str | None = None) -> Path:
+    """The local directory of a source (see `resolve`)."""
+    return resolve(source, revision).path
+
+
+def open_checkpoint(source: "str | os.PathLike | Source", revision: str | None = None) -> Checkpoint:
+    return Checkpoint(resolve(source, revision).path)

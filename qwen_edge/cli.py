@@ -39,6 +39,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .recipe import run_export
 
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
+                      revision=a.revision,
                       recipe_path=a.recipe, overrides=_overrides(a.set), name=a.name, verify=a.verify,
                       force=a.force, max_context=a.max_context)
 
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("export", help="export a checkpoint to a GGUF or ONNX artifact")
-    p.add_argument("source", nargs="?", help="checkpoint directory or hub id (overrides the recipe's source)")
+    p.add_argument("source", nargs="?", help="checkpoint directory or hub id, Org/Name[@revision] "
+                   "(overrides the recipe's source)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub-id source; the manifest records "
+                   "the commit")
     p.add_argument("--format", choices=["gguf", "onnx"])
     p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 int4")
     p.add_argument("--target", help="target profile (cpu-x86_64, arm64-mobile, cuda) or a YAML path")
@@ -152,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check an artifact against the PyTorch reference (exit 1 on drift)")
     p.add_argument("artifact")
-    p.add_argument("--reference", help="reference checkpoint (default: the manifest's source)")
+    p.add_argument("--reference", help="reference checkpoint directory or hub id (default: the manifest's source; "
+                   "a hub source at its recorded commit)")
     p.add_argument("--quick", action="store_true", help="short evaluation text (for smoke tests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)

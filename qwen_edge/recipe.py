@@ -10,11 +10,14 @@ import time
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import GateFailed, QwenEdgeError
+
+if TYPE_CHECKING:
+    from .checkpoint import Source
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
 """The checkout's recipes (an editable install); `recipes_dir()` falls back to ./export_recipes."""
@@ -74,6 +77,9 @@ class Recipe:
     """Hugging Face hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`) or a local checkpoint directory."""
     source_path: str | None = None
     """A local checkpoint directory that replaces `source` (relative paths are relative to the current directory)."""
+    revision: str | None = None
+    """Hub revision of `source`: a branch, tag or commit (default: the repository's default branch); `source:
+    Org/Name@rev` says the same. The manifest records the commit it resolved to. Not used with `source_path`."""
     model: str = ""
     """Registry architecture (qwen_edge.models.MODELS, e.g. `qwen2.5-0.5b`); the source is checked against it."""
     format: str = ""
@@ -93,6 +99,11 @@ class Recipe:
     @property
     def effective_source(self) -> str:
         return self.source_path or self.source
+
+    @property
+    def effective_revision(self) -> str | None:
+        """The revision that goes with `effective_source` (a `source_path` replaces the hub id and its revision)."""
+        return None if self.source_path else self.revision
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,6 +295,17 @@ def validate_recipe(r: Recipe, src: str) -> None:
 
     if not r.effective_source:
         raise QwenEdgeError(f"{src}: 'source' is required (a hub id or a checkpoint directory)")
+    if r.revision is not None:
+        from .checkpoint import split_hub_id
+
+        hub = split_hub_id(r.source)
+        if not r.revision.strip():
+            raise QwenEdgeError(f"{src}: 'revision' must not be empty")
+        if hub is None and not r.source_path:
+            raise QwenEdgeError(f"{src}: 'revision' needs a hub id (Org/Name) as 'source', not {r.source!r:.80}")
+        if hub is not None and hub[1] is not None and hub[1] != r.revision:
+            raise QwenEdgeError(f"{src}: 'source' {r.source!r:.80} and 'revision' {r.revision!r:.40} name two "
+                                "revisions")
     if r.model and r.model.lower() not in MODELS:
         raise QwenEdgeError(f"{src}: unknown model {r.model!r} (known: {', '.join(MODELS)})")
     if r.format not in ("gguf", "onnx"):
@@ -353,7 +375,7 @@ def list_recipes(directory: str | os.PathLike | None = None) -> list[dict[str, A
             rel = str(p.resolve().relative_to(Path.cwd().resolve()))
         except ValueError:
             rel = str(p)
-        rows.append({"name": r.name, "file": rel, "model": r.model, "source": r.source, "format": r.format,
+        rows.append({"name": r.name, "file": rel, "model": r.model, "source": r.source, "revision": r.revision, "format": r.format,
                      "quant": r.quant.type, "target": r.target, "output": r.output or r.name})
     return rows
 
@@ -390,11 +412,12 @@ def manifest_recipe(recipe: Recipe, source_dir: Path) -> dict[str, Any]:
     return {**recipe.build_inputs(), "options": recipe.quant.options(), "source_config_sha256": _config_sha(source_dir)}
 
 
-def existing_matches(final: Path, source_dir: Path, record: dict[str, Any]) -> bool:
-    """True when `final` is an intact artifact built by this toolkit version from the same inputs."""
+def existing_matches(final: Path, source_dir: "Path | Source", record: dict[str, Any]) -> bool:
+    """True when `final` is an intact artifact built by this toolkit version from the same inputs (for a hub
+    source, `source_dir` is the resolved `Source`: the same hub id, revision asked for and commit too)."""
     from . import __version__
     from .artifact import Artifact
-    from .checkpoint import Checkpoint, sha256_file
+    from .checkpoint import Checkpoint, Source, sha256_file
 
     if not (final / "manifest.json").is_file():
         return False
@@ -405,6 +428,11 @@ def existing_matches(final: Path, source_dir: Path, record: dict[str, Any]) -> b
     m = art.manifest
     if (m.get("toolkit") or {}).get("version") != __version__ or m.get("recipe") != record:
         return False
+    hub = source_dir.record() if isinstance(source_dir, Source) else {}
+    if any((m.get("source") or {}).get(k) != hub.get(k) for k in ("hub_id", "revision", "commit")):
+        return False
+    if isinstance(source_dir, Source):
+        source_dir = source_dir.path
     if (m.get("tokenizer") or {}).get("sha256") != sha256_file(source_dir / "tokenizer.json"):
         return False
     ckpt = Checkpoint(source_dir, validate=False)
@@ -450,8 +478,11 @@ class ExportOutcome:
 
 
 def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
-                  force: bool = False) -> ExportOutcome:
-    """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed."""
+                  force: bool = False, revision: str | None = None) -> ExportOutcome:
+    """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed.
+
+    The source (`source`, else the recipe's) is resolved once: a hub id through the Hugging Face cache at `revision`
+    (else the recipe's); the export, the up-to-date check and verify all read that snapshot directory."""
     from .export import export
     from .targets import load_target
 
@@ -459,31 +490,34 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     src = source or recipe.effective_source
     if not src:
         raise QwenEdgeError(f"recipe {recipe.name}: no source")
+    if revision is None and not source:
+        revision = recipe.effective_revision
+    from .checkpoint import resolve
+
+    resolved = resolve(src, revision)
     name = recipe.output or recipe.name
     if not name:
         from .export import default_name
 
-        name = default_name(src, recipe.format, recipe.quant.type)
+        name = default_name(resolved, recipe.format, recipe.quant.type)
     check_output_name(name, f"recipe {recipe.name or '(flags)'}")
     target = load_target(recipe.target)
     context = recipe.max_context
     options = recipe.quant.options()
     final = Path(out_dir) / name
-    from .checkpoint import resolve_source
-
-    source_dir = resolve_source(src)
+    source_dir = resolved.path
     _check_model(recipe, source_dir)
     record = manifest_recipe(recipe, source_dir)
-    skipped = not force and existing_matches(final, source_dir, record)
+    skipped = not force and existing_matches(final, resolved, record)
     if not skipped:
-        export(src, recipe.format, recipe.quant.type, out_dir,
+        export(resolved, recipe.format, recipe.quant.type, out_dir,
                name=name, target=target.name, options=options, recipe=record, context_length=context)
     seconds = time.perf_counter() - t0
     outcome = ExportOutcome(final, skipped, seconds, "off")
     if not (verify and recipe.verify.enabled):
         outcome.verify = "off (--no-verify)" if not verify else "off (recipe)"
         return outcome
-    return verify_outcome(outcome, recipe, src)
+    return verify_outcome(outcome, recipe, str(source_dir))
 
 
 def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Any = None) -> ExportOutcome:
@@ -561,7 +595,7 @@ def _check_model(recipe: Recipe, source_dir: Path) -> None:
 
 def run_export(source: str | None, fmt: str | None, quant: str | None, target: str | None, out_dir: str,
                recipe_path: str | None = None, overrides: dict[str, str] | None = None, name: str | None = None,
-               verify: bool = True, force: bool = False, max_context: int | None = None) -> int:
+               verify: bool = True, force: bool = False, max_context: int | None = None, revision: str | None = None) -> int:
     """`qwen-edge export`: a recipe (plus flags/overrides) or plain flags; prints one summary line to stderr."""
     overrides = dict(overrides or {})
     if recipe_path:
@@ -582,7 +616,7 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
         check_output_name(name, "--name")
         recipe.output = name
     validate_recipe(recipe, str(recipe_path or "command line"))
-    outcome = export_recipe(recipe, out_dir, verify=verify, force=force)
+    outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision)
     print(outcome.summary(), file=sys.stderr)
     if not outcome.passed:
         raise GateFailed(f"verify: {outcome.failure}")

@@ -206,15 +206,43 @@ def describe_failures(report: dict[str, Any]) -> str:
 
 # --- the gate ---------------------------------------------------------------------------------------------------
 def _resolve_reference(art: Any, reference: str | os.PathLike | None) -> Path:
+    """The reference checkpoint directory: `reference` (a directory or a hub id), else the manifest's source: a hub
+    source at the commit it was exported from (from the Hugging Face cache, downloaded when online), a directory as
+    recorded (relative paths also tried beside the artifact)."""
+    from .checkpoint import split_hub_id
+
     if reference is None:
-        src = (art.manifest.get("source") or {}).get("path")
-        if not src:
+        source = art.manifest.get("source") or {}
+        src = source.get("path") if isinstance(source, dict) else None
+        hub_id = source.get("hub_id") if isinstance(source, dict) else None
+        if isinstance(hub_id, str) and hub_id:
+            commit = source.get("commit") or source.get("revision")
+            return _hub_reference(hub_id, commit if isinstance(commit, str) and commit else None)
+        if not src or not isinstance(src, str):
             raise QwenEdgeError(f"{art.path}: manifest names no source checkpoint; pass --reference DIR")
         ref = Path(src)
         if not ref.is_absolute() and not ref.exists() and (art.path.parent / ref).exists():
             ref = art.path.parent / ref
+        elif not ref.exists() and split_hub_id(src) is not None:  # exported from a hub id before ids were recorded
+            return _hub_reference(src, None)
     else:
         ref = Path(reference)
+        if not ref.exists() and split_hub_id(str(reference)) is not None:
+            return _hub_reference(str(reference), None)
+    if not (ref / "config.json").is_file():
+        raise QwenEdgeError(f"{ref}: reference checkpoint not found (no config.json); pass --reference DIR")
+    return ref
+
+
+def _hub_reference(hub_id: str, revision: str | None) -> Path:
+    from .checkpoint import resolve
+
+    try:
+        ref = resolve(hub_id, revision).path
+    except QwenEdgeError as e:  # the way out first: the reason after it may be long
+        spec = f"{hub_id}@{revision}" if revision else hub_id
+        reason = str(e).removeprefix(f"{spec}: ")
+        raise QwenEdgeError(f"reference checkpoint {spec} not found (pass --reference DIR): {reason}") from None
     if not (ref / "config.json").is_file():
         raise QwenEdgeError(f"{ref}: reference checkpoint not found (no config.json); pass --reference DIR")
     return ref

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..artifact import ArtifactWriter, base_manifest, write_tokenizer_files
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, Source, resolve
 from ..errors import QwenEdgeError
 
 
@@ -55,15 +55,23 @@ def formats() -> dict[str, tuple[str, ...]]:
     return {fmt: get_exporter(fmt).quants for fmt in _MODULES}
 
 
-def default_name(source: str, fmt: str, quant: str) -> str:
+def default_name(source: "str | Source", fmt: str, quant: str) -> str:
+    """`<source name>-<format>-<quant>`: a directory's name, or a hub id's repository name (without `@rev`)."""
+    if isinstance(source, Source) and source.hub_id:
+        source = source.hub_id
     base = Path(str(source).rstrip("/")).name or "model"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{base}-{fmt}-{quant}").strip("-.")
 
 
-def export(source: str | os.PathLike, fmt: str, quant: str, out_dir: str | os.PathLike, *,
+def export(source: str | os.PathLike | Source, fmt: str, quant: str, out_dir: str | os.PathLike, *,
            name: str | None = None, target: str | dict | None = None, options: dict[str, Any] | None = None,
-           recipe: dict[str, Any] | None = None, context_length: int | None = None) -> Path:
-    """Export a checkpoint to `out_dir/name` (atomically). Returns the artifact directory."""
+           recipe: dict[str, Any] | None = None, context_length: int | None = None,
+           revision: str | None = None) -> Path:
+    """Export a checkpoint to `out_dir/name` (atomically). Returns the artifact directory.
+
+    `source` is a checkpoint directory, a hub id (`Org/Name`, `Org/Name@rev`, or with `revision`) resolved through
+    the Hugging Face cache, or a `Source` already resolved (`qwen_edge.checkpoint.resolve`); the manifest records
+    a hub source's id, the revision asked for and the commit it resolved to."""
     exporter = get_exporter(fmt)
     if quant not in exporter.quants:
         raise QwenEdgeError(f"format {fmt} has no quantization {quant!r} (available: {', '.join(exporter.quants)})")
@@ -74,8 +82,9 @@ def export(source: str | os.PathLike, fmt: str, quant: str, out_dir: str | os.Pa
         profile = load_target(target)
     else:
         profile = target
-    ckpt = open_checkpoint(source)
-    name = name or default_name(str(source), fmt, quant)
+    src = resolve(source, revision)
+    ckpt = Checkpoint(src.path)
+    name = name or default_name(src, fmt, quant)
     if "/" in name or name in ("", ".", ".."):
         raise QwenEdgeError(f"invalid artifact name {name!r}")
     final = Path(out_dir) / name
@@ -85,9 +94,9 @@ def export(source: str | os.PathLike, fmt: str, quant: str, out_dir: str | os.Pa
             tok = write_tokenizer_files(ckpt, w.dir)
             res = exporter(ckpt, w.dir, quant, target=profile, options=dict(options or {}), tokenizer=tok)
             manifest = base_manifest(
-                ckpt, name=name, fmt=fmt, quant=quant, model_file=res.model_file, source=str(source),
+                ckpt, name=name, fmt=fmt, quant=quant, model_file=res.model_file, source=src.hub_id or src.spec,
                 context_length=min(ctx, res.context_length), target=(profile or {}).get("name"),
-                recipe=recipe, tokenizer=tok, quantization=res.quantization, extra=res.extra,
+                recipe=recipe, tokenizer=tok, quantization=res.quantization, extra=res.extra, hub=src.record(),
             )
             return w.commit(manifest)
     except OSError as e:
