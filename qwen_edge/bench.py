@@ -302,8 +302,14 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
         if not p.exists():
             raise QwenEdgeError(f"{p}: no such artifact")
         files, fmt, quant, bpw, meta = model_files(p)
+        limit = int(meta.get("context_length") or meta["architecture"].get("max_position_embeddings") or ctx)
+        if prompt_tokens + gen_tokens > limit:
+            raise QwenEdgeError(f"{p}: prompt {prompt_tokens} + generated {gen_tokens} tokens exceed the artifact's "
+                                f"context length {limit}")
         entries.append({"path": p, "files": files, "format": fmt, "quant": quant, "bpw": bpw,
-                        "arch": meta["architecture"], "prompt": bench_prompt(p, prompt_tokens)})
+                        "arch": meta["architecture"], "prompt": bench_prompt(p, prompt_tokens),
+                        # the rounded-up default never asks for more than the artifact holds
+                        "max_context": ctx if max_context else min(ctx, limit)})
     bandwidth = read_bandwidth_gbps(max(sweep))
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
     ctx_mp = get_context("spawn")
@@ -313,7 +319,8 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
             for i in (range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))):  # A B, then B A
                 e = entries[i]
                 spec = {"path": str(e["path"]), "target": profile.name if target is None else target,
-                        "threads": th, "max_context": ctx, "prompt": e["prompt"], "gen_tokens": gen_tokens,
+                        "threads": th, "max_context": e["max_context"], "prompt": e["prompt"],
+                        "gen_tokens": gen_tokens,
                         "warmup": warmup}
                 with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
                     res = ex.submit(_measure, spec).result()
@@ -362,7 +369,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
             }
             kv = rs[0].get("kv_cache_bytes")  # onnxruntime reports its own; llama.cpp's default cache is f16
             if kv is None and e["format"] == "gguf":
-                kv = kv_cache_bytes(e["arch"], rs[0].get("context_length") or ctx, 2)
+                kv = kv_cache_bytes(e["arch"], rs[0].get("context_length") or e["max_context"], 2)
             res["kv_cache_bytes"] = kv
             res["rss_budget_bytes"] = int(1.5 * size + kv) if kv is not None else None
             results.append(res)

@@ -121,3 +121,15 @@ def test_bench_of_the_torch_reference_and_a_thread_sweep(synth_ckpt, exported, t
     assert markdown_table(report).count("\n| ") == 4
     p = plot(report, tmp_path / "sweep.png")
     assert Path(p).stat().st_size > 5000
+
+
+def test_bench_default_context_fits_an_artifact_with_a_short_context(synth_ckpt, tmp_path):
+    """The default KV size (prompt + generated, rounded up to 256) never asks for more than the artifact holds."""
+    from qwen_edge.bench import bench
+    from qwen_edge.export import export
+
+    art = export(synth_ckpt("tiny-qwen2"), "gguf", "q8_0", tmp_path, name="short", context_length=200)
+    report = bench([art], prompt_tokens=16, gen_tokens=8, repeat=1, warmup=0, threads=1)
+    assert report["results"][0]["generated_tokens"] == 8
+    with pytest.raises(QwenEdgeError, match="exceed the artifact's context length 200"):
+        bench([art], prompt_tokens=190, gen_tokens=16, repeat=1, threads=1)
