@@ -281,3 +281,22 @@ def test_the_recipe_matrix_carries_the_revision(cli):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert rows and all("revision" in row and "source" in row for row in rows)
+
+
+@requires_torch
+def test_an_artifact_from_before_hub_ids_were_recorded_still_verifies(hub, cli, tmp_path):
+    """A manifest whose source is only `path: Org/Name` (the old record) resolves the id's default branch."""
+    from qwen_edge.artifact import MANIFEST, write_json
+
+    out = tmp_path / "dist"
+    r = cli("export", REPO, "--format", "gguf", "--quant", "q8_0", "--no-verify", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    art = out / "tiny-qwen3-gguf-q8_0"
+    m = _manifest(art)
+    for k in ("hub_id", "revision", "commit"):
+        del m["source"][k]
+    write_json(art / MANIFEST, m)  # the manifest is not among its own hashed files
+    v = cli("verify", str(art), "--quick", "--json")
+    assert v.returncode == 0, v.stderr
+    report = json.loads(v.stdout)
+    assert report["reference"] == str(hub.snap_a) and report["reference_matches_source"] is True
