@@ -41,7 +41,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
                       revision=a.revision,
                       recipe_path=a.recipe, overrides=_overrides(a.set), name=a.name, verify=a.verify,
-                      force=a.force, max_context=a.max_context)
+                      force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or ())
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_recipes(a: argparse.Namespace) -> int:
     from .recipe import list_recipes, render_recipes
 
-    rows = list_recipes()
+    rows = list_recipes(a.recipes_dir or ())
     if a.json:
         _print_json(rows)
     else:
@@ -109,6 +109,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
     p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
     p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: min(model max, 4096))")
+
+
+def _add_recipes_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes-dir", action="append", metavar="DIR",
+                   help="also look for recipes in DIR, before $QWEN_EDGE_RECIPES_PATH and the packaged ones (repeatable)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gguf", "onnx"])
     p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 int4")
     p.add_argument("--target", help="target profile (cpu-x86_64, arm64-mobile, cuda) or a YAML path")
-    p.add_argument("--recipe", help="export recipe YAML (export_recipes/)")
+    p.add_argument("--recipe", help="export recipe: a YAML path, or a name from `qwen-edge recipes`")
+    _add_recipes_dir_arg(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted recipe override, e.g. quant.block_size=64")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
     p.add_argument("--max-context", type=int, help="context length recorded in the artifact")
@@ -182,8 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p = sub.add_parser("chat", help="interactive chat in the terminal",
+                       description="Interactive chat. Sampling defaults to the model's generation_config.json "
+                       "(Qwen2.5: temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; Qwen3: 0.6, 0.95, 20; "
+                       "none: greedy); flags override it, --temperature 0 is greedy. A message "
+                       "that does not fit the context is refused and the session goes on.")
     p.add_argument("artifact")
+    p.add_argument("--stats", action="store_true", help="print a one-line timing after each reply")
     p.add_argument("--system", help="system prompt")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
@@ -208,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", action="append", help="gate, e.g. decode_tokens_per_s>=20 (exit 1 when missed)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("recipes", help="list the export recipes")
+    p = sub.add_parser("recipes", help="list the export recipes (packaged, plus any directory you name)")
     p.add_argument("--json", action="store_true")
+    _add_recipes_dir_arg(p)
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("demo", help="synthesize Qwen2.5-0.5B, export GGUF and ONNX, verify, chat, bench")

@@ -10,17 +10,18 @@ import time
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .datafiles import PACKAGED, find, list_files, packaged_dir
 from .errors import GateFailed, QwenEdgeError
 
 if TYPE_CHECKING:
     from .checkpoint import Source
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "export_recipes"
-"""The checkout's recipes (an editable install); `recipes_dir()` falls back to ./export_recipes."""
+RECIPES_DIR = packaged_dir("recipes")
+"""The recipes shipped inside the package (in a checkout: a link to export_recipes/)."""
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "lm_head_block_size",
              "quantize_embeddings")
@@ -212,29 +213,26 @@ def _scalar(raw: str, key: str) -> Any:
     return value
 
 
-def recipes_dir() -> Path:
-    """export_recipes/ beside the package (a checkout), else in the current directory."""
-    return RECIPES_DIR if RECIPES_DIR.is_dir() else Path.cwd() / "export_recipes"
-
-
-def resolve_recipe_path(path_or_name: str | os.PathLike) -> Path:
-    """A recipe file path, or a recipe name looked up in export_recipes/."""
+def resolve_recipe_path(path_or_name: str | os.PathLike[str], dirs: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """A recipe file path, or a recipe name looked up in `dirs`, $QWEN_EDGE_RECIPES_PATH, then the packaged recipes."""
     p = Path(path_or_name)
     if p.is_file():
         return p
     name = str(path_or_name)
     if set(name) <= NAME_CHARS and ".." not in name:
-        for cand in (recipes_dir() / name, recipes_dir() / f"{name}.yaml"):
-            if cand.is_file():
-                return cand
+        found = find("recipes", name, dirs)
+        if found is not None:
+            return found[0]
     if p.exists():
         raise QwenEdgeError(f"{p}: not a recipe file")
     raise QwenEdgeError(f"{path_or_name}: no such recipe file or name (see `qwen-edge recipes`)")
 
 
-def load_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Recipe:
-    """Read a recipe YAML (or a name in export_recipes/), apply dotted overrides, validate it."""
-    p = resolve_recipe_path(path)
+def load_recipe(path: str | os.PathLike[str], overrides: dict[str, str] | None = None,
+                dirs: Sequence[str | os.PathLike[str]] = ()) -> Recipe:
+    """Read a recipe YAML (or a recipe name on the search path, see `resolve_recipe_path`), apply dotted
+    overrides, validate it."""
+    p = resolve_recipe_path(path, dirs)
     src = str(p)
     try:
         text = p.read_text(encoding="utf-8")
@@ -363,19 +361,16 @@ def check_output_name(name: str, src: str) -> None:
 
 
 # --- listing --------------------------------------------------------------------------------------------------
-def list_recipes(directory: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Every recipe in export_recipes/, validated, as rows usable as a CI matrix."""
-    d = Path(directory) if directory else recipes_dir()
-    if not d.is_dir():
-        raise QwenEdgeError(f"{d}: no recipe directory")
+def list_recipes(dirs: Sequence[str | os.PathLike[str]] = ()) -> list[dict[str, Any]]:
+    """Every recipe along the search path (`dirs`, $QWEN_EDGE_RECIPES_PATH, the packaged ones), validated, as rows
+    usable as a CI matrix. `origin` says where each came from; a name found earlier shadows a later one."""
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]
     rows = []
-    for p in sorted(d.glob("*.yaml")):
+    for p, origin in list_files("recipes", dirs):
         r = load_recipe(p)
-        try:
-            rel = str(p.resolve().relative_to(Path.cwd().resolve()))
-        except ValueError:
-            rel = str(p)
-        rows.append({"name": r.name, "file": rel, "model": r.model, "source": r.source, "revision": r.revision, "format": r.format,
+        rows.append({"name": r.name, "file": str(p) if origin != PACKAGED else p.name, "origin": origin,
+                     "model": r.model, "source": r.source, "revision": r.revision, "format": r.format,
                      "quant": r.quant.type, "target": r.target, "output": r.output or r.name})
     return rows
 
@@ -383,12 +378,19 @@ def list_recipes(directory: str | os.PathLike | None = None) -> list[dict[str, A
 def render_recipes(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no recipes"
-    cols = ("name", "model", "format", "quant", "target")
+    cols = ("name", "model", "format", "quant", "target", "origin")
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
-    lines.append(f"{len(rows)} recipes in export_recipes/ — export one: qwen-edge export --recipe NAME -o dist/")
+    lines.append(f"{len(rows)} recipes ({_origins(rows)}) — export one: qwen-edge export --recipe NAME -o dist/")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _origins(rows: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["origin"]] = counts.get(r["origin"], 0) + 1
+    return ", ".join(f"{n} {o}" for o, n in counts.items())
 
 
 # --- exporting ------------------------------------------------------------------------------------------------
@@ -595,11 +597,12 @@ def _check_model(recipe: Recipe, source_dir: Path) -> None:
 
 def run_export(source: str | None, fmt: str | None, quant: str | None, target: str | None, out_dir: str,
                recipe_path: str | None = None, overrides: dict[str, str] | None = None, name: str | None = None,
-               verify: bool = True, force: bool = False, max_context: int | None = None, revision: str | None = None) -> int:
+               verify: bool = True, force: bool = False, max_context: int | None = None, revision: str | None = None,
+               recipe_dirs: Sequence[str] = ()) -> int:
     """`qwen-edge export`: a recipe (plus flags/overrides) or plain flags; prints one summary line to stderr."""
     overrides = dict(overrides or {})
     if recipe_path:
-        recipe = load_recipe(recipe_path, overrides)
+        recipe = load_recipe(recipe_path, overrides, recipe_dirs)
         if fmt and fmt != recipe.format:
             recipe.format, recipe.quant = fmt, QuantConfig(type=quant or "")
         elif quant:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import GateFailed, QwenEdgeError
+from .reports import Log, VerifyReport
 
 WINDOW = 256
 """Tokens per evaluation window; each window starts from an empty KV cache on both sides."""
@@ -255,7 +256,7 @@ def _require_torch() -> None:
 
 def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = None, *, quick: bool = False,
            thresholds: dict[str, float] | None = None, threads: int | None = None, store: bool = True,
-           log: Any = None) -> dict[str, Any]:
+           log: Log = None) -> VerifyReport:
     """Compare `artifact` with its reference checkpoint on the shipped text; returns (and stores) the report.
 
     The report's `passed` is False when any metric is outside its threshold; this function does not raise
@@ -303,7 +304,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     metrics["greedy_common_prefix_mean"] = float(np.mean(prefixes)) if prefixes else 0.0
     metrics["greedy_common_prefix_min"] = float(min(prefixes)) if prefixes else 0.0
     failed = gate(metrics, limits)
-    report: dict[str, Any] = {
+    report: VerifyReport = {
         "passed": not failed,
         "metrics": metrics,
         "thresholds": limits,

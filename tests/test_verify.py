@@ -110,13 +110,13 @@ def test_missing_reference_is_bad_input(exported, cli, tmp_path):
 def test_without_torch_names_the_extra(exported, monkeypatch):
     import importlib.util
 
-    from qwen_edge import verify as v
+    from qwen_edge import verify  # the public function (qwen_edge.verify is also the module's name)
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
     real = importlib.util.find_spec
-    monkeypatch.setattr(v.importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
     with pytest.raises(QwenEdgeError, match=r"qwen-edge\[verify\]"):
-        v.verify(art)
+        verify(art)
 
 
 # --- with torch: the gate on real artifacts ------------------------------------------------------------------------
