@@ -172,6 +172,12 @@ class Checkpoint:
             yield name, self.tensor(name)
 
     # --- metadata ------------------------------------------------------------------------------------------
+    @property
+    def random_weights(self) -> bool:
+        """True for a checkpoint `qwen-edge synth` wrote: its weight files say so in their safetensors metadata
+        (`qwen_edge_synth`). Its outputs are near uniform, so top-1 and greedy agreement mean nothing there."""
+        return bool(self._handles) and all("qwen_edge_synth" in h.metadata for h in self._handles.values())
+
     @cached_property
     def weights_sha256(self) -> str:
         """sha256 over the weight files in name order (identifies the source in manifests)."""

@@ -16,10 +16,6 @@ DEMO_ARCH = "qwen2.5-0.5b"
 QUICK_ARCH = "tiny-qwen2"
 DEMO_CONTEXT = 2048
 DEMO_FORMATS = (("GGUF q4_k_m", "gguf", "q4_k_m"), ("ONNX int4", "onnx", "int4"))
-RANDOM_WEIGHT_THRESHOLDS = {"top1_agreement": 0.0, "greedy_common_prefix_mean": 0.0, "greedy_common_prefix_min": 0.0}
-"""On random weights every next-token distribution is near uniform (perplexity close to the vocabulary size), so
-the argmax is a coin toss between near-equal logits: top-1 and greedy agreement say nothing about quantization
-error there. KL divergence, logit error and perplexity change still measure it and stay gated."""
 SYSTEM = "You are a concise assistant running on an edge device."
 QUESTION = "In one sentence: why do quantized models run faster on a CPU?"
 SYNTH_NOTE = (
@@ -103,11 +99,11 @@ def _checkpoint(arch: str, out: Path) -> tuple[Path, bool]:
     return synth(arch, path, seed=0), False
 
 
-def _recipe(source: Path, fmt: str, quant: str, name: str, synthesized: bool):
+def _recipe(source: Path, fmt: str, quant: str, name: str):
     from .recipe import QuantConfig, Recipe, VerifyConfig
 
     q = QuantConfig(type=quant, block_size=32, accuracy_level=4) if fmt == "onnx" else QuantConfig(type=quant)
-    gate = VerifyConfig(quick=True, thresholds=dict(RANDOM_WEIGHT_THRESHOLDS) if synthesized else {})
+    gate = VerifyConfig(quick=True)  # verify relaxes top-1/greedy itself on synthesized (random) weights
     return Recipe(name=f"demo-{name}", description="qwen-edge demo", source=str(source), format=fmt, quant=q,
                   target="cpu-x86_64", max_context=DEMO_CONTEXT, verify=gate, output=name)
 
@@ -222,7 +218,7 @@ def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: b
     outcomes: dict[str, Any] = {}
     for label, fmt, quant in DEMO_FORMATS:
         with progress.step(f"export {label}") as note:
-            recipe = _recipe(source, fmt, quant, f"{fmt}-{quant}", synthesized)
+            recipe = _recipe(source, fmt, quant, f"{fmt}-{quant}")
             outcome = export_recipe(recipe, out / "artifacts", verify=False)
             arts[label], outcomes[label] = outcome.path, (outcome, recipe)
             note["text"] = ("reused (same inputs) " if outcome.skipped else "") + str(outcome.path)

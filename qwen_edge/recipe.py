@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -10,15 +9,13 @@ import time
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .datafiles import PACKAGED, find, list_files, packaged_dir
 from .errors import GateFailed, QwenEdgeError
-
-if TYPE_CHECKING:
-    from .checkpoint import Source
+from .reports import Log
 
 RECIPES_DIR = packaged_dir("recipes")
 """The recipes shipped inside the package (in a checkout: a link to export_recipes/)."""
@@ -398,50 +395,12 @@ def verify_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
-def _config_sha(path: Path) -> str:
-    """sha256 over the source's config, generation config and tokenizer config (inputs besides the weights)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
-        p = path / name
-        h.update(name.encode() + b"\0")
-        if p.is_file():
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def manifest_recipe(recipe: Recipe, source_dir: Path) -> dict[str, Any]:
     """The manifest's `recipe` record: the build inputs, the exporter options and the source config hash."""
-    return {**recipe.build_inputs(), "options": recipe.quant.options(), "source_config_sha256": _config_sha(source_dir)}
+    from .export import source_config_sha256
 
-
-def existing_matches(final: Path, source_dir: "Path | Source", record: dict[str, Any]) -> bool:
-    """True when `final` is an intact artifact built by this toolkit version from the same inputs (for a hub
-    source, `source_dir` is the resolved `Source`: the same hub id, revision asked for and commit too)."""
-    from . import __version__
-    from .artifact import Artifact
-    from .checkpoint import Checkpoint, Source, sha256_file
-
-    if not (final / "manifest.json").is_file():
-        return False
-    try:
-        art = Artifact.open(final, check_hashes=True)
-    except QwenEdgeError:
-        return False  # corrupt or altered: rebuild
-    m = art.manifest
-    if (m.get("toolkit") or {}).get("version") != __version__ or m.get("recipe") != record:
-        return False
-    hub = source_dir.record() if isinstance(source_dir, Source) else {}
-    if any((m.get("source") or {}).get(k) != hub.get(k) for k in ("hub_id", "revision", "commit")):
-        return False
-    if isinstance(source_dir, Source):
-        source_dir = source_dir.path
-    if (m.get("tokenizer") or {}).get("sha256") != sha256_file(source_dir / "tokenizer.json"):
-        return False
-    ckpt = Checkpoint(source_dir, validate=False)
-    try:
-        return (m.get("source") or {}).get("weights_sha256") == ckpt.weights_sha256
-    finally:
-        ckpt.close()
+    return {**recipe.build_inputs(), "options": recipe.quant.options(),
+            "source_config_sha256": source_config_sha256(source_dir)}
 
 
 def _fmt_size(n: int) -> str:
@@ -480,12 +439,12 @@ class ExportOutcome:
 
 
 def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
-                  force: bool = False, revision: str | None = None) -> ExportOutcome:
+                  force: bool = False, revision: str | None = None, log: Log = None) -> ExportOutcome:
     """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed.
 
     The source (`source`, else the recipe's) is resolved once: a hub id through the Hugging Face cache at `revision`
     (else the recipe's); the export, the up-to-date check and verify all read that snapshot directory."""
-    from .export import export
+    from .export import export_artifact
     from .targets import load_target
 
     t0 = time.perf_counter()
@@ -510,19 +469,17 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     source_dir = resolved.path
     _check_model(recipe, source_dir)
     record = manifest_recipe(recipe, source_dir)
-    skipped = not force and existing_matches(final, resolved, record)
-    if not skipped:
-        export(resolved, recipe.format, recipe.quant.type, out_dir,
-               name=name, target=target.name, options=options, recipe=record, context_length=context)
+    skipped = export_artifact(resolved, recipe.format, recipe.quant.type, out_dir, name=name, target=target.name,
+                              options=options, recipe=record, context_length=context, force=force).skipped
     seconds = time.perf_counter() - t0
     outcome = ExportOutcome(final, skipped, seconds, "off")
     if not (verify and recipe.verify.enabled):
         outcome.verify = "off (--no-verify)" if not verify else "off (recipe)"
         return outcome
-    return verify_outcome(outcome, recipe, str(source_dir))
+    return verify_outcome(outcome, recipe, str(source_dir), log=log)
 
 
-def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Any = None) -> ExportOutcome:
+def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Log = None) -> ExportOutcome:
     """Verify an exported artifact against `src` with the recipe's settings; a recorded pass of an unchanged
     artifact under the same gate is reused. Fills `outcome.verify`, `passed`, `report`, `failure`."""
     final = outcome.path
@@ -550,6 +507,8 @@ def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Any = 
     shown = ", ".join(f"{k} {m[k]:.3g}" for k in ("kl_mean", "top1_agreement") if isinstance(m.get(k), (int, float)))
     if outcome.passed and shown:
         outcome.verify += f" ({shown})"
+    if report.get("ungated"):
+        outcome.verify += " [random weights: top-1 and greedy agreement not gated]"
     return outcome
 
 
@@ -567,6 +526,10 @@ def _recorded_parity(final: Path, recipe: Recipe, thresholds_for: Any) -> str | 
         want = thresholds_for(art.quant, art.bits_per_weight, recipe.verify.thresholds or None)
     except QwenEdgeError:
         return None
+    from .verify import RANDOM_WEIGHT_THRESHOLDS
+
+    ungated = [k for k in p.get("ungated") or [] if k in RANDOM_WEIGHT_THRESHOLDS and k not in recipe.verify.thresholds]
+    want.update({k: RANDOM_WEIGHT_THRESHOLDS[k] for k in ungated})
     if p.get("thresholds") != want:
         return None
     return f"passed (recorded {p.get('verified_at', 'earlier')})"
@@ -619,7 +582,14 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
         check_output_name(name, "--name")
         recipe.output = name
     validate_recipe(recipe, str(recipe_path or "command line"))
-    outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision)
+    checking = verify and recipe.verify.enabled and verify_available()
+    print(f"export {recipe.effective_source} -> {out_dir} ({recipe.format} {recipe.quant.type}, target "
+          f"{recipe.target})" + ("; then verify it against the PyTorch reference"
+                                 + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
+                                 + "; --no-verify skips that" if checking else ""), file=sys.stderr, flush=True)
+    tty = sys.stderr.isatty()
+    outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision,
+                            log=(lambda msg: print(f"  verify: {msg}", file=sys.stderr, flush=True)) if tty else None)
     print(outcome.summary(), file=sys.stderr)
     if not outcome.passed:
         raise GateFailed(f"verify: {outcome.failure}")

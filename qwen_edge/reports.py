@@ -29,6 +29,10 @@ class VerifyReport(TypedDict):
     quick: bool
     reference_weights_sha256: str
     reference_matches_source: bool | None
+    random_weights: bool
+    """The reference is a `qwen-edge synth` checkpoint (random weights)."""
+    ungated: list[str]
+    """Metrics reported but not gated because the reference has random weights (see RANDOM_WEIGHT_THRESHOLDS)."""
     eval_text_sha256: str
     backends: dict[str, str]
     seconds: float

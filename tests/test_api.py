@@ -66,3 +66,30 @@ def test_type_check_catches_a_wrong_type(tmp_path):
     assert res.returncode == 1
     assert 'Incompatible types in assignment (expression has type "int", variable has type "str")' in res.stdout
     assert 'Argument "max_new_tokens" to "generate" has incompatible type "str"' in res.stdout
+
+
+def test_export_keeps_an_up_to_date_artifact_and_its_parity_record(synth_ckpt, tmp_path, caplog):
+    """qwen_edge.export() skips an intact artifact built from the same source and settings, as the CLI does."""
+    import logging
+
+    import qwen_edge
+    from qwen_edge.artifact import Artifact
+
+    ck = synth_ckpt("tiny-qwen2")
+    art = qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m")
+    Artifact.open(art).update_manifest(parity={"passed": True, "note": "recorded by an earlier verify"})
+    inode = (art / "model.gguf").stat().st_ino
+    with caplog.at_level(logging.INFO, logger="qwen_edge"):
+        again = qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m")
+    assert again == art and (art / "model.gguf").stat().st_ino == inode
+    assert Artifact.open(art).manifest["parity"]["passed"] is True
+    assert "up to date, export skipped" in caplog.text
+
+    qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m", options={"threads": 1})  # how fast, not what
+    assert (art / "model.gguf").stat().st_ino == inode
+    qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m", context_length=128)  # another setting: rebuilt
+    assert (art / "model.gguf").stat().st_ino != inode
+    assert Artifact.open(art).manifest["parity"] is None and Artifact.open(art).context_length == 128
+    inode = (art / "model.gguf").stat().st_ino
+    qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m", context_length=128, force=True)
+    assert (art / "model.gguf").stat().st_ino != inode

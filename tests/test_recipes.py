@@ -239,7 +239,9 @@ def test_export_verifies_reuses_a_recorded_pass_and_gates(cli, synth_ckpt, tmp_p
             "verify.quick=true", "-o", str(tmp_path)]
     first = cli(*base)
     assert first.returncode == 0, first.stderr
-    assert first.stderr.count("\n") == 1 and "verify passed" in first.stderr
+    announce, summary = first.stderr.splitlines()  # what it will do, then what it did
+    assert announce.startswith(f"export {src} -> ") and "then verify it against the PyTorch reference" in announce
+    assert "verify passed" in summary and "[random weights: top-1 and greedy agreement not gated]" in summary
     assert json.loads((tmp_path / "qwen3-0.6b-gguf-q8_0-cpu" / "manifest.json").read_text())["parity"]["passed"]
     again = cli(*base)
     assert again.returncode == 0 and "export skipped" in again.stderr and "passed (recorded" in again.stderr
@@ -249,3 +251,20 @@ def test_export_verifies_reuses_a_recorded_pass_and_gates(cli, synth_ckpt, tmp_p
     assert "failed: verify:" in strict.stderr and "top1_agreement" in strict.stderr.splitlines()[-1]
     off = cli(*base, "--no-verify")
     assert off.returncode == 0 and "verify off (--no-verify)" in off.stderr
+
+
+def test_readme_usage_export_of_a_synthesized_checkpoint_says_what_it_does_and_passes(cli, synth_ckpt, tmp_path):
+    """The README's path: synth, then export with the [verify] extra installed. Verify runs (announced first); on
+    random weights it gates KL, logit error and perplexity but not top-1/greedy agreement, and says so."""
+    pytest.importorskip("torch")
+    src = str(synth_ckpt("tiny-qwen3"))
+    r = cli("export", src, "--format", "gguf", "--quant", "q4_k_m", "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "then verify it against the PyTorch reference (minutes on 0.5B and up); --no-verify skips that" in r.stderr
+    assert "verify passed" in r.stderr and "random weights" in r.stderr
+    parity = json.loads((tmp_path / "tiny-qwen3-s0-gguf-q4_k_m" / "manifest.json").read_text())["parity"]
+    assert parity["random_weights"] is True
+    assert sorted(parity["ungated"]) == ["greedy_common_prefix_mean", "greedy_common_prefix_min", "top1_agreement"]
+    assert parity["thresholds"]["kl_mean"] > 0 and "kl_mean" not in parity["ungated"]
+    v = cli("verify", str(tmp_path / "tiny-qwen3-s0-gguf-q4_k_m"), "--quick")
+    assert v.returncode == 0 and "reported, not gated" in v.stdout

@@ -210,3 +210,15 @@ def test_gate_fails_an_artifact_exported_from_a_tampered_checkpoint(fidelity_ckp
     assert report["passed"] is False and report["reference_matches_source"] is False
     assert "max_abs_logit_error" in report["failed"]
     assert "max_abs_logit_error" in r.stderr
+
+
+def test_random_weights_are_told_from_trained_ones(fidelity_ckpt, synth_ckpt):
+    """Only a `synth` checkpoint relaxes the top-1/greedy gates; the trained fidelity checkpoint keeps all of them."""
+    from qwen_edge.checkpoint import Checkpoint
+
+    for path, random in ((synth_ckpt("tiny-qwen3"), True), (fidelity_ckpt, False)):
+        ck = Checkpoint(path)
+        try:
+            assert ck.random_weights is random, path
+        finally:
+            ck.close()
