@@ -481,7 +481,9 @@ def run_bench_cli(a: Any) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
-    log = None if a.json else (lambda s: print(s, file=sys.stderr))
+    from .log import say
+
+    log = None if a.json else say
     report = bench(a.artifacts, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
                    repeat=a.repeat, warmup=a.warmup, thread_sweep=sweep, target=a.target,
                    max_context=a.max_context, log=log)

@@ -225,7 +225,9 @@ def run_chat_cli(args: Any) -> int:
     tok = Tokenizer.from_dir(meta.tokenizer_dir)
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=False)
     if _isatty(sys.stdout):
-        print(f"loading {args.artifact} ...", file=sys.stderr, flush=True)
+        from .log import say
+
+        say(f"loading {args.artifact} ...")
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
                    threads=args.threads)
     try:

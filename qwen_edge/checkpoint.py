@@ -206,10 +206,13 @@ class Checkpoint:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    from .log import ByteProgress
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, ByteProgress(os.fstat(f.fileno()).st_size, f"sha256 {path.name}") as bar:
         while block := f.read(chunk):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 

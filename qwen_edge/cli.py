@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import GateFailed, QwenEdgeError, first_line
+from .log import NORMAL, QUIET, VERBOSE, configure, say
 
 
 def _print_json(obj: Any) -> None:
@@ -31,7 +32,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .synth import synth
 
     path = synth(a.arch, a.output, seed=a.seed)
-    print(f"wrote {path}", file=sys.stderr)
+    say(f"wrote {path}")
     return 0
 
 
@@ -128,13 +129,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    level = common.add_mutually_exclusive_group()
+    level.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="say more: debug messages, llama.cpp's own log")
+    level.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="print nothing on stderr but errors (stdout keeps its output)")
     ap = _Parser(prog="qwen-edge", description="Export, verify, run and benchmark small Qwen models "
-                                 "as ONNX and GGUF artifacts on CPU, arm64 and GPU.")
+                 "as ONNX and GGUF artifacts on CPU, arm64 and GPU.", parents=[common])
     ap.add_argument("--version", action="version", version=f"qwen-edge {__version__}")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    p = sub.add_parser("synth", help="write an architecture-exact checkpoint with random weights (offline)")
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("synth", help="write an architecture-exact checkpoint with random weights (offline)")
     from .models import MODELS
 
     p.add_argument("arch", choices=list(MODELS), metavar="ARCH", help="one of: " + ", ".join(MODELS))
@@ -142,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("export", help="export a checkpoint to a GGUF or ONNX artifact")
+    p = add("export", help="export a checkpoint to a GGUF or ONNX artifact")
     p.add_argument("source", nargs="?", help="checkpoint directory or hub id, Org/Name[@revision] "
                    "(overrides the recipe's source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub-id source; the manifest records "
@@ -160,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verify", help="check an artifact against the PyTorch reference (exit 1 on drift)")
+    p = add("verify", help="check an artifact against the PyTorch reference (exit 1 on drift)")
     p.add_argument("artifact")
     p.add_argument("--reference", help="reference checkpoint directory or hub id (default: the manifest's source; "
                    "a hub source at its recorded commit)")
@@ -168,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("inspect", help="describe an artifact or a bare .gguf/.onnx file")
+    p = add("inspect", help="describe an artifact or a bare .gguf/.onnx file")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("generate", help="generate text from a prompt or a messages JSON file")
+    p = add("generate", help="generate text from a prompt or a messages JSON file")
     p.add_argument("artifact")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="user message (rendered with the artifact's chat template)")
@@ -188,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat in the terminal",
+    p = add("chat", help="interactive chat in the terminal",
                        description="Interactive chat. Sampling defaults to the model's generation_config.json "
                        "(Qwen2.5: temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; Qwen3: 0.6, 0.95, 20; "
                        "none: greedy); flags override it, --temperature 0 is greedy. A message "
@@ -203,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=1024)
 
-    p = sub.add_parser("bench", help="measure CPU latency of one or more artifacts side by side")
+    p = add("bench", help="measure CPU latency of one or more artifacts side by side")
     p.add_argument("artifacts", nargs="+")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
@@ -219,12 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", action="append", help="gate, e.g. decode_tokens_per_s>=20 (exit 1 when missed)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("recipes", help="list the export recipes (packaged, plus any directory you name)")
+    p = add("recipes", help="list the export recipes (packaged, plus any directory you name)")
     p.add_argument("--json", action="store_true")
     _add_recipes_dir_arg(p)
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("demo", help="synthesize Qwen2.5-0.5B, export GGUF and ONNX, verify, chat, bench")
+    p = add("demo", help="synthesize Qwen2.5-0.5B, export GGUF and ONNX, verify, chat, bench")
     p.add_argument("--model", help="run on this checkpoint instead of a synthesized one")
     p.add_argument("-o", "--output", default="qwen-edge-demo", help="working directory (default ./qwen-edge-demo)")
     p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
@@ -235,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure(QUIET if getattr(args, "quiet", False) else VERBOSE if getattr(args, "verbose", False) else NORMAL,
+              bars=False if getattr(args, "json", False) else None)
     try:
         return int(args.func(args) or 0)
     except QwenEdgeError as e:

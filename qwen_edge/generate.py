@@ -322,7 +322,9 @@ def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_
     if args.temperature is None and default_greedy:
         ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if flags[k] is not None]
         if ignored:
-            print(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature", file=sys.stderr)
+            from .log import logger
+
+            logger.warning(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature")
         return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0, seed=args.seed)
     return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
 
@@ -371,5 +373,7 @@ def run_generate_cli(args: Any) -> int:
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
-        print(f"[{result.stats.summary()} | {result.finish_reason}]", file=sys.stderr)
+        from .log import say
+
+        say(f"[{result.stats.summary()} | {result.finish_reason}]")
     return 130 if result.finish_reason == "cancelled" else 0

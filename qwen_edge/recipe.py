@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import time
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -582,15 +581,16 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
         check_output_name(name, "--name")
         recipe.output = name
     validate_recipe(recipe, str(recipe_path or "command line"))
+    from .log import logger, say
+
     checking = verify and recipe.verify.enabled and verify_available()
-    print(f"export {recipe.effective_source} -> {out_dir} ({recipe.format} {recipe.quant.type}, target "
-          f"{recipe.target})" + ("; then verify it against the PyTorch reference"
-                                 + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
-                                 + "; --no-verify skips that" if checking else ""), file=sys.stderr, flush=True)
-    tty = sys.stderr.isatty()
+    say(f"export {recipe.effective_source} -> {out_dir} ({recipe.format} {recipe.quant.type}, target "
+        f"{recipe.target})" + ("; then verify it against the PyTorch reference"
+                               + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
+                               + "; --no-verify skips that" if checking else ""))
     outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision,
-                            log=(lambda msg: print(f"  verify: {msg}", file=sys.stderr, flush=True)) if tty else None)
-    print(outcome.summary(), file=sys.stderr)
+                            log=lambda msg: logger.debug(f"verify: {msg}"))
+    say(outcome.summary())
     if not outcome.passed:
         raise GateFailed(f"verify: {outcome.failure}")
     return 0

@@ -297,7 +297,9 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     try:
         art_rt = load(art.path, max_context=longest + 8, threads=threads)
         try:
-            for i, w in enumerate(ev.windows):
+            from .log import progress
+
+            for i, w in enumerate(progress(ev.windows, desc="verify", unit="window")):
                 ref_rt.reset()
                 art_rt.reset()
                 acc.add(w, ref_rt.prefill_all_logits(w), art_rt.prefill_all_logits(w))

@@ -152,13 +152,23 @@ def test_recipe_model_mismatch_is_refused(synth_ckpt, tmp_path):
                    recipe_path="qwen2.5-0.5b-instruct.gguf-q8_0.cpu", verify=False)
 
 
+@pytest.fixture
+def says(capsys):
+    """The CLI's stderr messages of run_export, called in this process (the CLI's main() configures the same)."""
+    from qwen_edge.log import NORMAL, configure
+
+    configure(NORMAL, bars=False)  # messages go to sys.stderr, which capsys captures
+    return capsys
+
+
 @pytest.mark.parametrize("recipe", ["qwen3-0.6b.gguf-q4_k_m.cpu", "qwen3-0.6b.onnx-int4.cpu"])
-def test_export_is_reproducible_and_skipped_when_up_to_date(recipe, synth_ckpt, tmp_path, capsys):
+def test_export_is_reproducible_and_skipped_when_up_to_date(recipe, synth_ckpt, tmp_path, says):
+    capsys = says
     src = synth_ckpt("tiny-qwen3")
     over = {"source_path": str(src), "model": "tiny-qwen3", "output": "a"}
     assert run_export(None, None, None, None, str(tmp_path / "one"), recipe, over, verify=False) == 0
     first = capsys.readouterr().err
-    assert first.count("\n") == 1 and "exported in" in first and "verify off" in first
+    assert first.count("\n") == 2 and first.startswith("export ") and "exported in" in first and "verify off" in first
     art = tmp_path / "one" / "a"
     before = _sha_all(art)
     mtime = (art / "manifest.json").stat().st_mtime_ns
@@ -183,7 +193,8 @@ def test_export_is_reproducible_and_skipped_when_up_to_date(recipe, synth_ckpt, 
         assert _sha_all(art)["model.onnx.data"] != before["model.onnx.data"]
 
 
-def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, capsys):
+def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, says):
+    capsys = says
     src = str(synth_ckpt("tiny-qwen2"))
     assert run_export(src, "gguf", "q8_0", None, str(tmp_path), name="x", verify=False) == 0
     good = _sha_all(tmp_path / "x")
@@ -196,7 +207,8 @@ def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, capsys):
     assert _sha_all(tmp_path / "x") == good
 
 
-def test_verify_missing_extra_is_reported(synth_ckpt, tmp_path, capsys, monkeypatch):
+def test_verify_missing_extra_is_reported(synth_ckpt, tmp_path, says, monkeypatch):
+    capsys = says
     import qwen_edge.recipe as recipe_mod
 
     monkeypatch.setattr(recipe_mod, "verify_available", lambda: False)
@@ -223,7 +235,7 @@ def test_cli_export_recipe_by_name_with_set(cli, synth_ckpt, tmp_path):
             "--no-verify", "-o", str(tmp_path))
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "gguf q4_0" in lines[0] and "bpw" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("export ") and "gguf q4_0" in lines[1] and "bpw" in lines[1]
     assert (tmp_path / "qwen2.5-0.5b-instruct-gguf-q4_0-arm64" / "manifest.json").is_file()
     bad = cli("export", "--recipe", "qwen2.5-0.5b-instruct.gguf-q4_0.arm64", "--set", "quant.bits=3", "-o",
               str(tmp_path))

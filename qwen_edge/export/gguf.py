@@ -206,7 +206,9 @@ def write_gguf(ckpt: Checkpoint, path: Path, plan: list[_Planned], ftype: int, o
         w.write_ti_data_to_file()
         assert w.fout is not None
         f = w.fout[0]
-        for t in plan:
+        from ..log import progress
+
+        for t in progress(plan, desc="write GGUF", unit="tensor"):
             _pad(f, w.data_alignment)
             _write_tensor(f, ckpt, t)
         _pad(f, w.data_alignment)

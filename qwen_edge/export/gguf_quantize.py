@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import tempfile
 import threading
@@ -24,9 +25,26 @@ _sink: list[str] | None = None
 """While set, llama.cpp log lines are collected here (for error messages) instead of discarded."""
 
 
+_llama_logger = logging.getLogger("qwen_edge.llama_cpp")
+_partial: list[str] = []
+
+
 def _on_log(level: int, text: bytes | None, user_data: object) -> None:
-    if _sink is not None and text:
-        _sink.append(text.decode("utf-8", "replace"))
+    """llama.cpp's log: collected for error messages while a capture runs, and passed on line by line to the
+    `qwen_edge.llama_cpp` logger at debug level (`qwen-edge -v` shows it)."""
+    if not text:
+        return
+    piece = text.decode("utf-8", "replace")
+    if _sink is not None:
+        _sink.append(piece)
+    if not _llama_logger.isEnabledFor(logging.DEBUG):
+        return
+    _partial.append(piece)  # llama.cpp writes a line in several calls
+    if piece.endswith("\n"):
+        for line in "".join(_partial).splitlines():
+            if line.strip():
+                _llama_logger.debug(line)
+        _partial.clear()
 
 
 def import_llama_cpp():
