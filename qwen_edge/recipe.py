@@ -438,7 +438,8 @@ class ExportOutcome:
 
 
 def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
-                  force: bool = False, revision: str | None = None, log: Log = None) -> ExportOutcome:
+                  force: bool = False, revision: str | None = None, log: Log = None,
+                  announce: Log = None) -> ExportOutcome:
     """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed.
 
     The source (`source`, else the recipe's) is resolved once: a hub id through the Hugging Face cache at `revision`
@@ -468,6 +469,15 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     source_dir = resolved.path
     _check_model(recipe, source_dir)
     record = manifest_recipe(recipe, source_dir)
+    if announce:  # once the inputs are known to be good: bad input stays a single `error:` line
+        from .checkpoint import Checkpoint
+
+        Checkpoint(source_dir).close()  # validates config and safetensors headers (no weights read)
+        checking = verify and recipe.verify.enabled and verify_available()
+        announce(f"export {src} -> {final} ({recipe.format} {recipe.quant.type}, target {target.name})"
+                 + ("; then verify it against the PyTorch reference"
+                    + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
+                    + "; --no-verify skips that" if checking else ""))
     skipped = export_artifact(resolved, recipe.format, recipe.quant.type, out_dir, name=name, target=target.name,
                               options=options, recipe=record, context_length=context, force=force).skipped
     seconds = time.perf_counter() - t0
@@ -583,13 +593,8 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
     validate_recipe(recipe, str(recipe_path or "command line"))
     from .log import logger, say
 
-    checking = verify and recipe.verify.enabled and verify_available()
-    say(f"export {recipe.effective_source} -> {out_dir} ({recipe.format} {recipe.quant.type}, target "
-        f"{recipe.target})" + ("; then verify it against the PyTorch reference"
-                               + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
-                               + "; --no-verify skips that" if checking else ""))
     outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision,
-                            log=lambda msg: logger.debug(f"verify: {msg}"))
+                            log=lambda msg: logger.debug(f"verify: {msg}"), announce=say)
     say(outcome.summary())
     if not outcome.passed:
         raise GateFailed(f"verify: {outcome.failure}")
