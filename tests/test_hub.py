@@ -155,7 +155,8 @@ def test_recipe_with_a_hub_id_exports_and_verifies_in_one_command(hub, cli, tmp_
     out = tmp_path / "dist"
     r = cli("export", "--recipe", str(recipe), "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("\n") == 1 and "verify passed" in r.stderr and "exported in" in r.stderr
+    announce, summary = r.stderr.strip().splitlines()
+    assert "then verify it" in announce and "verify passed" in summary and "exported in" in summary
     art = out / "tiny-hub"
     m = _manifest(art)
     assert m["source"]["hub_id"] == REPO and m["source"]["commit"] == COMMIT_A
