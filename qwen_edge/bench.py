@@ -35,7 +35,8 @@ BUDGET_METRICS = {
 }
 _BUDGET_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 KV_BYTES = 2
-"""Bytes per cached K/V element assumed by the roofline (f16 caches, llama.cpp's and most ONNX exports' default)."""
+"""Bytes per cached K/V element the roofline assumes when the artifact does not say (llama.cpp's f16 cache); an ONNX
+artifact's manifest says (`onnx.kv_dtype`: fp16 for fp16 exports and memory-capped targets, else fp32)."""
 
 
 # --- what is measured ------------------------------------------------------------------------------------------
@@ -122,10 +123,22 @@ def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any
             method = "fp32 parameters minus the embedding table (untied head)"
     except (OSError, StopIteration, ValueError, KeyError) as e:
         method = f"file size (tensor table unreadable: {type(e).__name__})"
-    kv = (kv_cache_bytes(arch, 1, KV_BYTES) or 0) * context
+    kv = (kv_cache_bytes(arch, 1, _kv_itemsize(path, fmt)) or 0) * context
     weights = max(total - gather_only, 0)
     return {"bytes_per_token": int(weights + kv), "weight_bytes": int(weights), "kv_bytes": int(kv),
             "embedding_rows_excluded_bytes": int(gather_only), "method": method}
+
+
+def _kv_itemsize(path: Path, fmt: str) -> int:
+    """Bytes per K/V element of the artifact's cache (its manifest's KV dtype); KV_BYTES when it has none."""
+    if fmt != "onnx" or not (path / "manifest.json").is_file():
+        return KV_BYTES
+    from .backends.base import KV_ITEMSIZE, artifact_kv_dtype
+
+    try:
+        return KV_ITEMSIZE.get(artifact_kv_dtype(json.loads((path / "manifest.json").read_text())), KV_BYTES)
+    except (OSError, ValueError):
+        return KV_BYTES
 
 
 def _param_count(arch: dict[str, Any]) -> int:
@@ -186,7 +199,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         run = _run_once(rt, prompt, gen)
         info = rt.info
         run.update(load_s=load_s, backend=info.backend, threads_used=info.threads, device=info.device,
-                   context_length=info.context_length, kv_cache_bytes=info.extra.get("kv_cache_bytes"))
+                   context_length=info.context_length, kv_cache_bytes=info.extra.get("kv_cache_bytes"),
+                   kv_dtype=info.extra.get("kv_dtype"))
     finally:
         rt.close()
     run["peak_rss_bytes"] = peak_rss_bytes()
@@ -371,6 +385,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
             if kv is None and e["format"] == "gguf":
                 kv = kv_cache_bytes(e["arch"], rs[0].get("context_length") or e["max_context"], 2)
             res["kv_cache_bytes"] = kv
+            res["kv_dtype"] = rs[0].get("kv_dtype") or ("float16" if e["format"] == "gguf" else None)
             res["rss_budget_bytes"] = int(1.5 * size + kv) if kv is not None else None
             results.append(res)
     return {

@@ -62,8 +62,31 @@ def _inspect_artifact(root: Path) -> dict[str, Any]:
         "recipe": m.get("recipe"),
         "toolkit": m.get("toolkit"),
         "parity": m.get("parity"),
+        "kv_cache": kv_cache_facts(m, art.size_bytes, art.context_length),
         "integrity": f"sha256 of {len(m['files'])} files checked",
     }
+
+
+def kv_cache_facts(manifest: dict[str, Any], model_bytes: int, artifact_context: int) -> dict[str, Any] | None:
+    """The KV cache a runtime allocates for this artifact: dtype, bytes per token, and bytes at the context load()
+    picks by default on the artifact's target profile (min of the profile's max_context, the artifact's, and what
+    fits the profile's memory_cap_mb beside the model)."""
+    from .backends.base import artifact_kv_dtype, default_context, kv_bytes_per_token
+    from .targets import load_target
+
+    per_token = kv_bytes_per_token(manifest)
+    if per_token is None:
+        return None
+    facts: dict[str, Any] = {"dtype": artifact_kv_dtype(manifest), "bytes_per_token": per_token}
+    try:
+        profile = load_target(manifest.get("target") or "cpu-x86_64")
+    except QwenEdgeError:
+        profile = None
+    ctx = default_context(manifest, model_bytes, artifact_context, profile) if profile is not None \
+        else artifact_context
+    facts.update(context=ctx, bytes=per_token * ctx, target=profile.name if profile is not None else None,
+                 memory_cap_mb=profile.memory_cap_mb if profile is not None else None)
+    return facts
 
 
 def _tokenizer_facts(path: Path) -> dict[str, Any]:
@@ -216,13 +239,21 @@ def render_inspect(info: dict[str, Any]) -> str:
         add("target", f"{info.get('target') or '-'}" + (f" · recipe {rec['name']}" if rec.get("name") else ""))
     if "parity" in info:
         add("parity", _parity(info.get("parity")))
+    kv = info.get("kv_cache")
+    if isinstance(kv, dict) and kv.get("bytes_per_token"):
+        line = f"{kv.get('dtype')} · {kv['bytes_per_token'] / 1024:.1f} KiB/token"
+        if kv.get("context"):
+            line += f" · {_size(kv.get('bytes'))} at {kv['context']} tokens"
+            line += f" (target {kv['target']} default" + (f", memory cap {kv['memory_cap_mb']} MiB)"
+                                                          if kv.get("memory_cap_mb") else ")") if kv.get("target") else ""
+        add("kv cache", line)
     if isinstance(info.get("files"), list):
         add("files", [f"{f['path']:<24} {_size(f.get('bytes')):>9}  {str(f.get('sha256', ''))[:12]}"
                       for f in info["files"] if isinstance(f, dict) and "path" in f])
     shown = {"path", "integrity", "format", "quant", "bits_per_weight", "size_bytes", "architecture", "context_length",
              "type_counts", "tensor_types", "tokenizer", "template", "source", "target", "recipe", "parity", "files",
              "name", "model_file", "quantization", "toolkit", "metadata", "tensors", "chat_template",
-             "hyperparameters", "tensor_count", "parameters", "size_label"}
+             "hyperparameters", "tensor_count", "parameters", "size_label", "kv_cache"}
     for k, v in info.items():  # whatever else a bare-file inspector reports
         if k not in shown and v not in (None, "", [], {}):
             add(k, _generic(v))

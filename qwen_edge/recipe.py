@@ -20,7 +20,7 @@ RECIPES_DIR = packaged_dir("recipes")
 """The recipes shipped inside the package (in a checkout: a link to export_recipes/)."""
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "lm_head_block_size",
-             "quantize_embeddings")
+             "quantize_embeddings", "kv_dtype")
 GGUF_ONLY = ("intermediate",)
 
 
@@ -42,6 +42,9 @@ class QuantConfig:
     """ONNX: block size of an 8-bit LM head (exporter default 128: a quarter of the scale bytes, same accuracy)."""
     quantize_embeddings: bool | None = None
     """ONNX int4/int8: quantize the token embedding table too (smaller file, gathers dequantize per row)."""
+    kv_dtype: str | None = None
+    """ONNX: KV cache dtype, `float16` or `float32` (exporter default: float16 for fp16 exports and memory-capped
+    targets such as arm64-mobile, else float32). float16 halves the cache; the attention then runs in float16."""
     intermediate: str | None = None
     """GGUF k-/i-quants: float type written before llama.cpp quantizes (`bf16`, `f16`, `f32`; default: the source's)."""
 
@@ -325,6 +328,8 @@ def validate_recipe(r: Recipe, src: str) -> None:
         raise QwenEdgeError(f"{src}: 'quant.block_size' must be 16, 32, 64, 128 or 256, not {q.block_size}")
     if q.accuracy_level is not None and not 0 <= q.accuracy_level <= 4:
         raise QwenEdgeError(f"{src}: 'quant.accuracy_level' must be 0-4, not {q.accuracy_level}")
+    if q.kv_dtype is not None and q.kv_dtype not in ("float16", "float32"):
+        raise QwenEdgeError(f"{src}: 'quant.kv_dtype' must be float16 or float32, not {q.kv_dtype!r}")
     if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16):
         raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8 or 16, not {q.lm_head_bits}")
     try:

@@ -70,7 +70,9 @@ def test_bench_numbers_are_positive_and_consistent(bench_run):
     assert 0 < ps["min"] <= ps["median"] <= ps["max"]
     kv = {x["format"]: x["kv_cache_bytes"] for x in report["results"]}
     ctx = report["config"]["max_context"]
-    assert kv == {"gguf": 2 * 2 * 2 * 32 * ctx * 2, "onnx": 2 * 2 * 2 * 32 * ctx * 4}  # f16 / fp32 caches
+    # llama.cpp's f16 cache; the int4 ONNX export's fp32 cache (cpu-x86_64 default), as the backend allocates it
+    assert kv == {"gguf": 2 * 2 * 2 * 32 * ctx * 2, "onnx": 2 * 2 * 2 * 32 * ctx * 4}
+    assert {x["format"]: x["kv_dtype"] for x in report["results"]} == {"gguf": "float16", "onnx": "float32"}
     for x in report["results"]:
         assert x["rss_budget_bytes"] == int(1.5 * x["size_bytes"] + x["kv_cache_bytes"])
 
@@ -133,3 +135,18 @@ def test_bench_default_context_fits_an_artifact_with_a_short_context(synth_ckpt,
     assert report["results"][0]["generated_tokens"] == 8
     with pytest.raises(QwenEdgeError, match="exceed the artifact's context length 200"):
         bench([art], prompt_tokens=190, gen_tokens=16, repeat=1, threads=1)
+
+
+def test_bench_reports_the_onnx_kv_dtype_it_ran(exported):
+    """An fp16-KV export (kv_dtype=float16) reports half the fp32 one's cache, and the roofline reads 2 bytes per
+    cached element instead of 4: bench takes the dtype from the artifact, never a constant."""
+    from qwen_edge.bench import bench
+
+    fp16 = exported("tiny-qwen3", "onnx", "int4", kv_dtype="float16")
+    fp32 = exported("tiny-qwen3", "onnx", "int4")
+    report = bench([fp16, fp32], prompt_tokens=8, gen_tokens=4, repeat=1, warmup=0, threads=1)
+    ctx = report["config"]["max_context"]
+    a, b = report["results"]
+    assert (a["kv_dtype"], b["kv_dtype"]) == ("float16", "float32")
+    assert (a["kv_cache_bytes"], b["kv_cache_bytes"]) == (2 * 2 * 2 * 32 * ctx * 2, 2 * 2 * 2 * 32 * ctx * 4)
+    assert b["roofline"]["kv_bytes"] == pytest.approx(2 * a["roofline"]["kv_bytes"], abs=2)

@@ -76,3 +76,20 @@ def test_inspect_detects_a_tampered_artifact(exported, tmp_path):
         f.write(b"X")
     with pytest.raises(QwenEdgeError, match="sha256"):
         inspect(dst)
+
+
+@pytest.mark.parametrize("fmt,quant,options,dtype,itemsize", [
+    ("onnx", "int4", {}, "float32", 4), ("onnx", "fp16", {}, "float16", 2),
+    ("onnx", "int4", {"kv_dtype": "float16"}, "float16", 2), ("gguf", "q8_0", {}, "float16", 2),
+])
+def test_inspect_reports_kv_cache_bytes(exported, fmt, quant, options, dtype, itemsize):
+    """KV bytes per token and at the context load() allocates by default on the artifact's target (cpu-x86_64:
+    4096 tokens, no memory cap)."""
+    info = inspect(exported("tiny-qwen3", fmt, quant, **options))
+    kv = info["kv_cache"]
+    per_token = 2 * 2 * 2 * 32 * itemsize  # K+V x layers x kv heads x head_dim x bytes
+    assert kv["dtype"] == dtype and kv["bytes_per_token"] == per_token
+    assert kv["context"] == 4096 and kv["bytes"] == 4096 * per_token and kv["target"] == "cpu-x86_64"
+    text = render_inspect(info)
+    line = next(x for x in text.splitlines() if x.startswith("kv cache"))
+    assert f" {dtype} · {per_token / 1024:.1f} KiB/token · " in line and "at 4096 tokens" in line

@@ -236,3 +236,64 @@ def test_idle_mapped_weights_leave_the_resident_set(exported):
         for t in B:
             rt.decode(t)
         np.testing.assert_array_equal(rt.logits(), after)
+
+
+def _target_yaml(tmp_path, name: str, **fields) -> str:
+    import yaml
+
+    from qwen_edge.targets import load_target
+
+    d = {k: v for k, v in load_target("cpu-x86_64").to_dict().items()}
+    d.update(name=name, **fields)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return str(p)
+
+
+def test_memory_cap_sizes_the_default_context(exported, tmp_path):
+    """With memory_cap_mb, load(max_context=None) picks min(profile max_context, artifact context, the largest
+    multiple of 256 tokens whose KV cache fits beside the model): here a cap 1024 tokens of fp16 KV above the model
+    (rounded up to a whole MiB, 2048 more tokens at most)."""
+    from qwen_edge.artifact import Artifact
+    from qwen_edge.backends.base import kv_bytes_per_token
+
+    art = exported("tiny-qwen3", "onnx", "int4", kv_dtype="float16")  # 2 layers x 2 kv heads x 32 x 2 (k, v) x 2 B
+    a = Artifact.open(art, check_hashes=False)
+    per_token = kv_bytes_per_token(a.manifest)
+    assert per_token == 2 * 2 * 2 * 32 * 2
+    cap_mb = -(-(a.size_bytes + 1024 * per_token) // 2**20)  # rounded up to whole MiB
+    fit = (cap_mb * 2**20 - a.size_bytes) // per_token // 256 * 256
+    assert 1024 <= fit <= 3072
+    capped = _target_yaml(tmp_path, "capped", memory_cap_mb=cap_mb, max_context=4096)
+    with load(art, threads=1, target=capped) as rt:
+        assert rt.info.context_length == fit
+        assert rt.info.extra["kv_cache_bytes"] == fit * per_token
+        assert a.size_bytes + rt.info.extra["kv_cache_bytes"] <= cap_mb * 2**20
+    with load(art, threads=1, target=capped, max_context=4096) as rt:  # asked for: no cap
+        assert rt.info.context_length == 4096
+    roomy = _target_yaml(tmp_path, "roomy", memory_cap_mb=cap_mb + 64, max_context=512)  # the profile's is smaller
+    with load(art, threads=1, target=roomy) as rt:
+        assert rt.info.context_length == 512
+    with load(art, threads=1, target="arm64-mobile") as rt:  # 3072 MiB: a tiny model fits 2048 tokens easily
+        assert rt.info.context_length == 2048
+
+
+def test_memory_cap_below_the_model_keeps_a_minimal_context_and_warns(exported, tmp_path, caplog):
+    art = exported("tiny-qwen3", "onnx", "int4", kv_dtype="float16")
+    tiny_cap = _target_yaml(tmp_path, "tiny-cap", memory_cap_mb=1)
+    with caplog.at_level("WARNING", logger="qwen_edge"):
+        with load(art, threads=1, target=tiny_cap) as rt:
+            assert rt.info.context_length == 256
+    assert "memory cap of 1 MiB" in caplog.text
+
+
+def test_memory_cap_applies_to_gguf_too(exported, tmp_path):
+    from qwen_edge.artifact import Artifact
+
+    art = exported("tiny-qwen3", "gguf", "q8_0")
+    a = Artifact.open(art, check_hashes=False)
+    per_token = 2 * 2 * 2 * 32 * 2  # llama.cpp's f16 cache
+    cap_mb = -(-(a.size_bytes + 700 * per_token) // 2**20)
+    fit = (cap_mb * 2**20 - a.size_bytes) // per_token // 256 * 256
+    with load(art, threads=1, target=_target_yaml(tmp_path, "capped-gguf", memory_cap_mb=cap_mb)) as rt:
+        assert rt.info.context_length == fit < 4096

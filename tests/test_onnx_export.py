@@ -197,6 +197,8 @@ def test_int4_options_run(options, exported):
     ("int4", {"colour": "red"}, "unknown onnx option"),
     ("fp32", {"block_size": 64}, "applies to int4/int8"),
     ("int4", {"symmetric": "maybe"}, "true or false"),
+    ("int4", {"kv_dtype": "int8"}, "kv_dtype"),
+    ("fp32", {"kv_dtype": "fp16"}, "kv_dtype"),
 ])
 def test_bad_options_raise(quant, options, match, synth_ckpt, tmp_path):
     from qwen_edge.export import export
@@ -204,6 +206,86 @@ def test_bad_options_raise(quant, options, match, synth_ckpt, tmp_path):
     with pytest.raises(QwenEdgeError, match=match):
         export(synth_ckpt("tiny-qwen2"), "onnx", quant, tmp_path, options=options)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def _kv_types(art) -> dict[str, int]:
+    """elem type of every past/present tensor in the graph, by name."""
+    import onnx
+
+    g = onnx.load_model(str(art / "model.onnx"), load_external_data=False).graph
+    return {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)
+            if v.name.startswith(("past_key_values.", "present."))}
+
+
+@pytest.mark.parametrize("quant,target,options,kv", [
+    ("fp32", None, {}, "float32"), ("fp16", None, {}, "float16"), ("int8", None, {}, "float32"),
+    ("int4", None, {}, "float32"), ("int4", "arm64-mobile", {}, "float16"), ("int8", "arm64-mobile", {}, "float16"),
+    ("fp32", None, {"kv_dtype": "float16"}, "float16"), ("int4", None, {"kv_dtype": "float16"}, "float16"),
+    ("int4", "arm64-mobile", {"kv_dtype": "float32"}, "float32"), ("fp16", None, {"kv_dtype": "float32"}, "float32"),
+])
+def test_kv_cache_dtype_default_and_option(quant, target, options, kv, synth_ckpt, exported, tmp_path):
+    """fp16 KV by default for fp16 exports and memory-capped targets (arm64-mobile: half the cache), fp32 elsewhere
+    (x86 decodes fp16 attention slower); `kv_dtype` chooses. The graph, the manifest and the backend's cache all
+    carry the same dtype, and the attention between fp32 activations and an fp16 cache is wrapped in Casts."""
+    from onnx import TensorProto
+
+    from qwen_edge.backends import load
+
+    from qwen_edge.export import export
+
+    art = exported("tiny-qwen3", "onnx", quant, **options) if target is None else \
+        export(synth_ckpt("tiny-qwen3"), "onnx", quant, tmp_path, target=target, options=options)
+    elem = TensorProto.FLOAT16 if kv == "float16" else TensorProto.FLOAT
+    types = _kv_types(art)
+    assert len(types) == 4 * 2 and set(types.values()) == {elem}
+    assert _manifest(art)["onnx"]["kv_dtype"] == kv
+    with load(art, threads=1, max_context=64) as rt:
+        assert rt.info.extra["kv_dtype"] == kv
+        assert {a.dtype for a in rt._kv_np} == {np.dtype(kv)} and len(rt._kv_np) == 4
+        assert rt.info.extra["kv_cache_bytes"] == 2 * 2 * 2 * 64 * 32 * np.dtype(kv).itemsize
+        rt.prefill(PROMPT)
+        assert np.isfinite(rt.logits()).all()
+    base = 2 + (quant == "fp16")  # seqlens_k, total_seq_len (and an fp16 graph's logits)
+    io = "float16" if quant == "fp16" else "float32"
+    # q, k, v in and the output back, per layer (tiny-qwen3 has q/k norms: three GQA inputs)
+    assert _manifest(art)["onnx"]["ops"].get("Cast", 0) - base == (0 if io == kv else 2 * 4)
+
+
+def _run_forced(art, steps: int, toks: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+    """Prefill PROMPT (every position's logits), then `steps` decode steps: greedy, or fed `toks`."""
+    from qwen_edge.backends import load
+
+    with load(art, threads=2) as rt:
+        rows = [rt.prefill_all_logits(PROMPT)]
+        out: list[int] = []
+        for i in range(steps):
+            out.append(toks[i] if toks else int(rows[-1][-1].argmax()))
+            rt.decode(out[-1])
+            rows.append(rt.logits()[None])
+    return out, np.concatenate(rows)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_fp16_kv_logits_stay_close_to_fp32_kv(arch, quant, exported):
+    """The same graph with an fp16 and an fp32 KV cache, fed the same tokens (16-token prefill, 16 decode steps).
+    Measured on the four tiny models (benchmarks/RESULTS.md, "KV-cache memory"): max |logit difference| <= 3.7e-4
+    (fp32 graph) and <= 1.2e-2 (int4: its int8 activation quantization amplifies a rounding), logits up to ~1.3,
+    KL <= 2.4e-6; the bounds leave about 4x. Top-1 is not gated on int4: random weights give near-ties."""
+    toks, ref = _run_forced(exported(arch, "onnx", quant, kv_dtype="float32"), DECODE_STEPS)
+    _, got = _run_forced(exported(arch, "onnx", quant, kv_dtype="float16"), DECODE_STEPS, toks)
+    assert got.shape == ref.shape == (len(PROMPT) + DECODE_STEPS, 151936)
+    err = float(np.abs(got - ref).max())
+    assert 0 < err < {"fp32": 1.5e-3, "int4": 0.05}[quant]  # > 0: the cache really is fp16
+    lp = _log_softmax(ref)
+    assert float((np.exp(lp) * (lp - _log_softmax(got))).sum(-1).max()) < 1e-5
+    if quant == "fp32":
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
 
 def test_genai_config_describes_the_graph(exported):
@@ -217,11 +299,16 @@ def test_genai_config_describes_the_graph(exported):
 
 
 @pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")
-@pytest.mark.parametrize("arch,quant", [("tiny-qwen2", "fp32"), ("tiny-qwen3", "int4"), ("tiny-qwen3-untied", "fp32")])
-def test_onnxruntime_genai_greedy_matches_ours(arch, quant, exported):
+@pytest.mark.parametrize("arch,quant,options", [
+    ("tiny-qwen2", "fp32", {}), ("tiny-qwen3", "int4", {}), ("tiny-qwen3-untied", "fp32", {}),
+    ("tiny-qwen3", "int4", {"kv_dtype": "float16"}), ("tiny-qwen2", "fp32", {"kv_dtype": "float16"}),
+])
+def test_onnxruntime_genai_greedy_matches_ours(arch, quant, options, exported):
+    """onnxruntime-genai loads the artifact as it is, an fp16 KV cache beside fp32 activations included: it reads
+    the cache dtype from the graph's past_key_values inputs (genai_config.json has no field for it)."""
     import onnxruntime_genai as og
 
-    art = exported(arch, "onnx", quant)
+    art = exported(arch, "onnx", quant, **options)
     stop = set(_manifest(art)["tokenizer"]["stop_ids"])
     model = og.Model(str(art))
     params = og.GeneratorParams(model)

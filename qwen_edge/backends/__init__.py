@@ -34,6 +34,24 @@ def _detect_format(path: Path, check_hashes: bool = False) -> str:
     raise QwenEdgeError(f"{path}: not an artifact (no manifest.json) nor a checkpoint (no config.json)")
 
 
+def _capped_context(path: Path, profile) -> int | None:
+    """The default context under the target's memory cap (model + KV cache <= memory_cap_mb), or None when the
+    uncapped default, min(target, artifact), already fits."""
+    from ..artifact import Artifact
+    from ..log import logger
+    from .base import MIN_CAPPED_CONTEXT, default_context, kv_bytes_per_token
+
+    art = Artifact.open(path, check_hashes=False)  # sizes only: the backend opens it again
+    ctx = default_context(art.manifest, art.size_bytes, art.context_length, profile)
+    if ctx >= min(profile.max_context, art.context_length):
+        return None
+    per_token = kv_bytes_per_token(art.manifest) or 0
+    if art.size_bytes + per_token * ctx > profile.memory_cap_mb * 2**20:
+        logger.warning("%s: model (%d MiB) and a %d-token KV cache exceed target %s's memory cap of %d MiB",
+                       path.name, art.size_bytes >> 20, MIN_CAPPED_CONTEXT, profile.name, profile.memory_cap_mb)
+    return ctx
+
+
 def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None = None,
          max_context: int | None = None, threads: int | None = None, backend: str | None = None,
          check_hashes: bool = False, **options) -> Runtime:
@@ -69,5 +87,7 @@ def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None
     profile = load_target(target if target is not None else ("cuda" if device == "cuda" else "cpu-x86_64"))
     if device == "auto":
         device = profile.device
+    if max_context is None and profile.memory_cap_mb and fmt in ("onnx", "gguf") and path.is_dir():
+        max_context = _capped_context(path, profile)
     return backend_factory(name)(path, device=device, target=profile, max_context=max_context,
                                  threads=threads, **options)

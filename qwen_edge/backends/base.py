@@ -110,6 +110,48 @@ def resolve_context(max_context: int | None, target_max: int, artifact_max: int)
     return max_context
 
 
+KV_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+MIN_CAPPED_CONTEXT = 256
+"""A memory cap never shrinks the default context below this (a smaller cache is of no use to a chat)."""
+
+
+def artifact_kv_dtype(manifest: dict[str, Any]) -> str:
+    """The KV cache dtype an artifact's runtime allocates: an ONNX graph's (the manifest's `onnx.kv_dtype`; before it
+    was recorded the cache had the graph's io dtype), llama.cpp's default f16 cache for GGUF."""
+    if manifest.get("format") == "onnx":
+        onnx = manifest.get("onnx") or {}
+        return str(onnx.get("kv_dtype") or ("float16" if onnx.get("io_dtype") == "fp16" else "float32"))
+    return "float16"
+
+
+def kv_bytes_per_token(manifest: dict[str, Any]) -> int | None:
+    """K+V cache bytes per token of context (all layers), or None when the architecture lacks the facts."""
+    a = manifest.get("architecture") or {}
+    try:
+        return 2 * int(a["num_layers"]) * int(a["num_kv_heads"]) * int(a["head_dim"]) * \
+            KV_ITEMSIZE.get(artifact_kv_dtype(manifest), 4)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def memory_capped_context(cap_mb: int | None, model_bytes: int, per_token: int | None) -> int | None:
+    """The largest context (a multiple of 256 tokens) whose KV cache fits beside the model in `cap_mb` MiB; None
+    when there is no cap; MIN_CAPPED_CONTEXT when even that does not fit (load() warns)."""
+    if not cap_mb or not per_token:
+        return None
+    free = int(cap_mb) * 2**20 - int(model_bytes)
+    n = free // per_token // MIN_CAPPED_CONTEXT * MIN_CAPPED_CONTEXT
+    return max(MIN_CAPPED_CONTEXT, n)
+
+
+def default_context(manifest: dict[str, Any], model_bytes: int, artifact_max: int, target: Any) -> int:
+    """The context a runtime allocates when none is asked for: min(the target's max_context, the artifact's, the
+    largest that fits the target's memory_cap_mb beside the model)."""
+    ctx = max(1, min(int(target.max_context), int(artifact_max)))
+    fit = memory_capped_context(getattr(target, "memory_cap_mb", None), model_bytes, kv_bytes_per_token(manifest))
+    return ctx if fit is None else min(ctx, fit)
+
+
 _BACKENDS: dict[str, Callable[..., Runtime]] = {}
 
 

@@ -30,7 +30,22 @@ OPTIONS = {
                       "0 is about 25x slower to decode on CPU)",
     "context_length": "rotary cache length (default: the model's max_position_embeddings)",
     "genai_max_length": "onnxruntime-genai search.max_length (default min(context, 4096))",
+    "kv_dtype": "KV cache dtype, float16 or float32 (default float16 for fp16 exports and memory-capped targets such "
+                "as arm64-mobile, else float32); the attention runs in this dtype",
 }
+KV_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def default_kv_dtype(quant: str, target: Any) -> str:
+    """float16 for an fp16 export (its whole graph is fp16) and for a target with a memory cap (arm64-mobile): half
+    the cache (Qwen3-0.6B at 4096 tokens: 448 instead of 896 MiB) decides whether a model fits there. float32
+    otherwise: onnxruntime's CPU GroupQueryAttention has no float32-query/float16-cache kernel, so the attention runs
+    in float16 between Casts, and on x86-64 that decodes about 10% slower from 1K tokens of context on
+    (benchmarks/RESULTS.md, "KV-cache memory")."""
+    if quant == "fp16" or (target is not None and target.get("memory_cap_mb")):
+        return "float16"
+    return "float32"
+
 
 __all__ = ["export_onnx", "onnx_file_info", "MODEL_FILE", "DATA_FILE", "QUANTS"]
 
@@ -67,6 +82,10 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     plan = QuantPlan(quant=quant, accuracy_level=_int(level, "accuracy_level", (0, 1, 2, 3, 4)))
     if quant == "fp16":
         plan.float_dtype = np.float16
+    kv = options.get("kv_dtype") or default_kv_dtype(quant, target)
+    if kv not in KV_DTYPES:
+        raise QwenEdgeError(f"onnx option kv_dtype={kv!r}: expected one of {', '.join(KV_DTYPES)}")
+    plan.kv_dtype = KV_DTYPES[kv]
     if quant in ("int4", "int8"):
         bits = 4 if quant == "int4" else 8
         plan.linear_bits = bits
@@ -130,6 +149,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         "embedding": rec.embedding,
     }
     extra = {"onnx": {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
+                      "kv_dtype": np.dtype(plan.kv).name,
                       "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],
                       "ops": dict(Counter(n.op_type for n in model.graph.node))}}
     return ExportResult(model_file=MODEL_FILE, quantization=quantization, context_length=ctx, extra=extra)

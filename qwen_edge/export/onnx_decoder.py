@@ -33,10 +33,21 @@ class QuantPlan:
     lm_head_block_size: int | None = None
     symmetric: bool = True
     accuracy_level: int = 4
+    kv_dtype: type | None = None
+    """KV cache (and GroupQueryAttention) dtype; None: the float dtype. When it differs, Casts wrap the attention:
+    onnxruntime's CPU GQA has no float32-query/float16-cache kernel (it would cast the whole cache every step)."""
 
     @property
     def elem(self) -> int:
         return TensorProto.FLOAT16 if self.float_dtype == np.float16 else TensorProto.FLOAT
+
+    @property
+    def kv(self) -> type:
+        return self.kv_dtype or self.float_dtype
+
+    @property
+    def kv_elem(self) -> int:
+        return TensorProto.FLOAT16 if self.kv == np.float16 else TensorProto.FLOAT
 
     @property
     def float_name(self) -> str:
@@ -195,8 +206,8 @@ class DecoderBuilder:
         a = self.a
         inv = 1.0 / (a.rope_theta ** (np.arange(0, a.head_dim, 2, dtype=np.float64) / a.head_dim))
         freqs = np.outer(np.arange(self.ctx, dtype=np.float64), inv)
-        cos = self.g.init("cos_cache", np.cos(freqs).astype(self.plan.float_dtype))
-        sin = self.g.init("sin_cache", np.sin(freqs).astype(self.plan.float_dtype))
+        cos = self.g.init("cos_cache", np.cos(freqs).astype(self.plan.kv))  # GQA inputs: the attention's dtype
+        sin = self.g.init("sin_cache", np.sin(freqs).astype(self.plan.kv))
         return cos, sin
 
     def embedding(self, ids: str) -> str:
@@ -273,8 +284,9 @@ class DecoderBuilder:
         bias = [f"{sa}.q_proj.bias", f"{sa}.k_proj.bias", f"{sa}.v_proj.bias"] if a.qkv_bias else None
         qkv = self.linear(h, f"{pre}.attn.qkv_proj", w, bias, p.linear_bits)
         kv_shape = ["batch_size", a.num_kv_heads, "past_sequence_length", a.head_dim]
-        past_k = g.add_input(f"past_key_values.{i}.key", p.elem, kv_shape)
-        past_v = g.add_input(f"past_key_values.{i}.value", p.elem, kv_shape)
+        past_k = g.add_input(f"past_key_values.{i}.key", p.kv_elem, kv_shape)
+        past_v = g.add_input(f"past_key_values.{i}.value", p.kv_elem, kv_shape)
+        cast = p.kv_elem != p.elem  # attention runs in the cache's dtype, between two Casts
         if a.qk_norm:
             q, k, v = g.node("Split", [qkv, g.const_i64([a.q_size, a.kv_size, a.kv_size])], f"/{pre}/attn/qkv_split",
                              n_out=3, axis=-1)
@@ -283,13 +295,18 @@ class DecoderBuilder:
             qkv_in = [q, k, v]
         else:
             qkv_in = [qkv, "", ""]
+        if cast:
+            qkv_in = [g.op("Cast", [x], f"/{pre}/attn/Cast_{j}", to=p.kv_elem) if x else x
+                      for j, x in enumerate(qkv_in)]
         present = [f"present.{i}.key", f"present.{i}.value"]
         out = g.node("GroupQueryAttention", qkv_in + [past_k, past_v, seqlens_k, total_len, cos, sin],
                      f"/{pre}/attn/GQA", domain=MS, outputs=[f"/{pre}/attn/GQA/output_0"] + present,
                      num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(a.head_dim ** -0.5),
                      do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+        if cast:
+            out = g.op("Cast", [out], f"/{pre}/attn/Cast_out", to=p.elem)
         for name in present:
-            g.add_output(name, p.elem, ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim])
+            g.add_output(name, p.kv_elem, ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim])
         return self.linear(out, f"{pre}.attn.o_proj", [f"{sa}.o_proj.weight"], None, p.linear_bits)
 
     def head_norm(self, x: str, weight: str, heads: int, name: str) -> str:
