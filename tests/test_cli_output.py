@@ -48,3 +48,7 @@ def test_progress_bars_on_a_terminal_not_when_piped(cli, synth_ckpt, tmp_path):
     t.expect("exported in")
     assert t.close() == 0
     assert "write GGUF" in t.raw and "tensor" in t.raw  # tqdm's bar, drawn on the terminal
+    t = Pty([sys.executable, "-m", "qwen_edge.cli", "export", ck, "--format", "onnx", "--quant", "int4", "--no-verify",
+             "-o", str(tmp_path / "tty")], dict(os.environ, TERM="xterm"))
+    t.expect("exported in")
+    assert t.close() == 0 and "write ONNX" in t.raw and "layer" in t.raw

@@ -166,7 +166,9 @@ class DecoderBuilder:
         x = self.embedding(ids)
         resid = x
         prev = None
-        for i in range(a.num_layers):
+        from ..log import progress
+
+        for i in progress(range(a.num_layers), desc="write ONNX", unit="layer"):
             pre = f"model.layers.{i}"
             w_in = self._float(f"{pre}.input_layernorm.weight", self.t(f"{pre}.input_layernorm.weight"))
             if prev is None:
