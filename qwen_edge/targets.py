@@ -28,7 +28,12 @@ class Target:
     source: str = ""
     """Where the profile was read from: a file path, `packaged:NAME`, or empty for one given as a mapping."""
     threads: int | str = "auto"
-    """CPU threads for compute; `auto` = physical cores of the machine."""
+    """CPU threads for compute; `auto` = physical cores, less those other processes keep busy when a model loads."""
+    spin: bool | int | str = "auto"
+    """How idle compute threads wait for work: false = sleep at once, true = the engine's own spinning (busy-wait),
+    N = spin up to N microseconds, then sleep (onnxruntime's `session.intra_op.spin_duration_us`; llama.cpp's OpenMP
+    has no time bound: PASSIVE there), `auto` = what measured best per engine (benchmarks/RESULTS.md, "Busy machine"):
+    onnxruntime does not spin, llama.cpp keeps OpenMP's default (spin a while, then sleep)."""
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     """onnxruntime providers, in order of preference."""
     gpu_layers: int = 0
@@ -41,15 +46,55 @@ class Target:
     """Memory the device gives the model (informational; bench reports against it)."""
 
     def resolved_threads(self) -> int:
+        """`threads`, or for `auto` the physical cores less those other processes keep busy right now (at least 1):
+        a compute thread that shares its core with another busy process holds its partners up at every barrier."""
         if isinstance(self.threads, int) and self.threads > 0:
             return self.threads
-        return physical_cores()
+        return auto_threads(physical_cores(), busy_cores())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
+
+
+def check_spin(value: Any, name: str = "spin") -> bool | int | str:
+    """A spin policy as given in a profile or to load(): true, false, auto, or microseconds (0 = false)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, int) and 0 <= value <= 1_000_000:
+        return value if value else False
+    raise QwenEdgeError(f"{name} must be true, false, auto or microseconds (0..1000000), not {value!r}")
+
+
+def auto_threads(cores: int, busy: float) -> int:
+    """Threads for `threads: auto`: the cores no other process keeps busy, at least one."""
+    return max(1, cores - int(busy + 0.5))
+
+
+def busy_cores(samples: int = 5, interval_s: float = 0.01) -> float:
+    """Cores other processes keep busy right now: the kernel's count of runnable threads (/proc/stat procs_running,
+    averaged over `samples` reads `interval_s` apart: ~40 ms) less this process's one; 0 where it cannot be read.
+
+    Instantaneous on purpose: the load average trails by a minute and counts this process's own recent work."""
+    import time
+
+    counts = []
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval_s)
+            with open("/proc/stat", "rb") as f:
+                for line in f:
+                    if line.startswith(b"procs_running"):
+                        counts.append(int(line.split()[1]))
+                        break
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if not counts:
+        return 0.0
+    return max(0.0, sum(counts) / len(counts) - 1)
 
 
 def physical_cores() -> int:
@@ -101,8 +146,14 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
     t = Target(**{**data, "source": src if src != "target" else str(data.get("source") or "")})
     if t.device not in ("cpu", "cuda"):
         raise QwenEdgeError(f"{src}: device must be cpu or cuda, not {t.device!r}")
-    if not isinstance(t.max_context, int) or t.max_context <= 0:
+    if not isinstance(t.max_context, int) or isinstance(t.max_context, bool) or t.max_context <= 0:
         raise QwenEdgeError(f"{src}: max_context must be a positive integer")
+    if t.threads != "auto" and (not isinstance(t.threads, int) or isinstance(t.threads, bool) or t.threads <= 0):
+        raise QwenEdgeError(f"{src}: threads must be a positive integer or auto, not {t.threads!r}")
+    try:
+        t.spin = check_spin(t.spin)
+    except QwenEdgeError as e:
+        raise QwenEdgeError(f"{src}: {e}") from None
     return t
 
 

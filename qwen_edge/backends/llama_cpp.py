@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,15 +12,46 @@ import numpy as np
 from ..errors import NotAvailable, QwenEdgeError
 from ..export.gguf_file import check_gguf_file
 from ..export.gguf_quantize import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
+from ..log import logger
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 N_BATCH = 512
 """Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
 ALL_LOGITS_CHUNK = 128
 """Tokens per call when every position's logits are wanted (bounds llama.cpp's output buffer)."""
-KNOWN_OPTIONS = ("n_batch", "check_hashes")
+KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning")
 
 _backend_ready = False
+_wait_policy: str | None = None
+"""OMP_WAIT_POLICY as OpenMP read it when this process first loaded llama.cpp ("" = unset: libgomp spins a while,
+then sleeps); OpenMP reads it once per process, so the first load decides."""
+
+
+def _gomp_loaded() -> bool:
+    """Is an OpenMP runtime already mapped in this process (Linux; elsewhere: whether llama_cpp was imported)?"""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line or "libomp" in line for line in f)
+    except OSError:
+        return "llama_cpp" in sys.modules
+
+
+def apply_wait_policy(spin: bool) -> str:
+    """Set OpenMP's wait policy for llama.cpp's threads before the library loads; returns the policy in effect.
+
+    ggml's CPU backend (built with OpenMP, the default on Linux) parks its threads between and inside graph runs in
+    OpenMP waits. `spin=False` asks for PASSIVE (sleep at once): on a machine where another process holds a core, a
+    spinning thread burns the time slices its partner needs. An OMP_WAIT_POLICY the user exported is kept. Once
+    OpenMP is loaded the policy cannot change: later loads report the first one's."""
+    global _wait_policy
+    if _wait_policy is None:
+        if not spin and not ("llama_cpp" in sys.modules or _gomp_loaded()):
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _wait_policy = os.environ.get("OMP_WAIT_POLICY", "")
+    if (_wait_policy.upper() == "PASSIVE") == spin:
+        logger.debug("llama.cpp: OpenMP's wait policy is %s for this process (spin=%s asked)",
+                     _wait_policy or "the default (spin, then sleep)", spin)
+    return _wait_policy
 
 
 def _resolve(path: Path, check_hashes: bool) -> tuple[Path, dict[str, Any]]:
@@ -60,13 +92,19 @@ class LlamaCppRuntime(Runtime):
         self._batch = None
         self._has_logits = False
         self.n_cached = 0
-        L = self._L = import_llama_cpp()
-        model_path, facts = _resolve(Path(path), bool(options.get("check_hashes", False)))
-        g = check_gguf_file(model_path)
         if target is None:
             from ..targets import load_target
 
             target = load_target("cuda" if device == "cuda" else "cpu-x86_64")
+        from ..targets import check_spin
+
+        spin = options.get("allow_spinning")
+        spin = check_spin(target.spin if spin is None else spin, "allow_spinning")
+        # before llama.cpp (and OpenMP with it) loads; auto keeps OpenMP's default: PASSIVE measured 45% slower idle
+        wait_policy = apply_wait_policy(spin is True or spin == "auto")
+        L = self._L = import_llama_cpp()
+        model_path, facts = _resolve(Path(path), bool(options.get("check_hashes", False)))
+        g = check_gguf_file(model_path)
         gpu_layers = 0
         if device == "cuda":
             if not L.llama_supports_gpu_offload():
@@ -95,7 +133,8 @@ class LlamaCppRuntime(Runtime):
             stop_ids=list(facts["stop_ids"]) if "stop_ids" in facts else _gguf_stop_ids(g),
             artifact_context_length=train_ctx,
             extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
-                   "llama_cpp": getattr(L, "__version__", "")},
+                   "llama_cpp": getattr(L, "__version__", ""), "allow_spinning": spin,
+                   "omp_wait_policy": wait_policy},
         )
 
     def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int) -> None:
