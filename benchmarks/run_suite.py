@@ -17,6 +17,10 @@ EXPORTS = (("gguf", "q4_0"), ("gguf", "q4_k_m"), ("gguf", "q8_0"), ("onnx", "int
            ("onnx", "fp32"))
 
 
+SEPARATOR = "\n---\n"
+"""Between the suite's section of RESULTS.md (rewritten by each run) and the component benchmarks (kept)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default="/tmp/qwen-edge-suite", help="checkpoints and artifacts go here")
@@ -85,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
               "Roofline: bytes per decode token = weights read per token (the file's tensors, minus an embedding "
               "table that is only gathered when the head is separate) + the KV cache at the mean context; "
               "bound = bandwidth / bytes. See docs/verify.md (bench section).", ""]
-    (out / "RESULTS.md").write_text("\n".join(lines), encoding="utf-8")
+    path = out / "RESULTS.md"
+    # The suite owns the part above the first separator line; the component benchmarks below it are kept.
+    rest = ""
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        cut = old.find(SEPARATOR)
+        rest = old[cut:] if cut >= 0 else ""
+    path.write_text("\n".join(lines) + ("\n" + rest if rest else ""), encoding="utf-8")
     print(f"wrote {out / 'RESULTS.md'} in {elapsed / 60:.1f} min", file=sys.stderr)
     return 0
 
