@@ -114,7 +114,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def _add_recipes_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes-dir", action="append", metavar="DIR",
-                   help="also look for recipes in DIR, before $QWEN_EDGE_RECIPES_PATH and the packaged ones (repeatable)")
+                   help="also look for recipes in DIR, before $QWEN_EDGE_RECIPES_PATH and the packaged ones "
+                   "(repeatable)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -199,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = add("chat", help="interactive chat in the terminal",
-                       description="Interactive chat. Sampling defaults to the model's generation_config.json "
-                       "(Qwen2.5: temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; Qwen3: 0.6, 0.95, 20; "
-                       "none: greedy); flags override it, --temperature 0 is greedy. A message "
-                       "that does not fit the context is refused and the session goes on.")
+            description="Interactive chat. Sampling defaults to the model's generation_config.json (Qwen2.5: "
+            "temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; Qwen3: 0.6, 0.95, 20; none: greedy); "
+            "flags override it, --temperature 0 is greedy. A message that does not fit the context is refused and "
+            "the session goes on.")
     p.add_argument("artifact")
     p.add_argument("--stats", action="store_true", help="print a one-line timing after each reply")
     p.add_argument("--system", help="system prompt")
