@@ -220,6 +220,11 @@ MODELS: dict[str, ModelSpec] = {
                   size_label="tiny", thinking=True, generation=_GEN_Q3),
         ModelSpec("tiny-qwen3-untied", replace(_q3(64, 2, 4, 2, 32, 128, tied=False), max_position_embeddings=4096),
                   "qwen3", size_label="tiny", thinking=True, generation=_GEN_Q3),
+        # Every 2-D weight's row length (ggml ne[0], the input dim) is a multiple of 256, the K-quant super-block:
+        # q/k/v/gate/up/embedding rows are hidden = 256 long, o rows heads*head_dim = 256, down rows intermediate
+        # = 512. So q2_k .. q6_k and iq4_xs quantize every weight as asked instead of falling back (issue 14.2).
+        ModelSpec("tiny-qwen3-256", replace(_q3(256, 2, 4, 2, 64, 512), max_position_embeddings=4096), "qwen3",
+                  size_label="tiny", thinking=True, generation=_GEN_Q3),
     ]
 }
 
