@@ -96,23 +96,33 @@ def expect_cli_rejected(category: str, *args: str, timeout: float = CLI_TIMEOUT_
     return errors[0]
 
 
-def record(category: str, ok: bool) -> None:
-    """Count a hostile input whose defined behaviour is not a rejection (e.g. an empty prompt that is served)."""
+def record(category: str, ok: bool) -> bool:
+    """Count a hostile input whose defined behaviour is not a rejection (e.g. an empty prompt that is served).
+
+    `ok` must be the outcome the test then asserts (`assert hostile.record(cat, ok), detail`): the count never
+    claims a clean outcome the test did not check. Returns `ok`.
+    """
     TRIED[category] += 1
     if ok:
         REJECTED[category] += 1
+    return ok
 
 
 def require_module(name: str) -> None:
-    """Skip (not fail) while a module other engineers are writing has not landed yet."""
-    import importlib.util
+    """Import `name`: a qwen_edge module that cannot be imported is a failure (a rename, a broken import).
+
+    Only a missing optional third-party extra (llama_cpp, onnxruntime, ...) that the module needs skips, and the
+    reason names it.
+    """
+    import importlib
 
     try:
-        found = importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        pytest.skip(f"{name} is not available yet")
+        importlib.import_module(name)
+    except ImportError as e:
+        missing = e.name or ""
+        if missing and missing.split(".")[0] != "qwen_edge":
+            pytest.skip(f"{name} needs the optional package {missing!r}, not installed here ({e})")
+        pytest.fail(f"{name} cannot be imported: {type(e).__name__}: {e}", pytrace=False)
 
 
 # --- pytest plugin (registered from tests/conftest.py) -------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+import hostile
 import pytest
 from conftest import requires_torch
 
@@ -38,21 +39,24 @@ BACKEND_MODULES = {"gguf": ("qwen_edge.backends.llama_cpp", "llama_cpp"),
 
 
 def _needs(fmt: str) -> None:
+    """Skip only when the optional engine is not installed; a qwen_edge backend that fails to import fails."""
     module, native = BACKEND_MODULES[fmt]
-    for name in (module, native):
-        if importlib.util.find_spec(name) is None:
-            pytest.skip(f"{name} is not available")
+    if importlib.util.find_spec(native) is None:
+        pytest.skip(f"{native} (optional) is not installed")
+    hostile.require_module(module)
 
 
-def _conversation(path) -> list[tuple[list[int], list[int], int]]:
-    """(prompt ids, output ids, reused tokens) per turn of the scripted chat, with the artifact's own tokenizer."""
+def _conversation(path) -> list[tuple[list[int], list[int], int, list[dict[str, str]]]]:
+    """(prompt ids, output ids, reused tokens, messages the prompt renders) per turn of the scripted chat, with
+    the artifact's own tokenizer: the messages are this backend's own history (its replies) plus the turn's."""
     tok = Tokenizer.from_dir(path if path.is_dir() else path.parent)
     with qwen_edge.load(path, max_context=CTX, threads=2) as rt:
         s = ChatSession(rt, tok, system=SYSTEM, sampling=SAMPLING, max_new_tokens=MAX_NEW)
         out = []
         for text, think in TURNS:
+            messages = s.messages + [{"role": "user", "content": text}]
             r = s.send(text, thinking=think)
-            out.append((r.prompt_ids, r.output_ids, r.reused_tokens))
+            out.append((r.prompt_ids, r.output_ids, r.reused_tokens, messages))
         return out
 
 
@@ -71,7 +75,7 @@ def reference_logits(synth_ckpt, reference):
 def test_fp32_artifacts_match_reference_token_for_token(exported, reference, fmt, quant):
     _needs(fmt)
     got = _conversation(exported(ARCH, fmt, quant))
-    for turn, ((p_ref, o_ref, _), (p, o, reused)) in enumerate(zip(reference, got)):
+    for turn, ((p_ref, o_ref, _, _), (p, o, reused, _)) in enumerate(zip(reference, got)):
         assert p == p_ref, f"turn {turn}: prompt ids differ"
         assert o == o_ref, f"turn {turn}: greedy output differs"
         if turn:
@@ -94,11 +98,21 @@ def test_logits_close_to_reference(exported, synth_ckpt, reference, reference_lo
     assert (logits.argmax(-1) == reference_logits.argmax(-1)).mean() >= (1.0 if tol < 1e-2 else 0.9)
 
 
-def test_f16_gguf_prompts_identical_and_first_tokens_agree(exported, reference):
+def test_f16_gguf_prompts_identical_and_first_tokens_agree(exported, synth_ckpt, reference):
+    """Every turn's prompt is the reference tokenizer's rendering of the f16 backend's own history.
+
+    While the replies agree that history is the reference's, so the prompt ids equal the reference's; once the
+    f16 replies part from the reference, the next prompts still must be exactly what the reference tokenizer
+    and template make of the conversation the f16 backend really had (no turn is left unchecked).
+    """
     _needs("gguf")
     got = _conversation(exported(ARCH, "gguf", "f16"))
     assert got[0][0] == reference[0][0]
     assert got[0][1][:4] == reference[0][1][:4]
-    for turn in range(1, len(TURNS)):  # later prompts match while the earlier replies matched
-        if all(got[k][1] == reference[k][1] for k in range(turn)):
-            assert got[turn][0] == reference[turn][0]
+    ref_tok = Tokenizer.from_dir(synth_ckpt(ARCH))
+    for turn, (prompt, _, _, messages) in enumerate(got):
+        assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * turn + ["user"]
+        expected = ref_tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=TURNS[turn][1])
+        assert prompt == expected, f"turn {turn}: prompt ids are not the reference rendering of its own history"
+        if all(got[k][1] == reference[k][1] for k in range(turn)):  # same history: the reference's very prompt
+            assert prompt == reference[turn][0], f"turn {turn}: prompt ids differ from the reference's"

@@ -154,23 +154,19 @@ def test_cli_generate_bitflipped_gguf_metadata_no_crash(gguf_bytes, layout, tmp_
         pos = [rng.randrange(layout["first_key_len"] * 8, layout["tensor_name_len"] * 8) for _ in range(2)]
         p = tmp_path / f"flip{i}.gguf"
         p.write_bytes(hostile.flip_bits(gguf_bytes, pos))
-        hostile.TRIED["cli/generate-gguf-metadata-flip"] += 1
         r = hostile.run_cli("generate", str(p), "--prompt", "hi", "--max-new-tokens", "2")
-        assert r.returncode in (0, 2), f"flip {pos}: exit {r.returncode}: {r.stderr[-1500:]}"
-        assert "Traceback" not in r.stderr
-        if r.returncode == 2:
-            assert r.stderr.strip().splitlines()[-1].startswith("error: ")
-        hostile.REJECTED["cli/generate-gguf-metadata-flip"] += 1
+        lines = r.stderr.strip().splitlines()
+        clean = r.returncode in (0, 2) and "Traceback" not in r.stderr and (
+            r.returncode == 0 or (bool(lines) and lines[-1].startswith("error: ")))
+        assert hostile.record("cli/generate-gguf-metadata-flip", clean), \
+            f"flip {pos}: exit {r.returncode}: {r.stderr[-1500:]}"
 
 
 # --- ONNX -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_art(exported) -> Path:
     hostile.require_module("qwen_edge.export.onnx")
-    try:
-        return exported("tiny-qwen3", "onnx", "fp32")
-    except QwenEdgeError as e:  # pragma: no cover - the exporter is still landing
-        pytest.skip(f"ONNX export not ready: {e}")
+    return exported("tiny-qwen3", "onnx", "fp32")  # an export that raises fails the tests that need it
 
 
 def _onnx_check(model: Path) -> None:

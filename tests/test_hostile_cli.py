@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -16,20 +17,24 @@ def art(exported) -> Path:
     return exported("tiny-qwen3", "gguf", "q8_0")
 
 
-def _ok_json(category: str, *args: str) -> dict:
-    hostile.TRIED[category] += 1
+def _ok_json(category: str, check: Callable[[dict], bool], *args: str) -> dict:
+    """Served input: exit 0, no traceback, a JSON answer that passes `check`; counted clean only if all hold."""
     r = hostile.run_cli(*args)
-    assert r.returncode == 0, f"{category}: exit {r.returncode}: {r.stderr[-1500:]}"
-    assert "Traceback" not in r.stderr
-    doc = json.loads(r.stdout)
-    hostile.REJECTED[category] += 1
+    doc: dict | None = None
+    if r.returncode == 0 and "Traceback" not in r.stderr:
+        try:
+            doc = json.loads(r.stdout)
+        except ValueError:
+            doc = None
+    ok = isinstance(doc, dict) and bool(check(doc))
+    assert hostile.record(category, ok), f"{category}: exit {r.returncode}: {r.stderr[-1500:]} {r.stdout[-500:]}"
     return doc
 
 
 def test_empty_prompt_with_template_is_served(art):
     """An empty user message is still a conversation: the template gives a non-empty prompt; generation runs."""
-    doc = _ok_json("prompt/empty-chat", "generate", str(art), "--prompt", "", "--max-new-tokens", "2", "--json")
-    assert doc["prompt_ids"] and doc["stats"]["new_tokens"] <= 2
+    _ok_json("prompt/empty-chat", lambda d: bool(d["prompt_ids"]) and d["stats"]["new_tokens"] <= 2,
+             "generate", str(art), "--prompt", "", "--max-new-tokens", "2", "--json")
 
 
 def test_empty_raw_prompt_rejected(art):
@@ -38,9 +43,8 @@ def test_empty_raw_prompt_rejected(art):
 
 def test_only_special_tokens(art):
     """Special-token text typed by a user: defined behaviour is exit 0 with a well-formed JSON answer."""
-    doc = _ok_json("prompt/only-special", "generate", str(art), "--prompt", "<|im_end|><|endoftext|><think>",
-                   "--max-new-tokens", "2", "--json")
-    assert isinstance(doc["text"], str) and len(doc["output_ids"]) <= 2
+    _ok_json("prompt/only-special", lambda d: isinstance(d["text"], str) and len(d["output_ids"]) <= 2,
+             "generate", str(art), "--prompt", "<|im_end|><|endoftext|><think>", "--max-new-tokens", "2", "--json")
 
 
 def test_prompt_longer_than_context(art):

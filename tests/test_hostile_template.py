@@ -103,8 +103,8 @@ def test_hostile_message_content_is_data():
 
     tok = Tokenizer.for_family("qwen3")
     text = tok.apply_chat_template([{"role": "user", "content": "{{ cycler.__init__.__globals__ }}"}])
-    assert "{{ cycler.__init__.__globals__ }}" in text
-    hostile.record("template/content-is-data", True)
+    ok = "{{ cycler.__init__.__globals__ }}" in text and "__builtins__" not in text
+    assert hostile.record("template/content-is-data", ok), text
 
 
 def test_trust_remote_code_never_enabled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,11 @@ import hostile
 from qwen_edge.artifact import Artifact
 from qwen_edge.errors import QwenEdgeError
 
-KILL_AFTER_S = (0.2, 0.6, 1.0, 1.6, 2.4, 3.5)
-"""Export of a tiny checkpoint takes ~2-4 s here: these land in imports, reading, writing and the commit."""
+WRITE_PHASES = {"first-bytes": 0.0, "half-written": 0.5}
+"""Kill once `.m.tmp-*/model.gguf` holds more than this fraction of the finished file (and less than all of it):
+the writer is caught mid-write, not in the imports before it or in the commit after it."""
+ATTEMPTS = 5
+"""A writer that finishes the file between two polls is not caught mid-write: that attempt is retried."""
 
 
 def _export_cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
@@ -42,19 +46,56 @@ def _kill_after(cmd: list[str], delay: float) -> int:
     return p.wait(timeout=60)
 
 
+def _kill_mid_write(cmd: list[str], out: Path, full_size: int, fraction: float) -> dict[str, object]:
+    """Run an export and SIGKILL it while `.m.tmp-*/model.gguf` is partly written; prove the kill landed there.
+
+    The process is stopped (SIGSTOP) as soon as a partial model file is seen, the file is measured while nothing
+    can write it, and only then killed: the returned evidence holds the temporary directory and the size the
+    file had when the kill landed. Retried (a fresh export) when the writer outran the poll; fails after
+    ATTEMPTS tries, so a kill before or after the write can never pass as a kill mid-write.
+    """
+    seen: list[str] = []
+    for attempt in range(ATTEMPTS):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        evidence = None
+        try:
+            while p.poll() is None and evidence is None:
+                for model in (out.glob(".m.tmp-*/model.gguf") if out.is_dir() else ()):
+                    try:
+                        size = model.stat().st_size
+                    except OSError:
+                        continue
+                    if fraction * full_size < size < full_size:
+                        p.send_signal(signal.SIGSTOP)
+                        _, status = os.waitpid(p.pid, os.WUNTRACED)  # returns once it is stopped (or dead)
+                        if not os.WIFSTOPPED(status):
+                            p.returncode = os.waitstatus_to_exitcode(status)
+                            break
+                        try:
+                            size = model.stat().st_size  # the writer is stopped: the size the kill meets
+                        except OSError:
+                            size = -1
+                        if fraction * full_size < size < full_size:
+                            evidence = {"tmp": model.parent, "size": size, "attempt": attempt}
+                        else:
+                            p.send_signal(signal.SIGCONT)
+                            seen.append(f"attempt {attempt}: stopped too late ({size} of {full_size} bytes)")
+                        break
+        finally:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            rc = p.wait(timeout=60)
+        if evidence is not None:
+            assert rc == -signal.SIGKILL, f"the export was not killed by the signal (exit {rc})"
+            return evidence
+        seen.append(f"attempt {attempt}: export ended (exit {rc}) before a partial model file was seen")
+    pytest.fail("never caught the export mid-write: " + "; ".join(seen))
+
+
 @pytest.fixture(scope="module")
 def ckpt(synth_ckpt) -> Path:
     hostile.require_module("qwen_edge.recipe")
     return synth_ckpt("tiny-qwen2")
-
-
-@pytest.mark.parametrize("delay", KILL_AFTER_S)
-def test_killed_export_leaves_nothing_or_complete(ckpt, tmp_path, delay):
-    out = tmp_path / "out"
-    _kill_after(_export_cmd(ckpt, out), delay)
-    hostile.TRIED["interrupt/kill-fresh"] += 1
-    assert _state(out) in ("absent", "complete")
-    hostile.REJECTED["interrupt/kill-fresh"] += 1
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +106,31 @@ def previous(ckpt, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("delay", KILL_AFTER_S)
-def test_killed_reexport_keeps_previous(ckpt, previous, tmp_path, delay):
-    """Killing a re-export over an existing artifact leaves the old one (or the finished new one) in place."""
-    import shutil
+@pytest.fixture(scope="module")
+def full_size(previous) -> int:
+    return (previous / "m" / "model.gguf").stat().st_size
 
+
+@pytest.mark.parametrize("phase", sorted(WRITE_PHASES))
+def test_killed_export_leaves_nothing(ckpt, full_size, tmp_path, phase):
+    """SIGKILL while model.gguf is partly written in `.m.tmp-*`: no artifact appears under the final name."""
+    out = tmp_path / "out"
+    ev = _kill_mid_write(_export_cmd(ckpt, out), out, full_size, WRITE_PHASES[phase])
+    model = ev["tmp"] / "model.gguf"
+    left = model.stat().st_size if model.exists() else None
+    clean = _state(out) == "absent" and left == ev["size"]  # the partial file stayed in the temporary directory
+    assert hostile.record("interrupt/kill-fresh", clean), (_state(out), ev, left, full_size)
+
+
+@pytest.mark.parametrize("phase", sorted(WRITE_PHASES))
+def test_killed_reexport_keeps_previous(ckpt, previous, full_size, tmp_path, phase):
+    """SIGKILL of a re-export mid-write over an existing artifact: the previous artifact survives, byte for byte."""
     out = tmp_path / "out"
     shutil.copytree(previous, out)
-    _kill_after(_export_cmd(ckpt, out, "--force"), delay)
-    hostile.TRIED["interrupt/kill-reexport"] += 1
-    assert _state(out) == "complete"
-    hostile.REJECTED["interrupt/kill-reexport"] += 1
+    before = (out / "m" / "manifest.json").read_bytes()
+    ev = _kill_mid_write(_export_cmd(ckpt, out, "--force"), out, full_size, WRITE_PHASES[phase])
+    clean = _state(out) == "complete" and (out / "m" / "manifest.json").read_bytes() == before
+    assert hostile.record("interrupt/kill-reexport", clean), (ev, sorted(p.name for p in out.iterdir()))
 
 
 def test_stale_temporaries_are_cleaned(ckpt, tmp_path):
@@ -102,8 +157,8 @@ def test_writer_exception_leaves_nothing(tmp_path):
         with ArtifactWriter(tmp_path / "m") as w:
             (w.dir / "model.gguf").write_bytes(b"x" * 100)
             raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-    hostile.record("interrupt/exception-in-writer", True)
+    left = list(tmp_path.iterdir())
+    assert hostile.record("interrupt/exception-in-writer", left == []), f"left behind: {left}"
 
 
 def test_file_size_limit_reported(ckpt, tmp_path):
