@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def wheel_site(tmp_path_factory) -> Path:
     """The project built as a wheel and installed (without dependencies: this venv has them) into a directory."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    # Build from a clean copy of the sources: a build/ directory left in the checkout would be reused by
+    # setuptools and could hide a file missing from the package data.
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
                     "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=600)
     (whl,) = (tmp / "dist").glob("qwen_edge-*.whl")
     names = zipfile.ZipFile(whl).namelist()
