@@ -132,8 +132,10 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         path, origin = found
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise QwenEdgeError(f"{path}: cannot read target profile ({first_line(e)})") from None
+        except RecursionError:
+            raise QwenEdgeError(f"{path}: target profile nested too deeply") from None
         src = str(path) if origin != "packaged" else f"packaged:{path.stem}"
         if not isinstance(data, dict):
             raise QwenEdgeError(f"{path}: a target profile must be a mapping")

@@ -95,3 +95,17 @@ def test_name_flag_cannot_escape(ckpt, tmp_path, name):
     hostile.expect_cli_rejected("recipe/name-flag", "export", str(ckpt), "--format", "gguf", "--quant", "f16",
                                 "--name", name, "-o", str(out), "--no-verify")
     assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("kind,data", [("binary", b"\x00\xff\xfe not text"), ("deep", b"a: " + b"[" * 5000),
+                                       ("list", b"- 1\n- 2\n"), ("bad-threads", b"name: p\nthreads: many\n")])
+def test_hostile_target_profile_from_the_search_path(cli, synth_ckpt, tmp_path, kind, data):
+    """A profile found by name along $QWEN_EDGE_RUNTIMES_PATH that is not a valid profile: one error line, exit 2."""
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof" / "p.yaml").write_bytes(data)
+    r = cli("export", str(synth_ckpt("tiny-qwen2")), "--format", "gguf", "--quant", "q8_0", "--target", "p",
+            "--no-verify", "-o", str(tmp_path / "out"), env={"QWEN_EDGE_RUNTIMES_PATH": str(tmp_path / "prof")})
+    ok = r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 \
+        and "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert hostile.record(f"profile/{kind}", ok), r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
