@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -167,3 +169,26 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, .
             del data
         f.flush()
         os.fsync(f.fileno())
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def release_pages(raw: np.ndarray) -> None:
+    """Drop the pages under a read-only memory-mapped view from this process's resident set (they stay in the page
+    cache; a later read faults them back in). Without this every byte of the checkpoint read once stays resident
+    until the export ends: 6 GB for Qwen2.5-3B in bf16. A writeable array is never touched: DONTNEED would zero
+    anonymous memory."""
+    if sys.platform != "linux" or raw.flags.writeable or raw.nbytes == 0:
+        return
+    lo = raw.ctypes.data
+    hi = lo + raw.nbytes
+    if raw.ndim > 1 and not raw.flags.c_contiguous:  # a column slice spans its parent's rows
+        hi = lo + (raw.shape[0] - 1) * raw.strides[0] + raw.shape[-1] * raw.itemsize
+    start = lo - lo % _PAGE
+    try:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start),
+                                                  _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,7 +15,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from ..checkpoint import Checkpoint
 from ..errors import QwenEdgeError
 from ..models import Arch, size_label
-from ..safetensors_io import to_float32
+from ..safetensors_io import release_pages, to_float32
 from . import ExportResult, register_exporter
 from .gguf_file import GGUFFile, check_gguf_file, file_type_name, gguf_file_info, read_gguf, type_counts
 from .gguf_quantize import llama_quantize
@@ -38,7 +35,6 @@ FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf
 CHUNK_BYTES = 32 << 20
 """Rows are converted in slices of about this many float32 bytes, so peak memory stays far below one tensor."""
 KNOWN_OPTIONS = ("threads", "intermediate")
-_PAGE = mmap.PAGESIZE
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -151,21 +147,6 @@ def _pad(f: BinaryIO, align: int) -> None:
         f.write(b"\0" * pad)
 
 
-def _release_pages(arr: np.ndarray) -> None:
-    """Drop a memory-mapped tensor's pages from this process's RSS once written (they stay in the page cache).
-
-    Without this the whole checkpoint ends up resident while llama.cpp's quantizer maps the intermediate file.
-    """
-    if sys.platform != "linux" or arr.nbytes < _PAGE:
-        return
-    start = arr.ctypes.data - arr.ctypes.data % _PAGE
-    length = arr.ctypes.data + arr.nbytes - start
-    try:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # DONTNEED
-    except (OSError, AttributeError):
-        pass
-
-
 def _write_tensor(f: BinaryIO, ckpt: Checkpoint, t: _Planned) -> None:
     raw = ckpt.raw(t.hf_name)
     dtype = ckpt.tensor_info(t.hf_name).dtype
@@ -188,7 +169,7 @@ def _write_tensor(f: BinaryIO, ckpt: Checkpoint, t: _Planned) -> None:
             else:
                 data = gguf_quants.quantize(x, t.type)
         data.tofile(f)
-    _release_pages(raw)
+    release_pages(raw)
     if f.tell() - start != t.nbytes:
         raise QwenEdgeError(f"{t.gguf_name}: wrote {f.tell() - start} bytes, expected {t.nbytes}")
 
