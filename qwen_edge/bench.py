@@ -328,20 +328,20 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
     ctx_mp = get_context("spawn")
     t_start = time.perf_counter()
-    for r in range(repeat):
-        for th in sweep:
-            for i in (range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))):  # A B, then B A
-                e = entries[i]
-                spec = {"path": str(e["path"]), "target": profile.name if target is None else target,
-                        "threads": th, "max_context": e["max_context"], "prompt": e["prompt"],
-                        "gen_tokens": gen_tokens,
-                        "warmup": warmup}
-                with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
-                    res = ex.submit(_measure, spec).result()
-                runs.setdefault((i, th), []).append(res)
-                if log:
-                    log(f"repeat {r + 1}/{repeat} {e['path'].name} @{th}t: decode "
-                        f"{res['decode_tokens_per_s']:.1f} tok/s, prefill {res['prefill_tokens_per_s']:.1f} tok/s")
+    order = [(r, th, i) for r in range(repeat) for th in sweep
+             for i in (range(len(entries)) if r % 2 == 0 else reversed(range(len(entries))))]  # A B, then B A
+    from .log import progress
+
+    for r, th, i in progress(order, desc="bench", unit="run"):
+        e = entries[i]
+        spec = {"path": str(e["path"]), "target": profile.name if target is None else target, "threads": th,
+                "max_context": e["max_context"], "prompt": e["prompt"], "gen_tokens": gen_tokens, "warmup": warmup}
+        with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
+            res = ex.submit(_measure, spec).result()
+        runs.setdefault((i, th), []).append(res)
+        if log:
+            log(f"repeat {r + 1}/{repeat} {e['path'].name} @{th}t: decode "
+                f"{res['decode_tokens_per_s']:.1f} tok/s, prefill {res['prefill_tokens_per_s']:.1f} tok/s")
     results = []
     for th in sweep:
         first = None

@@ -52,3 +52,11 @@ def test_progress_bars_on_a_terminal_not_when_piped(cli, synth_ckpt, tmp_path):
              "-o", str(tmp_path / "tty")], dict(os.environ, TERM="xterm"))
     t.expect("exported in")
     assert t.close() == 0 and "write ONNX" in t.raw and "layer" in t.raw
+    art = str(tmp_path / "tty" / f"{os.path.basename(ck)}-onnx-int4")
+    piped = cli("bench", art, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "2", "--warmup", "0",
+                "--threads", "1")
+    assert piped.returncode == 0 and "bench:" not in piped.stderr and "\r" not in piped.stderr
+    t = Pty([sys.executable, "-m", "qwen_edge.cli", "bench", art, "--prompt-tokens", "8", "--gen-tokens", "4",
+             "--repeat", "2", "--warmup", "0", "--threads", "1"], dict(os.environ, TERM="xterm"))
+    t.expect("2/2")  # the bar's count after the second run
+    assert t.close() == 0 and "bench: " in t.raw and "run/s" in t.raw
