@@ -25,7 +25,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from qwen_edge.bench import _measure, bench_prompt
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
+
+from qwen_edge.bench import _measure, bench_prompt  # noqa: E402
 
 
 def busy_loop(cpu: int | None) -> subprocess.Popen:
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--busy-cpu", type=int, default=(os.cpu_count() or 1) - 1, help="CPU the busy loop is pinned to")
     ap.add_argument("--json", type=Path, help="write every run and the medians here")
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args(argv)
     if "OMP_WAIT_POLICY" in os.environ:
         print(f"note: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} is exported: llama.cpp runs all use it",
@@ -208,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps({"start": start, "end_uptime": end, "args": vars(a) | {
             "gguf": str(a.gguf), "onnx": str(a.onnx), "json": str(a.json)}, "rows": rows, "table": table,
             "runs": {" ".join(map(str, k)): v for k, v in runs.items()}}, indent=2, default=str))
+    write_record("busy", json.loads(json.dumps({"rows": rows, "start_uptime": start["uptime"], "end_uptime": end,
+                                                "runs": {" ".join(map(str, k)): v for k, v in runs.items()}},
+                                               default=str)),
+                 settings=json.loads(json.dumps(vars(a), default=str)), notes=a.note, label=a.label,
+                 argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 _CHILD = """
 import json, sys, time
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repo", type=Path, default=ROOT, help="tree to import qwen_edge from (default: this one)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     ckpts = []
     for spec in a.ckpt:
@@ -117,6 +121,11 @@ def main() -> None:
                   f"{r['peak_rss_mb']} | {r['model_mb']} |", flush=True)
     if a.json:
         a.json.write_text(json.dumps({"machine": m, "rows": rows}, indent=1))
+    write_record("export_memory", {"rows": rows},
+                 settings={"checkpoints": {lb: str(p) for lb, p in ckpts}, "exports": a.exports,
+                           "threads": a.threads, "repo": str(a.repo.resolve()),
+                           "measured_tree": "this tree" if a.repo.resolve() == ROOT else "other tree (--repo)"},
+                 notes=a.note, label=a.label)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GGUF export of the synthesized Qwen2.5-0.5B: wall time, peak RSS, size and bits per weight per quantization.
 
 Usage: python benchmarks/bench_gguf_export.py [--ckpt DIR] [--out DIR] [--quants q4_k_m,f16,...] [--threads N]
-Prints a markdown table (paste into benchmarks/RESULTS.md). Each export runs in its own process so its
+Prints a markdown table and writes a record under benchmarks/results/ (RESULTS.md: python benchmarks/report.py). Each export runs in its own process so its
 peak RSS is its own (os.wait4 rusage).
 """
 
@@ -16,6 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 # llama.cpp's published figures (tools/quantize/quantize.cpp QUANT_OPTIONS): file size of Llama-3-8B
 # (8.03 B parameters, sizes in GiB) or the nominal bits per weight for the IQ types.
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--quants", default="q4_k_m,f32,f16,bf16,q8_0,q4_0,q4_k_s,q5_k_m,q5_k_s,q6_k,q3_k_m,q2_k,iq4_nl,"
                                           "iq4_xs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     if not (a.ckpt / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "qwen_edge.cli", "synth", "qwen2.5-0.5b", "-o", str(a.ckpt)], check=True,
@@ -87,6 +92,13 @@ def main() -> None:
         types = ", ".join(f"{k}×{v}" for k, v in r["types"].items())
         print(f"| {r['quant']} | {r['export_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.1f} | {r['bpw']:.2f} | "
               f"{published_bpw(r['quant'])} | {types} | {r['fallbacks']} |")
+    cfg = json.loads((a.ckpt / "config.json").read_text())
+    write_record("gguf_export", {"rows": rows, "published_bpw": {r["quant"]: published_bpw(r["quant"]) for r in rows}},
+                 settings={"checkpoint": str(a.ckpt), "checkpoint_mb": round(ckpt_mb, 1),
+                           "checkpoint_model": cfg.get("_name_or_path") or cfg.get("model_type"),
+                           "hidden_size": cfg.get("hidden_size"), "num_hidden_layers": cfg.get("num_hidden_layers"),
+                           "quants": a.quants.split(","), "threads": a.threads},
+                 notes=a.note, label=a.label)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 PROMPT = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 7985, 264, 2805,
           32794, 911, 279, 9396, 13, 151645, 198, 151644, 77091, 198]
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not (a.artifact / "manifest.json").is_file():
@@ -113,6 +117,10 @@ def main() -> None:
         print(f"| {k} | {med[k]:.2f} | {min(v):.2f} | {max(v):.2f} |")
     print(f"\noverhead of the Runtime: {overhead:+.2f}% of decode tokens/s (target < 5%)")
     ours.rt.close()
+    write_record("llama_overhead", {"decode_tokens_per_s": res, "median": med, "overhead_percent": overhead},
+                 settings={"artifact": str(a.artifact), "artifact_name": a.artifact.name, "threads": threads,
+                           "prompt_tokens": len(PROMPT), "gen_tokens": a.gen, "repeats": a.repeats, "n_ctx": n_ctx},
+                 notes=a.note, label=a.label)
 
 
 if __name__ == "__main__":

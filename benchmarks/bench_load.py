@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--variants", default="bare,load,load+hash")
     ap.add_argument("--formats", default="gguf,onnx")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     arts = ensure_artifacts(a.ckpt, a.out, env)
@@ -180,6 +184,12 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps({"machine": m, "n_ctx": a.n_ctx, "threads": threads, "code": str(ROOT),
                                       "before": before, "results": results}, indent=2))
+    files = {fmt: {"name": arts[fmt].name, "bytes": sum(p.stat().st_size for p in arts[fmt].iterdir() if p.is_file())}
+             for fmt in results}
+    write_record("load", {"load_and_cpu_s": results, "artifacts": files},
+                 settings={"n_ctx": a.n_ctx, "threads": threads, "repeats": a.repeats, "variants": variants,
+                           "checkpoint": str(a.ckpt), "before": before},
+                 notes=a.note, label=a.label)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 
 def child(code: str, *args: str) -> dict[str, Any]:
@@ -43,6 +45,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--onnx-options", default="{}", help="JSON exporter options for the int4 artifact")
     ap.add_argument("--json", help="also write the JSON document to this file")
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,9 @@ def main() -> int:
     print(json.dumps(doc, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+    write_record("onnx_vs_llama", {k: v for k, v in doc.items() if k not in ("machine", "settings")},
+                 settings=doc["settings"], notes=a.note, label=a.label,
+                 extra_machine={"read_bandwidth_gbps": report["machine"].get("read_bandwidth_gbps")})
     return 0
 
 

@@ -1,24 +1,24 @@
-"""The standard suite: synthesize Qwen2.5-0.5B and Qwen3-0.6B, export six artifacts each, bench them with torch."""
+"""The standard suite: synthesize Qwen2.5-0.5B and Qwen3-0.6B, export six artifacts each, bench them with torch.
+
+Writes one record under benchmarks/results/ and renders benchmarks/RESULTS.md from all records (benchmarks/report.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from _record import write_record  # noqa: E402
 
 MODELS = ("qwen2.5-0.5b", "qwen3-0.6b")
 EXPORTS = (("gguf", "q4_0"), ("gguf", "q4_k_m"), ("gguf", "q8_0"), ("onnx", "int4"), ("onnx", "int8"),
            ("onnx", "fp32"))
-
-
-SEPARATOR = "\n---\n"
-"""Between the suite's section of RESULTS.md (rewritten by each run) and the component benchmarks (kept)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="leave the torch reference out of the bench")
-    ap.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json and results.png go")
+    ap.add_argument("--out", default=str(HERE), help="where the plots go (the record: OUT/results unless OUT is "
+                                                  "benchmarks/, where RESULTS.md is then rendered from the records)")
+    ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args(argv)
 
-    from qwen_edge.bench import bench, markdown_table, plot
+    from qwen_edge.bench import bench, plot
     from qwen_edge.export import export
     from qwen_edge.synth import synth
 
@@ -64,40 +67,34 @@ def main(argv: list[str] | None = None) -> int:
         plot(report, png)
         sections.append((model, report, png))
     elapsed = time.perf_counter() - t0
-    combined = {"machine": reports[0]["machine"], "results": [r for rep in reports for r in rep["results"]],
-                "config": {**reports[0]["config"], "models": a.models.split(","), "suite_seconds": round(elapsed)}}
-    plot(combined, out / "results.png")
-    (out / "results.json").write_text(json.dumps(combined, indent=2) + "\n", encoding="utf-8")
-    m = combined["machine"]
-    cmd = "python benchmarks/run_suite.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    lines = [
-        "# qwen-edge standard benchmark suite", "",
-        f"- date: {combined['config']['date']}",
-        f"- command: `{cmd.strip()}` (suite run time {elapsed / 60:.1f} min: synth, export, bench)",
-        f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
-        f"{m['memory_bytes'] / 2**30:.0f} GiB, {m['os']}, Python {m['python']}",
-        f"- libraries: {', '.join(f'{k} {v}' for k, v in m['libraries'].items())}",
-        f"- measured read bandwidth: {m['read_bandwidth_gbps']} GB/s (numpy sum over 256 MiB, best of 5)",
-        f"- {a.prompt_tokens} prompt tokens, {a.gen_tokens} generated (greedy), {a.threads} threads, "
-        f"{a.repeat} repeats after 1 warm-up, each run in a fresh process, artifacts interleaved; medians with min-max",
-        "- weights are synthesized (random, architecture-exact): latency and size are what the real models cost; "
-        "the text they generate is meaningless.", "",
-    ]
+    settings = {**{k: v for k, v in reports[0]["config"].items() if k not in ("date", "seconds")},
+                "models": a.models.split(","), "exports": [f"{f}:{q}" for f, q in EXPORTS], "torch": not a.no_torch,
+                "workdir": str(work)}
+    figures: dict = {"suite_seconds": round(elapsed), "reports": [], "plots": {}}
     for model, report, png in sections:
-        lines += [f"## {model}", "", markdown_table(report), f"![{model}]({png.name})", ""]
-    lines += ["## All", "", "![all](results.png)", "",
-              "Roofline: bytes per decode token = weights read per token (the file's tensors, minus an embedding "
-              "table that is only gathered when the head is separate) + the KV cache at the mean context; "
-              "bound = bandwidth / bytes. See docs/verify.md (bench section).", ""]
-    path = out / "RESULTS.md"
-    # The suite owns the part above the first separator line; the component benchmarks below it are kept.
-    rest = ""
-    if path.is_file():
-        old = path.read_text(encoding="utf-8")
-        cut = old.find(SEPARATOR)
-        rest = old[cut:] if cut >= 0 else ""
-    path.write_text("\n".join(lines) + ("\n" + rest if rest else ""), encoding="utf-8")
-    print(f"wrote {out / 'RESULTS.md'} in {elapsed / 60:.1f} min", file=sys.stderr)
+        figures["reports"].append({"model": model, "read_bandwidth_gbps": report["machine"]["read_bandwidth_gbps"],
+                                   "bench_seconds": report["config"].get("seconds"), "results": report["results"]})
+    rec = write_record("suite", figures, settings=settings, notes=a.note, label=a.label,
+                       out_dir=None if out.resolve() == HERE else out / "results",
+                       extra_machine={"read_bandwidth_gbps": reports[0]["machine"]["read_bandwidth_gbps"]})
+    # plots named after the record, next to RESULTS.md; the record names them
+    for model, report, png in sections:
+        dest = png.with_name(f"{rec.stem}-{model}.png")
+        png.replace(dest)
+        figures["plots"][model] = dest.name
+    combined = {"machine": reports[0]["machine"], "results": [r for rep in reports for r in rep["results"]],
+                "config": reports[0]["config"]}
+    all_png = out / f"{rec.stem}-all.png"
+    plot(combined, all_png)
+    figures["plots"]["all"] = all_png.name
+    doc = json.loads(rec.read_text(encoding="utf-8"))
+    doc["figures"]["plots"] = figures["plots"]
+    rec.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if out.resolve() == HERE:
+        from report import main as render
+
+        render([])
+    print(f"suite done in {elapsed / 60:.1f} min: {rec}", file=sys.stderr)
     return 0
 
 
