@@ -15,7 +15,8 @@ from typing import Any
 from . import __version__
 from .checkpoint import Checkpoint, sha256_file
 from .errors import QwenEdgeError
-from .models import ENDOFTEXT_ID, IM_END_ID, template_for
+from .families import family_of
+from .families.qwen2 import ENDOFTEXT_ID, IM_END_ID
 
 SCHEMA_VERSION = 1
 READ_BY_TOOLKIT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -300,13 +301,13 @@ def _check_types(m: dict[str, Any], mpath: Path) -> None:
 
 
 def stop_ids_for(ckpt: Checkpoint) -> list[int]:
-    """Stop ids from the checkpoint's own generation config and config, falling back to ChatML's ends."""
+    """Stop ids from the checkpoint's own generation config and config, then the family's."""
     ids: list[int] = []
     for src in (ckpt.generation_config.get("eos_token_id"), ckpt.config.get("eos_token_id")):
         for x in (src if isinstance(src, list) else [src]):
             if isinstance(x, int) and x not in ids:
                 ids.append(x)
-    for x in (IM_END_ID, ENDOFTEXT_ID):
+    for x in family_of(ckpt.arch).stop_ids:
         if x not in ids and x < ckpt.arch.vocab_size:
             ids.append(x)
     return ids
@@ -321,7 +322,7 @@ def chat_template_of(ckpt: Checkpoint) -> str:
         return tmpl
     from .tokenizer import load_template
 
-    return load_template(template_for(ckpt.arch))
+    return load_template(family_of(ckpt.arch).default_template)
 
 
 def write_tokenizer_files(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
@@ -338,13 +339,14 @@ def write_tokenizer_files(ckpt: Checkpoint, dest: Path) -> dict[str, Any]:
     gen = dict(ckpt.generation_config)
     write_json(dest / "generation_config.json", gen)
     stop = stop_ids_for(ckpt)
-    pad = gen.get("pad_token_id", ckpt.config.get("pad_token_id", ENDOFTEXT_ID))
+    default_pad = family_of(ckpt.arch).pad_token_id
+    pad = gen.get("pad_token_id", ckpt.config.get("pad_token_id", default_pad))
     return {
         "sha256": sha256_file(dest / "tokenizer.json"),
         "template_sha256": sha256_file(dest / "chat_template.jinja"),
         "stop_ids": stop,
         "eos_token_id": stop[0],
-        "pad_token_id": pad if isinstance(pad, int) else ENDOFTEXT_ID,
+        "pad_token_id": pad if isinstance(pad, int) else default_pad,
         "bos_token_id": ckpt.config.get("bos_token_id"),
         "add_bos": False,
     }

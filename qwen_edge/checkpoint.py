@@ -7,15 +7,15 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import QwenEdgeError, first_line
-from .models import Arch
+from .families import Arch, family_of
 from .safetensors_io import SafetensorsFile, TensorInfo, to_float32
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -23,30 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 def expected_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this architecture must hold, with its shape (HF names)."""
-    h, i, v, hd = arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not arch.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    for n in range(arch.num_layers):
-        p = f"model.layers.{n}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-        out[p + "self_attn.q_proj.weight"] = (arch.q_size, h)
-        out[p + "self_attn.k_proj.weight"] = (arch.kv_size, h)
-        out[p + "self_attn.v_proj.weight"] = (arch.kv_size, h)
-        out[p + "self_attn.o_proj.weight"] = (h, arch.q_size)
-        if arch.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = (arch.q_size,)
-            out[p + "self_attn.k_proj.bias"] = (arch.kv_size,)
-            out[p + "self_attn.v_proj.bias"] = (arch.kv_size,)
-        if arch.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = (hd,)
-            out[p + "self_attn.k_norm.weight"] = (hd,)
-        out[p + "mlp.gate_proj.weight"] = (i, h)
-        out[p + "mlp.up_proj.weight"] = (i, h)
-        out[p + "mlp.down_proj.weight"] = (h, i)
-    return out
+    """Every tensor a checkpoint of this architecture must hold, with its shape (HF names), from its family."""
+    return {t.hf: t.shape for t in family_of(arch).tensor_map(arch)}
 
 
 def _finite(text: str) -> float:
@@ -138,7 +116,8 @@ class Checkpoint:
                 )
             if info.dtype not in ("F32", "F16", "BF16"):
                 raise QwenEdgeError(f"{info.file.name}: tensor {name!r} has dtype {info.dtype}, expected a float")
-        allowed_extra = {"lm_head.weight"}  # some tied checkpoints store it anyway
+        untied = replace(self.arch, tie_word_embeddings=False)  # some tied checkpoints store the head anyway
+        allowed_extra = set(family_of(self.arch).checkpoint_names(untied, "lm_head"))
         extra = [n for n in self._tensors if n not in expected and n not in allowed_extra
                  and not n.endswith("rotary_emb.inv_freq")]
         if extra:
@@ -165,11 +144,9 @@ class Checkpoint:
         return to_float32(self.raw(name), info.dtype)
 
     def lm_head_name(self) -> str:
-        return "model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"
-
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self._tensors:
-            yield name, self.tensor(name)
+        """The checkpoint tensor the LM head reads (the embedding table when tied)."""
+        fam = family_of(self.arch)
+        return (fam.checkpoint_names(self.arch, "lm_head") or fam.checkpoint_names(self.arch, "embed_tokens"))[0]
 
     # --- metadata ------------------------------------------------------------------------------------------
     @property

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)
 
     p = add("synth", help="write an architecture-exact checkpoint with random weights (offline)")
-    from .models import MODELS
+    from .families import MODELS
 
     p.add_argument("arch", choices=list(MODELS), metavar="ARCH", help="one of: " + ", ".join(MODELS))
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")

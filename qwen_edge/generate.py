@@ -277,7 +277,7 @@ def runtime_stop_ids(runtime: Runtime, tokenizer: Tokenizer | None = None) -> li
         return model_meta(runtime.info.artifact).stop_ids
     except QwenEdgeError:
         pass
-    from .models import ENDOFTEXT_ID, IM_END_ID
+    from .families.qwen2 import ENDOFTEXT_ID, IM_END_ID
 
     ids = [IM_END_ID, ENDOFTEXT_ID]
     eos = tokenizer.eos_token_id if tokenizer is not None else None

@@ -18,11 +18,11 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         return _inspect_artifact(p)
     if p.suffix == ".gguf":
-        from .export.gguf_file import gguf_file_info
+        from .formats.gguf import gguf_file_info
 
         info = dict(gguf_file_info(p))
     elif p.suffix == ".onnx":
-        from .export.onnx import onnx_file_info
+        from .formats.onnx import onnx_file_info
 
         info = dict(onnx_file_info(p))
     else:
@@ -134,7 +134,7 @@ def _arch_line(a: dict[str, Any]) -> list[str]:
              f"rope theta {a.get('rope_theta'):g}" if isinstance(a.get("rope_theta"), (int, float)) else "",
              "qk-norm" if a.get("qk_norm") else "", "qkv bias" if a.get("qkv_bias") else ""]
     try:
-        from .models import Arch
+        from .families import Arch
 
         known = {k: a[k] for k in Arch.__dataclass_fields__ if k in a}
         extra.insert(0, f"{_params(Arch(**known).parameter_count())} params")

@@ -81,7 +81,7 @@ class Recipe:
     """Hub revision of `source`: a branch, tag or commit (default: the repository's default branch); `source:
     Org/Name@rev` says the same. The manifest records the commit it resolved to. Not used with `source_path`."""
     model: str = ""
-    """Registry architecture (qwen_edge.models.MODELS, e.g. `qwen2.5-0.5b`); the source is checked against it."""
+    """Registry architecture (qwen_edge.families.MODELS, e.g. `qwen2.5-0.5b`); the source is checked against it."""
     format: str = ""
     """`gguf` or `onnx`."""
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -287,7 +287,7 @@ def known_quants(fmt: str) -> tuple[str, ...]:
 
 def validate_recipe(r: Recipe, src: str) -> None:
     """Check names, format/quantization pairs, target and context; raise QwenEdgeError naming the file."""
-    from .models import MODELS
+    from .families import MODELS
     from .targets import load_target
 
     if not r.effective_source:
@@ -558,7 +558,7 @@ def _check_model(recipe: Recipe, source_dir: Path) -> None:
     if not recipe.model:
         return
     from .checkpoint import Checkpoint
-    from .models import MODELS
+    from .families import MODELS
 
     want = MODELS[recipe.model.lower()].arch.to_dict()
     ckpt = Checkpoint(source_dir, validate=False)

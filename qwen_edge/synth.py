@@ -12,7 +12,7 @@ import numpy as np
 from .artifact import ArtifactWriter, write_json
 from .checkpoint import expected_tensors
 from .errors import QwenEdgeError
-from .models import ENDOFTEXT_ID, IM_END_ID, ModelSpec, get_model
+from .families import ModelSpec, family_of, get_model
 from .safetensors_io import f32_to_bf16, write_safetensors
 
 INIT_STD = 0.02
@@ -34,10 +34,11 @@ def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and chat template text for a registry model."""
     from . import tokenizer as tk
 
-    added = tk.QWEN3_ADDED_TOKENS if spec.arch.family == "qwen3" else tk.QWEN2_ADDED_TOKENS
+    fam = family_of(spec.arch)
+    added = list(fam.added_tokens)
     template = tk.load_template(spec.template)
-    eos = "<|im_end|>"
-    cfg = tk.build_tokenizer_config(added, template, eos_token=eos, pad_token="<|endoftext|>",
+    text = {i: t for i, t, _ in added}
+    cfg = tk.build_tokenizer_config(added, template, eos_token=text[fam.eos_token_id], pad_token=text[fam.pad_token_id],
                                     model_max_length=spec.arch.max_position_embeddings)
     return {
         "tokenizer.json": tk.build_tokenizer_json(added),
@@ -46,11 +47,12 @@ def tokenizer_files(spec: ModelSpec) -> dict[str, str]:
 
 
 def generation_config(spec: ModelSpec) -> dict:
+    fam = family_of(spec.arch)
     return {
-        "bos_token_id": ENDOFTEXT_ID,
-        "pad_token_id": ENDOFTEXT_ID,
+        "bos_token_id": fam.bos_token_id,
+        "pad_token_id": fam.pad_token_id,
         "do_sample": True,
-        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+        "eos_token_id": list(fam.stop_ids),
         **spec.generation,
     }
 

@@ -25,54 +25,24 @@ if TYPE_CHECKING:
 
 from .errors import QwenEdgeError, first_line
 
-AddedToken = tuple[int, str, bool]
-"""(id, content, special): one added token of a tokenizer."""
+from .families.base import AddedToken
 
 QWEN_PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 NUM_BASE_TOKENS = 151643
 
-QWEN2_ADDED_TOKENS: list[AddedToken] = [
-    (151643, "<|endoftext|>", True),
-    (151644, "<|im_start|>", True),
-    (151645, "<|im_end|>", True),
-    (151646, "<|object_ref_start|>", True),
-    (151647, "<|object_ref_end|>", True),
-    (151648, "<|box_start|>", True),
-    (151649, "<|box_end|>", True),
-    (151650, "<|quad_start|>", True),
-    (151651, "<|quad_end|>", True),
-    (151652, "<|vision_start|>", True),
-    (151653, "<|vision_end|>", True),
-    (151654, "<|vision_pad|>", True),
-    (151655, "<|image_pad|>", True),
-    (151656, "<|video_pad|>", True),
-    (151657, "<tool_call>", False),
-    (151658, "</tool_call>", False),
-    (151659, "<|fim_prefix|>", False),
-    (151660, "<|fim_middle|>", False),
-    (151661, "<|fim_suffix|>", False),
-    (151662, "<|fim_pad|>", False),
-    (151663, "<|repo_name|>", False),
-    (151664, "<|file_sep|>", False),
-]
-"""Added tokens of Qwen2 and Qwen2.5 (all sizes, base and Instruct)."""
 
-QWEN3_ADDED_TOKENS: list[AddedToken] = QWEN2_ADDED_TOKENS + [
-    (151665, "<tool_response>", False),
-    (151666, "</tool_response>", False),
-    (151667, "<think>", False),
-    (151668, "</think>", False),
-]
-"""Added tokens of Qwen3: Qwen2's plus tool responses and thinking delimiters."""
 
-FAMILY_ADDED_TOKENS: dict[str, list[AddedToken]] = {
-    "qwen2": QWEN2_ADDED_TOKENS,
-    "qwen2_5": QWEN2_ADDED_TOKENS,
-    "qwen3": QWEN3_ADDED_TOKENS,
-}
-"""Added tokens per template family name (the names `load_template` accepts)."""
+def _template_tokens(family: str) -> list[AddedToken]:
+    """The added tokens that go with a bundled template (`qwen2`, `qwen2_5`, `qwen3`), from the family registry."""
+    from .families import template_families
+
+    table = template_families()
+    if family not in table:
+        raise QwenEdgeError(f"unknown tokenizer family {family!r} (known: {', '.join(table)})")
+    return list(table[family])
+
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -322,9 +292,7 @@ def save_qwen_tokenizer(
     chat_template: str | None = None,
 ) -> list[Path]:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for a family; returns the paths."""
-    if family not in FAMILY_ADDED_TOKENS:
-        raise QwenEdgeError(f"unknown tokenizer family {family!r} (known: {', '.join(FAMILY_ADDED_TOKENS)})")
-    added = FAMILY_ADDED_TOKENS[family]
+    added = _template_tokens(family)
     template = chat_template if chat_template is not None else load_template(family)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -691,8 +659,7 @@ class Tokenizer:
     @classmethod
     def for_family(cls, family: str) -> Tokenizer:
         """The Qwen vocabulary with a family's added tokens and bundled template (`qwen2`, `qwen2_5`, `qwen3`)."""
-        if family not in FAMILY_ADDED_TOKENS:
-            raise QwenEdgeError(f"unknown tokenizer family {family!r} (known: {', '.join(FAMILY_ADDED_TOKENS)})")
+        _template_tokens(family)
         backend = _family_backend(family)
         specials = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
         return cls(backend, load_template(family), specials)
@@ -816,7 +783,7 @@ def _family_backend(family: str) -> HFTokenizer:
     """One parsed `tokenizers.Tokenizer` per family, shared by `Tokenizer.for_family` (never mutated)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    return HFTokenizer.from_str(build_tokenizer_json(FAMILY_ADDED_TOKENS[family]))
+    return HFTokenizer.from_str(build_tokenizer_json(_template_tokens(family)))
 
 
 def _template_from_config(value: Any) -> str | None:

@@ -71,7 +71,7 @@ def train_fidelity_checkpoint(out_dir: str | os.PathLike, arch: str = "tiny-qwen
     """
     torch, AutoModelForCausalLM = _import_torch()
     from .checkpoint import expected_tensors
-    from .models import get_model
+    from .families import get_model
     from .safetensors_io import f32_to_bf16, write_safetensors
     from .synth import synth
     from .tokenizer import Tokenizer

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.models import MODELS, Arch, get_model
+from qwen_edge.families import MODELS, Arch, get_model
 
 # Parameter counts of the real releases (Hugging Face model cards / safetensors metadata).
 REAL_PARAMS = {

@@ -10,7 +10,7 @@ import pytest
 from conftest import requires_torch
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.models import MODELS
+from qwen_edge.families import MODELS
 from qwen_edge.recipe import RECIPES_DIR, list_recipes, load_recipe, render_recipes, run_export
 
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))

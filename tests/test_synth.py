@@ -7,7 +7,7 @@ import pytest
 
 from conftest import requires_torch
 from qwen_edge.checkpoint import Checkpoint, expected_tensors
-from qwen_edge.models import MODELS, get_model
+from qwen_edge.families import MODELS, get_model
 from qwen_edge.synth import synth
 
 

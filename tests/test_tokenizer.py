@@ -12,9 +12,9 @@ import pytest
 
 from qwen_edge import tokenizer as T
 from qwen_edge.errors import QwenEdgeError
+from qwen_edge.families.qwen2 import ADDED_TOKENS as QWEN2_ADDED_TOKENS
+from qwen_edge.families.qwen3 import ADDED_TOKENS as QWEN3_ADDED_TOKENS
 from qwen_edge.tokenizer import (
-    QWEN2_ADDED_TOKENS,
-    QWEN3_ADDED_TOKENS,
     StreamDecoder,
     TemplateError,
     Tokenizer,

@@ -8,7 +8,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint import Checkpoint
-from .onnx_graph import MS, GraphBuilder
+from ..families import family_of
+from ..formats.onnx_graph import MS, GraphBuilder
 from .onnx_quant import QuantLayout, quantize_rows
 from .onnx_source import Source
 
@@ -70,6 +71,7 @@ class DecoderBuilder:
     def __init__(self, ckpt: Checkpoint, g: GraphBuilder, plan: QuantPlan, context_length: int):
         self.ckpt, self.g, self.plan, self.ctx = ckpt, g, plan, context_length
         self.a = ckpt.arch
+        self.fam = family_of(ckpt.arch)
         self.src = Source(ckpt)
         self.rec = BuildRecord()
 
@@ -88,8 +90,10 @@ class DecoderBuilder:
         self.rec.weight_bytes += self.g.init_bytes[name]
         return out
 
-    def _float_table(self, name: str, src: str = "model.embed_tokens.weight") -> str:
-        """A [rows, hidden] float table stored as it is, row chunk by row chunk (Gather table or Gemm transB head)."""
+    def _float_table(self, name: str, src: str | None = None) -> str:
+        """A [rows, hidden] float table stored as it is, row chunk by row chunk (Gather table or Gemm transB head);
+        `src` defaults to the embedding table."""
+        src = src or self.name("embed_tokens")
         return self._float_stream(name, self.src.shape([src]), self.src.rows([src]))
 
     def head_block(self) -> int:
@@ -146,6 +150,14 @@ class DecoderBuilder:
             y = self.g.op("Add", [y, self._float(f"{name}.bias", b_arr)], f"/{name}/Add")
         return y
 
+    def names(self, role: str, i: int | None = None) -> list[str]:
+        """Checkpoint names of an ONNX role of block `i`, from the family's tensor map."""
+        return self.fam.checkpoint_names(self.a, role, i)
+
+    def name(self, role: str, i: int | None = None) -> str:
+        (n,) = self.names(role, i)
+        return n
+
     def t(self, name: str) -> np.ndarray:
         """A small checkpoint tensor (a norm weight) as float32."""
         return self.src.tensor([name])
@@ -170,7 +182,7 @@ class DecoderBuilder:
 
         for i in progress(range(a.num_layers), desc="write ONNX", unit="layer"):
             pre = f"model.layers.{i}"
-            w_in = self._float(f"{pre}.input_layernorm.weight", self.t(f"{pre}.input_layernorm.weight"))
+            w_in = self._float(self.name("input_layernorm", i), self.t(self.name("input_layernorm", i)))
             if prev is None:
                 h = g.op("SimplifiedLayerNormalization", [x, w_in], f"/{pre}/input_layernorm/SLN",
                          axis=-1, epsilon=a.rms_norm_eps, stash_type=1)
@@ -181,14 +193,14 @@ class DecoderBuilder:
                                                  f"/{pre}/input_layernorm/output_3"], epsilon=a.rms_norm_eps)
             attn = self.attention(i, h, seqlens_k, total_len, cos, sin)
             h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization",
-                                     [attn, resid, self._float(f"{pre}.post_attention_layernorm.weight",
-                                                               self.t(f"{pre}.post_attention_layernorm.weight"))],
+                                     [attn, resid, self._float(self.name("post_attention_layernorm", i),
+                                                               self.t(self.name("post_attention_layernorm", i)))],
                                      f"/{pre}/post_attention_layernorm/SkipSLN", domain=MS,
                                      outputs=[f"/{pre}/post_attention_layernorm/output_0", "", "",
                                               f"/{pre}/post_attention_layernorm/output_3"], epsilon=a.rms_norm_eps)
             prev = self.mlp(i, h2)
         final = g.node("SkipSimplifiedLayerNormalization",
-                       [prev, resid, self._float("model.norm.weight", self.t("model.norm.weight"))],
+                       [prev, resid, self._float(self.name("norm"), self.t(self.name("norm")))],
                        "/model/norm/SkipSLN", domain=MS, outputs=["/model/norm/output_0"], epsilon=a.rms_norm_eps)[0]
         # One LM head, on the last `logits_to_keep` positions only: an overridable initializer (a graph input with a
         # default) so onnxruntime-genai, which does not feed it, gets every position; our backend feeds 1 (or S).
@@ -218,7 +230,7 @@ class DecoderBuilder:
         emb_bits = (p.lm_head_bits if tied else p.linear_bits) if p.quantize_embeddings else None
         if tied and p.lm_head_bits and p.quantize_embeddings:
             # Stored once: the LM head's MatMulNBits data, gathered by GatherBlockQuantized.
-            self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", ["model.embed_tokens.weight"],
+            self._head_q = self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", self.names("embed_tokens"),
                                            p.lm_head_bits, self.head_block())
             self.rec.embedding = f"tied: GatherBlockQuantized on the int{p.lm_head_bits} LM head data"
             b, s, z, q = self._head_q
@@ -234,7 +246,7 @@ class DecoderBuilder:
             self.rec.embedding = f"tied: one {p.float_name} table for Gather and the LM head Gemm"
             return g.op("Gather", [self._head_f, ids], "/model/embed_tokens/Gather", axis=0)
         if emb_bits:
-            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", ["model.embed_tokens.weight"], emb_bits,
+            qd = self._quantized(f"model.embed_tokens.weight_Q{emb_bits}", self.names("embed_tokens"), emb_bits,
                                  flat=True)
             self.rec.embedding = f"{'tied, stored twice' if tied else 'untied'}: int{emb_bits} GatherBlockQuantized"
             return self._gather_quantized(ids, *qd)
@@ -259,7 +271,7 @@ class DecoderBuilder:
             return ("q", self._head_q)
         if a.tie_word_embeddings and getattr(self, "_head_f", None) is not None:
             return ("f", self._head_f)
-        w = [self.ckpt.lm_head_name()]
+        w = self.names("lm_head") or self.names("embed_tokens")
         if p.lm_head_bits:
             return ("q", self._quantized(f"lm_head.weight_Q{p.lm_head_bits}", w, p.lm_head_bits, self.head_block()))
         return ("f", self._float_table("lm_head.weight", w[0]))
@@ -281,9 +293,8 @@ class DecoderBuilder:
     def attention(self, i: int, h: str, seqlens_k: str, total_len: str, cos: str, sin: str) -> str:
         a, g, p = self.a, self.g, self.plan
         pre = f"model.layers.{i}"
-        sa = f"{pre}.self_attn"
-        w = [f"{sa}.q_proj.weight", f"{sa}.k_proj.weight", f"{sa}.v_proj.weight"]
-        bias = [f"{sa}.q_proj.bias", f"{sa}.k_proj.bias", f"{sa}.v_proj.bias"] if a.qkv_bias else None
+        w = self.names("qkv_proj", i)
+        bias = self.names("qkv_proj.bias", i) or None
         qkv = self.linear(h, f"{pre}.attn.qkv_proj", w, bias, p.linear_bits)
         kv_shape = ["batch_size", a.num_kv_heads, "past_sequence_length", a.head_dim]
         past_k = g.add_input(f"past_key_values.{i}.key", p.kv_elem, kv_shape)
@@ -292,8 +303,8 @@ class DecoderBuilder:
         if a.qk_norm:
             q, k, v = g.node("Split", [qkv, g.const_i64([a.q_size, a.kv_size, a.kv_size])], f"/{pre}/attn/qkv_split",
                              n_out=3, axis=-1)
-            q = self.head_norm(q, f"{sa}.q_norm.weight", a.num_heads, f"/{pre}/attn/q_norm")
-            k = self.head_norm(k, f"{sa}.k_norm.weight", a.num_kv_heads, f"/{pre}/attn/k_norm")
+            q = self.head_norm(q, self.name("q_norm", i), a.num_heads, f"/{pre}/attn/q_norm")
+            k = self.head_norm(k, self.name("k_norm", i), a.num_kv_heads, f"/{pre}/attn/k_norm")
             qkv_in = [q, k, v]
         else:
             qkv_in = [qkv, "", ""]
@@ -309,7 +320,7 @@ class DecoderBuilder:
             out = g.op("Cast", [out], f"/{pre}/attn/Cast_out", to=p.elem)
         for name in present:
             g.add_output(name, p.kv_elem, ["batch_size", a.num_kv_heads, "total_sequence_length", a.head_dim])
-        return self.linear(out, f"{pre}.attn.o_proj", [f"{sa}.o_proj.weight"], None, p.linear_bits)
+        return self.linear(out, f"{pre}.attn.o_proj", self.names("o_proj", i), None, p.linear_bits)
 
     def head_norm(self, x: str, weight: str, heads: int, name: str) -> str:
         g, a = self.g, self.a
@@ -321,10 +332,9 @@ class DecoderBuilder:
     def mlp(self, i: int, h: str) -> str:
         a, g, p = self.a, self.g, self.plan
         pre = f"model.layers.{i}"
-        w = [f"{pre}.mlp.gate_proj.weight", f"{pre}.mlp.up_proj.weight"]
-        gu = self.linear(h, f"{pre}.mlp.gate_up_proj", w, None, p.linear_bits)
+        gu = self.linear(h, f"{pre}.mlp.gate_up_proj", self.names("gate_up_proj", i), None, p.linear_bits)
         gate, up = g.node("Split", [gu, g.const_i64([a.intermediate_size, a.intermediate_size])], f"/{pre}/mlp/Split",
                           n_out=2, axis=-1)
         sig = g.op("Sigmoid", [gate], f"/{pre}/mlp/act/Sigmoid")
         act = g.op("Mul", [g.op("Mul", [gate, sig], f"/{pre}/mlp/act/Mul"), up], f"/{pre}/mlp/Mul")
-        return self.linear(act, f"{pre}.mlp.down_proj", [f"{pre}.mlp.down_proj.weight"], None, p.linear_bits)
+        return self.linear(act, f"{pre}.mlp.down_proj", self.names("down_proj", i), None, p.linear_bits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..checkpoint import Checkpoint
+from ..families import family_of
 
 DEFAULT_MAX_LENGTH = 4096
 """search.max_length: onnxruntime-genai preallocates a KV cache of this many tokens (not the full context)."""
@@ -43,7 +44,7 @@ def genai_config(ckpt: Checkpoint, *, model_file: str, context_length: int, toke
             },
             "eos_token_id": stop if len(stop) > 1 else stop[0],
             "pad_token_id": tokenizer.get("pad_token_id"),
-            "type": a.family,
+            "type": family_of(a).genai_type,
             "vocab_size": a.vocab_size,
         },
         "search": {
