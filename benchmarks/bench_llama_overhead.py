@@ -32,7 +32,7 @@ class Bare:
     def __init__(self, path: Path, n_ctx: int, threads: int):
         import llama_cpp as L
 
-        from qwen_edge.export.gguf_quantize import silence_llama_log
+        from qwen_edge.llama_lib import silence_llama_log
 
         self.L = L
         silence_llama_log(L)

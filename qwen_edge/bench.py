@@ -142,17 +142,16 @@ def _kv_itemsize(path: Path, fmt: str) -> int:
 
 
 def _param_count(arch: dict[str, Any]) -> int:
-    from .models import Arch
+    from .families import Arch
 
     return Arch(**arch).parameter_count()
 
 
 def _gguf_embedding_bytes(path: Path) -> tuple[int, str]:
     """token_embd.weight is only gathered (one row per token) when a separate output.weight exists."""
-    from gguf import GGUFReader
+    from .formats.gguf import tensor_nbytes
 
-    r = GGUFReader(str(path))
-    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    names = tensor_nbytes(path)
     if "output.weight" in names and "token_embd.weight" in names:
         return names["token_embd.weight"], "gguf tensors minus token_embd (untied head)"
     return 0, "gguf tensors (tied: token_embd is read whole as the head)"
@@ -161,7 +160,7 @@ def _gguf_embedding_bytes(path: Path) -> tuple[int, str]:
 def _onnx_gather_only_bytes(path: Path) -> tuple[int, str]:
     """Bytes of initializers that only Gather-type nodes read (embedding tables: one row per token); by stored range,
     so the tied embedding's view over the LM head's bytes (read in full every step) is not subtracted."""
-    from .export.onnx import load_onnx_proto, weight_uses
+    from .formats.onnx import load_onnx_proto, weight_uses
 
     uses = weight_uses(load_onnx_proto(path))
     return sum(r[2] for r, kinds in uses.items() if kinds == {"gather"}), "onnx initializers minus gather-only tables"

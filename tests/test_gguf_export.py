@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.export.gguf import QUANTS, check_gguf_file, gguf_file_info, read_gguf
+from qwen_edge.export.gguf import QUANTS
+from qwen_edge.formats.gguf import check_gguf_file, gguf_file_info, read_gguf
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")

@@ -19,7 +19,7 @@ TENSOR = b"token_embd.weight"
 
 @pytest.fixture(scope="module")
 def gguf_art(exported) -> Path:
-    hostile.require_module("qwen_edge.export.gguf_file")
+    hostile.require_module("qwen_edge.formats.gguf")
     return exported("tiny-qwen3", "gguf", "q8_0")
 
 
@@ -31,7 +31,7 @@ def gguf_bytes(gguf_art) -> bytes:
 @pytest.fixture(scope="module")
 def layout(gguf_bytes) -> dict[str, int]:
     """Byte offsets of the header fields the mutations aim at."""
-    from qwen_edge.export.gguf_file import read_gguf
+    from qwen_edge.formats.gguf import read_gguf
 
     name_at = gguf_bytes.rfind(struct.pack("<Q", len(TENSOR)) + TENSOR)
     assert name_at > 0
@@ -47,7 +47,7 @@ def layout(gguf_bytes) -> dict[str, int]:
 
 
 def _check(data: bytes) -> None:
-    from qwen_edge.export.gguf_file import check_gguf_file
+    from qwen_edge.formats.gguf import check_gguf_file
 
     with hostile.scratch() as t:
         p = Path(t) / "m.gguf"
@@ -170,7 +170,7 @@ def onnx_art(exported) -> Path:
 
 
 def _onnx_check(model: Path) -> None:
-    from qwen_edge.export.onnx import check_external_data, load_onnx_proto
+    from qwen_edge.formats.onnx import check_external_data, load_onnx_proto
 
     check_external_data(load_onnx_proto(model), model)
 

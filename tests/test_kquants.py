@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_edge.export.gguf import BASE_TYPES, read_gguf, tensor_names
+from qwen_edge.export.gguf import BASE_TYPES, tensor_names
+from qwen_edge.formats.gguf import read_gguf
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.export.gguf_file import read_gguf
+from qwen_edge.formats.gguf import read_gguf
 from runtime_contract import (artifact_facts, assert_cli_max_context_refused, assert_info_describes_artifact,
                               assert_max_context_bounded, assert_rewind_reuses_prefix)
 
@@ -279,7 +279,7 @@ def test_corrupt_headers_never_crash_the_process(exported, tmp_path):
     The child reports one JSON line per mutated file: `error` is None for a file that loaded and produced
     logits, else the exception's message, which must be a non-empty one-line QwenEdgeError message.
     """
-    from qwen_edge.export.gguf import read_gguf
+    from qwen_edge.formats.gguf import read_gguf
 
     n = 60
     src = exported("tiny-qwen3", "gguf", "q8_0") / "model.gguf"

@@ -214,7 +214,7 @@ def test_idle_mapped_weights_leave_the_resident_set(exported):
     from the page cache, and MatMulNBits scales (copied into the packed weights) are paged out; output unchanged."""
     import sys
 
-    from qwen_edge.export.onnx import load_onnx_proto, weight_uses
+    from qwen_edge.formats.onnx import load_onnx_proto, weight_uses
 
     art = exported("tiny-qwen2", "onnx", "int4")
     uses = weight_uses(load_onnx_proto(art / "model.onnx"))

@@ -107,7 +107,7 @@ def test_artifact_layout_and_manifest(quant, exported):
 
 
 def test_fused_ops_in_graph(exported):
-    from qwen_edge.export.onnx import onnx_file_info
+    from qwen_edge.formats.onnx import onnx_file_info
 
     info = onnx_file_info(exported("tiny-qwen3", "onnx", "int4") / "model.onnx")
     ops = info["ops"]
@@ -338,7 +338,7 @@ def _model_bytes(art) -> tuple[bytes, bytes]:
 
 
 def test_data_file_streams_chunks_with_the_same_layout(tmp_path):
-    from qwen_edge.export.onnx_graph import PAGE_ALIGN, DataFile
+    from qwen_edge.formats.onnx_graph import PAGE_ALIGN, DataFile
 
     rng = np.random.default_rng(0)
     small, big = rng.random(100, dtype=np.float32), rng.random((520, 512), dtype=np.float32)  # 400 B, 1040 KiB
@@ -356,7 +356,7 @@ def test_data_file_streams_chunks_with_the_same_layout(tmp_path):
 
 
 def test_data_file_refuses_a_short_or_mistyped_stream(tmp_path):
-    from qwen_edge.export.onnx_graph import DataFile
+    from qwen_edge.formats.onnx_graph import DataFile
 
     d = DataFile(tmp_path / "x.data")
     with pytest.raises(ValueError, match="float64"):
@@ -403,7 +403,7 @@ def test_a_write_failing_midway_leaves_no_artifact(synth_ckpt, tmp_path, monkeyp
     import errno
 
     from qwen_edge.export import export
-    from qwen_edge.export.onnx_graph import DataFile
+    from qwen_edge.formats.onnx_graph import DataFile
 
     real = DataFile.add_chunks
     calls = {"n": 0}

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError
-from ..export.gguf_file import check_gguf_file
-from ..export.gguf_quantize import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
+from ..formats.gguf import check_gguf_file
+from ..llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
 from ..log import logger
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 

@@ -34,7 +34,7 @@ def _prepack_largest_first(proto) -> bytes:
     largest weight: 129 MB of a 380 MB int4 Qwen2.5-0.5B) packs last, when every layer's packed copy already exists,
     and load peaks ~130 MB above the steady state; packed first, the peak is the steady state. onnxruntime sorts the
     graph itself before running, so only the load order changes (the file on disk stays topologically sorted)."""
-    from ..export.onnx import stored_range
+    from ..formats.onnx import stored_range
 
     sizes = {t.name: r[2] if (r := stored_range(t)) else len(t.raw_data) for t in proto.graph.initializer}
     nodes = list(proto.graph.node)
@@ -105,7 +105,7 @@ class OrtRuntime(Runtime):
                  allow_spinning: bool | int | str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  check_hashes: bool = False, optimized_model_path: str | None = None, profile: bool = False):
         from ..artifact import Artifact
-        from ..export.onnx import check_external_data, load_onnx_proto, weight_uses
+        from ..formats.onnx import check_external_data, load_onnx_proto, weight_uses
 
         ort = _ort()
         art = Artifact.open(path, check_hashes=check_hashes)  # sizes always; sha256 (a full read) on request

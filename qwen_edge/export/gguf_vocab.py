@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFWriter, TokenType
 
 from ..errors import QwenEdgeError
-from ..models import ENDOFTEXT_ID, IM_END_ID
+from ..formats.gguf import TokenType, VocabKV
+from ..families.qwen2 import ENDOFTEXT_ID, IM_END_ID
 
 
 def _looks_special(text: str) -> bool:
@@ -51,26 +51,18 @@ def load_vocab(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[i
     return out, types, merges
 
 
-def add_tokenizer(w: GGUFWriter, out: Path, vocab_size: int, tok: dict[str, Any]) -> None:
+def vocab_kv(out: Path, vocab_size: int, tok: dict[str, Any], pre: str) -> VocabKV:
+    """The GGUF tokenizer metadata from the artifact's own tokenizer.json, template and token ids."""
     tokens, types, merges = load_vocab(out / "tokenizer.json", vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
     bos = tok.get("bos_token_id")
+    bos = bos if isinstance(bos, int) else ENDOFTEXT_ID
     eos = tok.get("eos_token_id", IM_END_ID)
     pad = tok.get("pad_token_id", ENDOFTEXT_ID)
-    for key, val in (("bos", bos if isinstance(bos, int) else ENDOFTEXT_ID), ("eos", eos), ("pad", pad)):
+    for key, val in (("bos", bos), ("eos", eos), ("pad", pad)):
         if not isinstance(val, int) or not 0 <= val < vocab_size:
             raise QwenEdgeError(f"{out / 'tokenizer.json'}: {key} token id {val!r} outside the vocab")
-    w.add_bos_token_id(bos if isinstance(bos, int) else ENDOFTEXT_ID)
-    w.add_eos_token_id(eos)
-    w.add_pad_token_id(pad)
-    w.add_add_bos_token(False)
     template = (out / "chat_template.jinja").read_text(encoding="utf-8")
-    if template:
-        w.add_chat_template(template)
+    return VocabKV(tokens, types, merges, pre, bos, eos, pad, template)
 
 
 _DEFAULT_SYSTEM = re.compile(r"'<\|im_start\|>system\\n([^'<\\]+)<\|im_end\|>")

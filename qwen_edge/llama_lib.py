@@ -1,4 +1,4 @@
-"""llama.cpp's own quantizer through llama-cpp-python, with its console output captured."""
+"""llama.cpp through llama-cpp-python: loading it, its log routed to our logger, and its own quantizer."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import NotAvailable, QwenEdgeError
-
-# Our quantization name -> llama_ftype (llama.h). Only types that need no importance matrix.
-LLAMA_FTYPES = {
-    "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q5_k_s": 16, "q6_k": 18, "q3_k_m": 12, "q3_k_s": 11,
-    "q3_k_l": 13, "q2_k": 10, "iq4_nl": 25, "iq4_xs": 30, "q5_0": 8, "q5_1": 9, "q4_1": 3,
-}
+from .errors import NotAvailable, QwenEdgeError
 
 _lock = threading.Lock()
 _log_cb = None
@@ -106,10 +100,10 @@ def captured_fds() -> Iterator[list[str]]:
             out.append(tmp.read().decode("utf-8", "replace"))
 
 
-def llama_quantize(src: Path, dst: Path, quant: str, nthread: int) -> None:
-    """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for `quant`."""
+def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int) -> None:
+    """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for llama_ftype `ftype`
+    (`quant` names it in errors)."""
     llama_cpp = import_llama_cpp()
-    ftype = LLAMA_FTYPES[quant]
     with _lock:
         silence_llama_log(llama_cpp)
         llama_cpp.llama_backend_init()

@@ -1,0 +1,152 @@
+"""GGUF file I/O: the one place that touches gguf-py's GGUFWriter and GGUFReader (public API and constants only).
+
+Writing: `write_gguf` takes the decoder's hyper-parameters, its vocabulary and a tensor plan, writes header ->
+metadata -> tensor table through GGUFWriter, then streams each tensor's data. Reading and validating: the
+bounds-checked pure-Python parser in `gguf_read` (re-exported here), safe on hostile files before llama.cpp sees them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFWriter
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
+
+from ..errors import QwenEdgeError
+from .gguf_read import (GGUFArray, GGUFFile, GGUFTensor, check_gguf_file, file_type_name, gguf_file_info, read_gguf,
+                        type_counts, type_name)
+
+__all__ = ["DecoderKV", "VocabKV", "PlannedTensor", "write_gguf", "quantize", "tensor_nbytes", "TokenType",
+           "GGMLQuantizationType", "GGUFArray", "GGUFFile", "GGUFTensor", "check_gguf_file", "file_type_name",
+           "gguf_file_info", "read_gguf", "type_counts", "type_name", "MODEL_FILE"]
+
+MODEL_FILE = "model.gguf"
+
+
+@dataclass(frozen=True)
+class DecoderKV:
+    """`general.*` and `{arch}.*` metadata of a dense decoder."""
+
+    name: str
+    size_label: str
+    file_type: int
+    context_length: int
+    embedding_length: int
+    block_count: int
+    feed_forward_length: int
+    head_count: int
+    head_count_kv: int
+    head_dim: int | None
+    """Recorded as key/value length when not None."""
+    rope_freq_base: float
+    rms_norm_eps: float
+
+
+@dataclass(frozen=True)
+class VocabKV:
+    """`tokenizer.*` metadata of a byte-level BPE vocabulary (`gpt2` in llama.cpp's terms)."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    pre: str
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    chat_template: str
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file to write: its GGUF name, numpy-order shape and type."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.type]
+        return int(np.prod(self.shape)) // block * size
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.type][0]
+
+
+def block_size(t: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def quantize(x: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
+    """gguf-py's reference quantizer (bit-exact with ggml's) for one slice of rows."""
+    return gguf_quants.quantize(x, t)
+
+
+def _pad(f: BinaryIO, align: int) -> None:
+    pad = -f.tell() % align
+    if pad:
+        f.write(b"\0" * pad)
+
+
+def write_gguf(path: Path, arch: str, model: DecoderKV, vocab: VocabKV, plan: list[PlannedTensor],
+               write_data: Callable[[BinaryIO, PlannedTensor], None],
+               progress: Callable[[Iterable[PlannedTensor]], Iterable[PlannedTensor]] = iter) -> None:
+    """Header, metadata and tensor table through GGUFWriter, then each tensor's data from `write_data` (which must
+    write exactly `nbytes`), aligned as GGUFWriter aligns it."""
+    w = GGUFWriter(path, arch)
+    try:
+        w.add_type("model")
+        w.add_name(model.name)
+        w.add_size_label(model.size_label)
+        w.add_file_type(int(model.file_type))
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        w.add_context_length(model.context_length)
+        w.add_embedding_length(model.embedding_length)
+        w.add_block_count(model.block_count)
+        w.add_feed_forward_length(model.feed_forward_length)
+        w.add_head_count(model.head_count)
+        w.add_head_count_kv(model.head_count_kv)
+        if model.head_dim is not None:
+            w.add_key_length(model.head_dim)
+            w.add_value_length(model.head_dim)
+        w.add_rope_freq_base(model.rope_freq_base)
+        w.add_layer_norm_rms_eps(model.rms_norm_eps)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.token_types)
+        w.add_token_merges(vocab.merges)
+        w.add_bos_token_id(vocab.bos_token_id)
+        w.add_eos_token_id(vocab.eos_token_id)
+        w.add_pad_token_id(vocab.pad_token_id)
+        w.add_add_bos_token(False)
+        if vocab.chat_template:
+            w.add_chat_template(vocab.chat_template)
+        for t in plan:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        assert w.fout is not None
+        f = w.fout[0]
+        for t in progress(plan):
+            _pad(f, w.data_alignment)
+            start = f.tell()
+            write_data(f, t)
+            if f.tell() - start != t.nbytes:
+                raise QwenEdgeError(f"{t.name}: wrote {f.tell() - start} bytes, expected {t.nbytes}")
+        _pad(f, w.data_alignment)
+        f.flush()
+    finally:
+        w.close()
+
+
+def tensor_nbytes(path: str | os.PathLike) -> dict[str, int]:
+    """Data bytes per tensor name, read with gguf-py's GGUFReader (for files this toolkit already validated)."""
+    return {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
