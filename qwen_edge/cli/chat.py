@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from .chat import ChatSession, TurnResult
-from .errors import QwenEdgeError, first_line
+from ..chat import ChatSession, TurnResult
+from ..errors import QwenEdgeError, first_line
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -217,15 +217,16 @@ class ChatRepl:
 
 
 def run_chat_cli(args: Any) -> int:
-    from .backends import load
-    from .generate import model_meta, sampling_from_args
-    from .tokenizer import Tokenizer
+    from ..backends import load
+    from ..generate import model_meta
+    from .run import sampling_from_args
+    from ..tokenizer import Tokenizer
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=False)
     if _isatty(sys.stdout):
-        from .log import say
+        from ..log import say
 
         say(f"loading {args.artifact} ...")
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,

@@ -1,0 +1,135 @@
+"""Verbs that make and describe artifacts: synth, export, verify, inspect, recipes, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from ..errors import QwenEdgeError
+from ..log import say
+
+Add = Callable[..., argparse.ArgumentParser]
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _overrides(items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise QwenEdgeError(f"override {item!r}: expected key=value (e.g. quant.block_size=64)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from ..synth import synth
+
+    path = synth(a.arch, a.output, seed=a.seed)
+    say(f"wrote {path}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..recipe import run_export
+
+    return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
+                      revision=a.revision,
+                      recipe_path=a.recipe, overrides=_overrides(a.set), name=a.name, verify=a.verify,
+                      force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or ())
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from ..verify import run_verify
+
+    return run_verify(a.artifact, reference=a.reference, as_json=a.json, quick=a.quick)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ..inspect import inspect, render_inspect
+
+    info = inspect(a.artifact)
+    if a.json:
+        _print_json(info)
+    else:
+        print(render_inspect(info))
+    return 0
+
+
+def cmd_recipes(a: argparse.Namespace) -> int:
+    from ..recipe import list_recipes, render_recipes
+
+    rows = list_recipes(a.recipes_dir or ())
+    if a.json:
+        _print_json(rows)
+    else:
+        print(render_recipes(rows))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(model=a.model, out_dir=a.output, quick=a.quick)
+
+
+def _add_recipes_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes-dir", action="append", metavar="DIR",
+                   help="also look for recipes in DIR, before $QWEN_EDGE_RECIPES_PATH and the packaged ones "
+                   "(repeatable)")
+
+
+def add_verbs(add: Add) -> None:
+    p = add("synth", help="write an architecture-exact checkpoint with random weights (offline)")
+    from ..families import MODELS
+
+    p.add_argument("arch", choices=list(MODELS), metavar="ARCH", help="one of: " + ", ".join(MODELS))
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = add("export", help="export a checkpoint to a GGUF or ONNX artifact")
+    p.add_argument("source", nargs="?", help="checkpoint directory or hub id, Org/Name[@revision] "
+                   "(overrides the recipe's source)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub-id source; the manifest records "
+                   "the commit")
+    p.add_argument("--format", choices=["gguf", "onnx"])
+    p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 int4")
+    p.add_argument("--target", help="target profile (cpu-x86_64, arm64-mobile, cuda) or a YAML path")
+    p.add_argument("--recipe", help="export recipe: a YAML path, or a name from `qwen-edge recipes`")
+    _add_recipes_dir_arg(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted recipe override, e.g. quant.block_size=64")
+    p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
+    p.add_argument("--max-context", type=int, help="context length recorded in the artifact")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check after export")
+    p.add_argument("--force", action="store_true", help="re-export even when an identical artifact exists")
+    p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")
+    p.set_defaults(func=cmd_export)
+
+    p = add("verify", help="check an artifact against the PyTorch reference (exit 1 on drift)")
+    p.add_argument("artifact")
+    p.add_argument("--reference", help="reference checkpoint directory or hub id (default: the manifest's source; "
+                   "a hub source at its recorded commit)")
+    p.add_argument("--quick", action="store_true", help="short evaluation text (for smoke tests)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = add("inspect", help="describe an artifact or a bare .gguf/.onnx file")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = add("recipes", help="list the export recipes (packaged, plus any directory you name)")
+    p.add_argument("--json", action="store_true")
+    _add_recipes_dir_arg(p)
+    p.set_defaults(func=cmd_recipes)
+
+    p = add("demo", help="synthesize Qwen2.5-0.5B, export GGUF and ONNX, verify, chat, bench")
+    p.add_argument("--model", help="run on this checkpoint instead of a synthesized one")
+    p.add_argument("-o", "--output", default="qwen-edge-demo", help="working directory (default ./qwen-edge-demo)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,195 @@
+"""Verbs that run artifacts: generate, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from pathlib import Path
+
+from ..errors import GateFailed, QwenEdgeError
+from ..log import say
+from ..sampling import Sampling
+
+Add = Callable[..., argparse.ArgumentParser]
+
+
+def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_greedy: bool) -> Sampling:
+    """Greedy unless --temperature (or, for chat, the model's generation config) asks for sampling."""
+    flags = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    # Validate every flag even when decoding is greedy: a bad value is an error, never silently ignored.
+    Sampling(temperature=1.0, **{k: v for k, v in flags.items() if v is not None})
+    if args.temperature is None and default_greedy:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if flags[k] is not None]
+        if ignored:
+            from ..log import logger
+
+            logger.warning(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature")
+        return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0, seed=args.seed)
+    return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`qwen-edge generate`: one prompt (or messages file) through the artifact, streamed or as one JSON document."""
+    from ..backends import load
+    from ..generate import generate, model_meta, read_messages
+    from ..tokenizer import Tokenizer, split_thinking
+
+    meta = model_meta(args.artifact)
+    tok = Tokenizer.from_dir(meta.tokenizer_dir)
+    if args.raw:
+        if args.messages or args.system:
+            raise QwenEdgeError("--raw feeds --prompt as is; it cannot be combined with --messages or --system")
+        prompt_ids = tok.encode(args.prompt)
+    else:
+        messages = read_messages(args.messages) if args.messages else [{"role": "user", "content": args.prompt}]
+        if args.system is not None:
+            if messages[0]["role"] == "system":
+                raise QwenEdgeError(f"{args.messages}: already has a system message; drop --system")
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt_ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.think)
+    if not prompt_ids:
+        raise QwenEdgeError("empty prompt: nothing to generate from")
+    sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
+    runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
+                   threads=args.threads)
+    stream = not args.json
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = generate(runtime, prompt_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                          stop_ids=meta.stop_ids, stop_strings=args.stop or (), tokenizer=tok,
+                          on_text=on_text if stream else None)
+        info = runtime.info.to_dict()
+    finally:
+        runtime.close()
+    thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
+    if args.json:
+        doc = {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": answer,
+               "thinking": thinking, "finish_reason": result.finish_reason, "stats": result.stats.to_dict(),
+               "sampling": sampling.to_dict(), "runtime": info}
+        sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        say(f"[{result.stats.summary()} | {result.finish_reason}]")
+    return 130 if result.finish_reason == "cancelled" else 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .chat import run_chat_cli
+
+    return run_chat_cli(a)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """`qwen-edge bench`: measure, print (JSON on stdout with --json), write files, apply --budget gates."""
+    from ..bench import bench, check_budgets, markdown_table, parse_budget, plot
+
+    budgets = list(a.budget or [])
+    for b in budgets:
+        parse_budget(b)  # bad expressions fail (exit 2) before any measuring
+    sweep = None
+    if a.thread_sweep:
+        try:
+            sweep = [int(x) for x in str(a.thread_sweep).split(",") if x.strip()]
+        except ValueError:
+            raise QwenEdgeError(f"--thread-sweep {a.thread_sweep!r}: expected comma-separated integers") from None
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
+    log = None if a.json else say
+    report = bench(a.artifacts, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
+                   repeat=a.repeat, warmup=a.warmup, thread_sweep=sweep, target=a.target,
+                   max_context=a.max_context, log=log)
+    if a.markdown:
+        try:
+            Path(a.markdown).write_text(markdown_table(report), encoding="utf-8")
+        except OSError as e:
+            raise QwenEdgeError(f"{a.markdown}: cannot write ({e.strerror or e})") from None
+    if a.plot:
+        plot(report, a.plot)
+    if a.json:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    else:
+        print(markdown_table(report))
+    sys.stdout.flush()
+    misses = check_budgets(report["results"], budgets)
+    if misses:
+        raise GateFailed("budget missed: " + "; ".join(misses))
+    return 0
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
+    p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
+    p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: min(model max, 4096))")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for generate)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="extra stop string (repeatable)")
+
+
+def add_verbs(add: Add) -> None:
+    p = add("generate", help="generate text from a prompt or a messages JSON file")
+    p.add_argument("artifact")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="user message (rendered with the artifact's chat template)")
+    src.add_argument("--messages", help="JSON file with a list of {role, content} messages")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--raw", action="store_true", help="feed --prompt as is, without the chat template")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None)
+    think.add_argument("--no-think", dest="think", action="store_false")
+    p.add_argument("--json", action="store_true")
+    _add_sampling_args(p)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = add("chat", help="interactive chat in the terminal",
+            description="Interactive chat. Sampling defaults to the model's generation_config.json (Qwen2.5: "
+            "temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05; Qwen3: 0.6, 0.95, 20; none: greedy); "
+            "flags override it, --temperature 0 is greedy. A message that does not fit the context is refused and "
+            "the session goes on.")
+    p.add_argument("artifact")
+    p.add_argument("--stats", action="store_true", help="print a one-line timing after each reply")
+    p.add_argument("--system", help="system prompt")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None)
+    think.add_argument("--no-think", dest="think", action="store_false")
+    _add_sampling_args(p)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=1024)
+
+    p = add("bench", help="measure CPU latency of one or more artifacts side by side")
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, help="threads (default: the target profile's, else physical cores)")
+    p.add_argument("--thread-sweep", help="comma-separated thread counts, e.g. 1,2")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--target", help="target profile")
+    p.add_argument("--max-context", type=int)
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    p.add_argument("--markdown", help="write a markdown table to this file")
+    p.add_argument("--plot", help="write a PNG plot to this file (needs matplotlib)")
+    p.add_argument("--budget", action="append", help="gate, e.g. decode_tokens_per_s>=20 (exit 1 when missed)")
+    p.set_defaults(func=cmd_bench)
+
