@@ -64,7 +64,8 @@ def run_one(ckpt: Path, quant: str, out: Path, threads: int) -> dict:
     q = json.loads((art / "manifest.json").read_text())["quantization"]
     size = (art / "model.gguf").stat().st_size
     shutil.rmtree(art)
-    return {"quant": quant, "export_s": res["wall_s"], "process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"quant": quant, "export_s": res["wall_s"], "process_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
             "size_mb": size / 1e6, "bpw": q["bits_per_weight"], "types": q["type_counts"],
             "fallbacks": len(q["fallbacks"])}
 

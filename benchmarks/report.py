@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def machine_line(m: dict[str, Any]) -> str:
     if m.get("memory_bytes"):
         parts.append(f"{m['memory_bytes'] / 2**30:.1f} GiB")
     flags = m.get("flags")
-    if isinstance(flags, str) and (" yes" in flags or " no" in flags):
+    if isinstance(flags, str) and re.search(r"\b(yes|no)\b", flags):
         parts.append(flags)
     elif flags:
         have = set(flags.split()) if isinstance(flags, str) else set(flags)
@@ -201,7 +202,8 @@ def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
 
 def render_gguf_export(recs: list[Record], root: Path) -> list[str]:
     out = ["## GGUF export (issue 4; `benchmarks/bench_gguf_export.py`)", "",
-           "Each export in its own process (peak RSS: its rusage maxrss). Bits per weight above llama.cpp's published "
+           "Each export in its own process (peak RSS: its rusage maxrss; CPU s: its user + system time, steadier "
+           "than export s on a shared machine). Bits per weight above llama.cpp's published "
            "figures come from the tied embedding, which is also the output head and kept at Q8_0, and from tensors "
            "whose rows are not a multiple of 256, which fall back to another type (the manifest lists each "
            "fallback; `qwen-edge inspect` shows the types used). Targets for q4_k_m: under 60 s, peak RSS under "
@@ -213,11 +215,12 @@ def render_gguf_export(recs: list[Record], root: Path) -> list[str]:
                    f"{s.get('hidden_size')}, {s.get('num_hidden_layers')} layers), {s.get('threads')} quantizer "
                    f"threads.")
         out.append("")
-        rows = [[x["quant"], f"{x['export_s']:.1f}", f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}",
+        rows = [[x["quant"], f"{x['export_s']:.1f}", f"{x['cpu_s']:.1f}" if "cpu_s" in x else "-",
+                 f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}",
                  f"{x['bpw']:.2f}", f["published_bpw"].get(x["quant"], ""),
                  ", ".join(f"{k} x{v}" for k, v in x["types"].items()), x["fallbacks"]] for x in f["rows"]]
-        out += table(["quant", "export s", "peak RSS MB", "model.gguf MB", "bits/w", "llama.cpp published",
-                      "tensor types", "tensors that fell back"], rows, "rrrrrr  r")
+        out += table(["quant", "export s", "CPU s", "peak RSS MB", "model.gguf MB", "bits/w", "llama.cpp published",
+                      "tensor types", "tensors that fell back"], rows, " rrrrr  r")
     return out
 
 
@@ -446,8 +449,8 @@ def render_results(root: Path, recs: list[Record]) -> str:
            "--check` (run by the tests) fails when it differs from what the records render. Every section names its "
            "records. The machine is a shared 2-core VM: runs taken while other jobs ran say so in their load "
            "averages and notes; trust ratios measured side by side in one run over absolute figures.", "",
-           "Earlier hand-written sections whose figures had no record were removed; they remain in the git history "
-           "of this file (before issue 14).", ""]
+           "Earlier hand-written figures that had no record behind them were removed; the last hand-written "
+           "version is `git show e64aee3:benchmarks/RESULTS.md`.", ""]
     elsewhere = [r for r in recs if r.get("rendered_in") and r["rendered_in"] != RESULTS_MD]
     by_bench: dict[str, list[Record]] = {}
     for r in recs:
@@ -474,7 +477,7 @@ def render_reliability_block(recs: list[Record]) -> str | None:
     t = f["tests"]
     lines = [BEGIN.format(src=f"benchmarks/results/{r['_file']}"),
              f"Recorded count ({when(r)} UTC, record `benchmarks/results/{r['_file']}`; `{r['command']}`, which ran `{s['pytest']}`; "
-             f"{machine_line(r.get('machine') or {})}): "
+             f"{machine_line(r.get('machine') or {})}; {libraries_line(r.get('libraries') or {})}): "
              f"{t['tests']} tests ({t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} "
              f"skipped, {t['xfailed']} xfail), {t['wall_seconds']:.0f} s wall, pytest exit {t['exit_code']}: "
              f"**{f['tried']} hostile inputs tried, {f['rejected_cleanly']} rejected cleanly**.", ""]
