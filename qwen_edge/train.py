@@ -45,7 +45,8 @@ def fidelity_key(arch: str, seed: int, steps: int) -> str:
     """A hash of everything the trained weights depend on (this file, the text, the synth code, the options)."""
     h = hashlib.sha256(f"{arch}|{seed}|{steps}|{SEQ_LEN}|{BATCH}|{LR}".encode())
     here = Path(__file__).resolve().parent
-    for rel in ("train.py", "synth.py", "models.py", "data/eval_text.json"):
+    for rel in ("train.py", "synth.py", "families/base.py", "families/qwen2.py", "families/qwen3.py",
+                "data/eval_text.json"):
         h.update((here / rel).read_bytes())
     return h.hexdigest()[:16]
 
