@@ -461,11 +461,8 @@ def render_results(root: Path, recs: list[Record]) -> str:
     order = [b for b in RENDERERS if b in by_bench] + sorted(b for b in by_bench if b not in RENDERERS)
     for b in order:
         out += RENDERERS.get(b, render_generic)(by_bench[b], root)
-    if elsewhere:
-        out += ["## Records rendered elsewhere", ""]
-        out += [f"- `results/{r['_file']}` ({r['bench']}, {when(r)}): rendered in `{r['rendered_in']}`"
-                for r in elsewhere]
-        out.append("")
+    # a record whose `rendered_in` names another file (docs/reliability.md, docs/verify.md) is shown there only, so
+    # a new one does not make this file stale
     return "\n".join(out).rstrip("\n") + "\n"
 
 
