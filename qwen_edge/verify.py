@@ -191,6 +191,31 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def tokenizer_parity(artifact_tok: Any, art_dir: Path, ref_dir: Path) -> dict[str, Any]:
+    """Whether the artifact's tokenizer gives the reference checkpoint's ids: the metrics above feed both sides the
+    same ids, so a wrong tokenizer file would pass them. Compares every document and greedy prompt of the shipped
+    text (plain text) and the added tokens (id -> text), unless the two tokenizer.json files are byte-identical; a
+    mismatch fails the gate as `tokenizer`."""
+    from .tokenizer import Tokenizer
+    from .train import eval_text
+
+    text = eval_text()
+    texts = [d["text"] for d in text["documents"]] + list(text["greedy_prompts"])
+    if (art_dir / "tokenizer.json").read_bytes() == (ref_dir / "tokenizer.json").read_bytes():
+        return {"matches_reference": True, "texts_compared": len(texts), "texts_differing": 0,
+                "added_tokens_match": True}
+    ref_tok = Tokenizer.from_dir(ref_dir)
+    differing = sum(artifact_tok.encode(t, parse_special=False) != ref_tok.encode(t, parse_special=False)
+                    for t in texts)
+
+    def added(t: Any) -> dict[int, str]:
+        return {i: a.content for i, a in t.backend.get_added_tokens_decoder().items()}
+
+    same_added = added(artifact_tok) == added(ref_tok)
+    return {"matches_reference": differing == 0 and same_added, "texts_compared": len(texts),
+            "texts_differing": differing, "added_tokens_match": same_added}
+
+
 def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     """Names of the metrics outside their thresholds (NaN fails)."""
     failed = []
@@ -207,6 +232,11 @@ def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
 def describe_failures(report: dict[str, Any]) -> str:
     parts = []
     for k in report["failed"]:
+        if k == "tokenizer":
+            parts.append(f"tokenizer differs from the reference's ({report['tokenizer']['texts_differing']} of "
+                         f"{report['tokenizer']['texts_compared']} texts encode differently, added tokens "
+                         f"{'match' if report['tokenizer']['added_tokens_match'] else 'differ'})")
+            continue
         op = ">" if k in UPPER_BOUNDS else "<"
         parts.append(f"{k} {report['metrics'][k]:.6g} {op} {report['thresholds'][k]:.6g}")
     return f"{report['artifact']} ({report['quant']}): " + "; ".join(parts)
@@ -292,6 +322,9 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     limits.update({k: RANDOM_WEIGHT_THRESHOLDS[k] for k in ungated})
     src_sha = (art.manifest.get("source") or {}).get("weights_sha256")
     acc = Accumulator()
+    from .verify_device import ReferenceRecorder
+
+    recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
     prefixes: list[int] = []
     ref_rt = load(ref_dir, max_context=longest + 8, threads=threads)
     try:
@@ -302,11 +335,14 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
             for i, w in enumerate(progress(ev.windows, desc="verify", unit="window")):
                 ref_rt.reset()
                 art_rt.reset()
-                acc.add(w, ref_rt.prefill_all_logits(w), art_rt.prefill_all_logits(w))
+                ref_logits = ref_rt.prefill_all_logits(w)
+                recorded.add_window(w, ref_logits)
+                acc.add(w, ref_logits, art_rt.prefill_all_logits(w))
                 if log:
                     log(f"window {i + 1}/{len(ev.windows)}: {len(w)} tokens")
             for p in ev.prompts:
-                prefixes.append(common_prefix(greedy(ref_rt, p, GREEDY_TOKENS), greedy(art_rt, p, GREEDY_TOKENS)))
+                recorded.add_greedy(greedy(ref_rt, p, GREEDY_TOKENS))
+                prefixes.append(common_prefix(recorded.greedy[-1], greedy(art_rt, p, GREEDY_TOKENS)))
             backends = {"artifact": art_rt.info.backend, "reference": ref_rt.info.backend}
         finally:
             art_rt.close()
@@ -316,6 +352,9 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     metrics["greedy_common_prefix_mean"] = float(np.mean(prefixes)) if prefixes else 0.0
     metrics["greedy_common_prefix_min"] = float(min(prefixes)) if prefixes else 0.0
     failed = gate(metrics, limits)
+    tok_parity = tokenizer_parity(tok, art.path, ref_dir)
+    if not tok_parity["matches_reference"]:
+        failed.append("tokenizer")
     report: VerifyReport = {
         "passed": not failed,
         "metrics": metrics,
@@ -333,6 +372,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
         "quick": quick,
         "reference_weights_sha256": ref_sha,
         "reference_matches_source": (src_sha == ref_sha) if src_sha else None,
+        "tokenizer": tok_parity,
         "random_weights": random_weights,
         "ungated": ungated,
         "eval_text_sha256": ev.sha256,
@@ -343,7 +383,8 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     if store:
         # The stored copy leaves out what differs between identical runs (wall time, date, local paths),
         # so re-verifying an identical artifact rewrites an identical manifest.
-        art.update_manifest(parity={k: v for k, v in report.items() if k not in ("seconds", "verified_at", "artifact")})
+        art.update_manifest(parity={k: v for k, v in report.items() if k not in ("seconds", "verified_at", "artifact")},
+                            reference_logits=recorded.record(ev.sha256, quick, GREEDY_TOKENS))
     return report
 
 
@@ -363,6 +404,11 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"  note: the reference has random weights (qwen-edge synth): {', '.join(report['ungated'])} "
                      "are reported, not gated (near-uniform outputs make the argmax a coin toss); KL, logit error "
                      "and perplexity stay gated")
+    tp = report.get("tokenizer")
+    if tp:
+        lines.append(f"  {'tokenizer':<28} {'same' if tp['matches_reference'] else 'DIFFERENT':>12}  "
+                     f"as the reference's ({tp['texts_compared']} texts, added tokens) "
+                     f"{'ok' if tp['matches_reference'] else 'FAIL'}")
     if report.get("reference_matches_source") is False:
         lines.append("  note: the reference's weights differ from the artifact's recorded source")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"]))
