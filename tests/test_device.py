@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broken import break_onnx_weights
 from conftest import requires_torch, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,26 +144,6 @@ def verified_fidelity(tmp_path_factory):
     return art
 
 
-def _break_weights(src: Path, dst: Path) -> None:
-    """A copy of an fp32 ONNX artifact whose weights are perturbed (~2% noise), manifest hashes updated: what a
-    miscompiled kernel or a corrupted copy on a device would compute."""
-    import hashlib
-
-    shutil.copytree(src, dst)
-    data = dst / "model.onnx.data"
-    w = np.fromfile(data, dtype=np.float32)
-    rng = np.random.default_rng(1)
-    lo, hi = len(w) // 4, len(w) // 2
-    w[lo:hi] *= (1 + 0.3 * rng.standard_normal(hi - lo)).astype(np.float32)
-    w.tofile(data)
-    m = json.loads((dst / "manifest.json").read_text())
-    for f in m["files"]:
-        if f["path"] == data.name:
-            f["sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
-            f["bytes"] = data.stat().st_size
-    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
 @requires_torch
 def test_on_device_verify_passes_faithful_fails_broken_without_torch(tmp_path, verified_fidelity):
     env = _blocker(tmp_path / "block", "torch", "transformers")
@@ -177,8 +158,7 @@ def test_on_device_verify_passes_faithful_fails_broken_without_torch(tmp_path, v
     for k in ("top1_agreement", "ppl_reference", "ppl_artifact"):
         assert m[k] == pytest.approx(report["recorded_metrics"][k], rel=1e-5), k
 
-    broken = tmp_path / "broken"
-    _break_weights(verified_fidelity, broken)
+    broken = break_onnx_weights(verified_fidelity, tmp_path / "broken")
     r = run_cli("verify", str(broken), "--on-device", env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED" in r.stdout and r.stderr.startswith("failed: ")
@@ -202,3 +182,17 @@ def test_on_device_verify_bad_input_is_one_line(tmp_path, exported):
     (bad / "manifest.json").write_text(json.dumps(m))
     r = run_cli("verify", str(bad), "--on-device")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_emulation_is_detected_and_said(monkeypatch):
+    """An arm64 process whose /proc/cpuinfo is an x86 CPU's (qemu-user) is emulated; bench labels its figures."""
+    import platform
+
+    from qwen_edge import hwinfo
+
+    monkeypatch.delenv("QWEN_EDGE_EMULATED", raising=False)
+    assert hwinfo.emulation() is None  # this x86 host
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert "qemu" in (hwinfo.emulation() or "")
+    monkeypatch.setenv("QWEN_EDGE_EMULATED", "qemu-user, Cortex-A76 model")
+    assert hwinfo.emulation() == "qemu-user, Cortex-A76 model"
