@@ -182,6 +182,7 @@ def test_on_device_verify_bad_input_is_one_line(tmp_path, exported):
     (bad / "manifest.json").write_text(json.dumps(m))
     r = run_cli("verify", str(bad), "--on-device")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "reference logits: top_ids does not decode" in r.stderr and "internal error" not in r.stderr, r.stderr
 
 
 def test_emulation_is_detected_and_said(monkeypatch):
