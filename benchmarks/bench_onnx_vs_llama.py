@@ -29,7 +29,7 @@ import json, resource, sys, time
 from qwen_edge.export import export
 src, fmt, quant, out, name, opts = sys.argv[1:7]
 t = time.perf_counter()
-path = export(src, fmt, quant, out, name=name, options=json.loads(opts))
+path = export(src, fmt, quant, out, name=name, options=json.loads(opts), force=True)  # timed: never reuse
 dt = time.perf_counter() - t
 print(json.dumps({"path": str(path), "seconds": dt, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

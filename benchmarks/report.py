@@ -153,7 +153,8 @@ def render_suite(recs: list[Record], root: Path) -> list[str]:
         f, s = r["figures"], r["settings"]
         out += header(r)
         out.append(f"{s.get('prompt_tokens')} prompt tokens, {s.get('gen_tokens')} generated ({s.get('sampling')}), "
-                   f"threads {s.get('threads')}, {s.get('repeat')} repeats after {s.get('warmup')} warm-up, "
+                   f"threads {','.join(map(str, s['threads'])) if isinstance(s.get('threads'), list) else s.get('threads')}, "
+                   f"{s.get('repeat')} repeats after {s.get('warmup')} warm-up, "
                    f"target {s.get('target')}, context {s.get('max_context')}; suite wall time "
                    f"{f['suite_seconds'] / 60:.1f} min (synth, export, bench).")
         out.append("")
@@ -187,7 +188,8 @@ def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
                         (("decode", pd["median"] >= 0.9), ("prefill", pp["median"] >= 0.8), ("RSS", rss <= budget)))
         ex = f["export"]["onnx int4"]
         rows.append([f"`{r['_file']}`", f"{s['repeats']} repeats, {s['prompt_tokens']}/{s['gen_tokens']} tokens, "
-                     f"{s['threads']} threads" + (f", options {json.dumps(s['onnx_options'])}" if s.get("onnx_options")
+                     f"{','.join(map(str, s['threads'])) if isinstance(s['threads'], list) else s['threads']} threads"
+                     + (f", options {json.dumps(s['onnx_options'])}" if s.get("onnx_options")
                                                   else ""),
                      mm(onnx["decode_tokens_per_s"]), mm(llama["decode_tokens_per_s"]),
                      f"{rd:.2f} / {mm(pd, '.2f')}", f"{rp:.2f} / {mm(pp, '.2f')}", f"{rss:.0f} / {budget:.0f}",
@@ -459,11 +461,8 @@ def render_results(root: Path, recs: list[Record]) -> str:
     order = [b for b in RENDERERS if b in by_bench] + sorted(b for b in by_bench if b not in RENDERERS)
     for b in order:
         out += RENDERERS.get(b, render_generic)(by_bench[b], root)
-    if elsewhere:
-        out += ["## Records rendered elsewhere", ""]
-        out += [f"- `results/{r['_file']}` ({r['bench']}, {when(r)}): rendered in `{r['rendered_in']}`"
-                for r in elsewhere]
-        out.append("")
+    # a record whose `rendered_in` names another file (docs/reliability.md, docs/verify.md) is shown there only, so
+    # a new one does not make this file stale
     return "\n".join(out).rstrip("\n") + "\n"
 
 

@@ -284,7 +284,11 @@ def machine_info(threads: list[int], bandwidth: float) -> dict[str, Any]:
     from . import __version__
 
     libs.setdefault("qwen-edge", __version__)
-    return {"cpu": cpu, "arch": platform.machine(), "physical_cores": psutil.cpu_count(logical=False),
+    from .hwinfo import report as kernels
+
+    k = kernels()
+    return {"cpu": cpu, "arch": platform.machine(), "emulated": k.pop("emulated"), "kernels": k,
+            "physical_cores": psutil.cpu_count(logical=False),
             "logical_cores": psutil.cpu_count(logical=True), "threads": threads,
             "memory_bytes": psutil.virtual_memory().total, "os": platform.platform(),
             "python": platform.python_version(), "libraries": libs, "read_bandwidth_gbps": round(bandwidth, 2)}
@@ -423,6 +427,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append(f"{c['prompt_tokens']} prompt tokens, {c['gen_tokens']} generated (greedy), {c['repeat']} repeats "
                  f"after {c['warmup']} warm-up, medians; {m['cpu']}, {m['physical_cores']} cores, "
                  f"measured read bandwidth {m['read_bandwidth_gbps']} GB/s.")
+    if m.get("emulated"):
+        lines.append(f"\n**EMULATED** ({m['emulated']}): these figures time the emulator, not the CPU; never compare "
+                     "them with native ones.")
     return "\n".join(lines) + "\n"
 
 

@@ -72,14 +72,14 @@ def kv_cache_facts(manifest: dict[str, Any], model_bytes: int, artifact_context:
     picks by default on the artifact's target profile (min of the profile's max_context, the artifact's, and what
     fits the profile's memory_cap_mb beside the model)."""
     from .backends.base import artifact_kv_dtype, default_context, kv_bytes_per_token
-    from .targets import load_target
+    from .targets import default_target_name, load_target
 
     per_token = kv_bytes_per_token(manifest)
     if per_token is None:
         return None
     facts: dict[str, Any] = {"dtype": artifact_kv_dtype(manifest), "bytes_per_token": per_token}
     try:
-        profile = load_target(manifest.get("target") or "cpu-x86_64")
+        profile = load_target(manifest.get("target") or default_target_name())
     except QwenEdgeError:
         profile = None
     ctx = default_context(manifest, model_bytes, artifact_context, profile) if profile is not None \

@@ -42,10 +42,17 @@ def _on_log(level: int, text: bytes | None, user_data: object) -> None:
 
 
 def import_llama_cpp():
+    """llama-cpp-python, or NotAvailable (one line, exit 2): GGUF needs it, ONNX artifacts run without it."""
     try:
         import llama_cpp
-    except ImportError as e:
-        raise NotAvailable(f"llama-cpp-python is not installed ({e}); pip install 'qwen-edge[gguf]'") from None
+    except ImportError:
+        raise NotAvailable("GGUF needs llama-cpp-python, which is not installed: pip install 'qwen-edge[llama]' "
+                           "(it builds llama.cpp from source; ONNX artifacts run without it)") from None
+    except (OSError, RuntimeError) as e:  # the package is there, its native library does not load
+        from .errors import first_line
+
+        raise NotAvailable(f"llama-cpp-python's llama.cpp library does not load ({first_line(e, 200)}); reinstall "
+                           "it: pip install --force-reinstall 'qwen-edge[llama]'") from None
     return llama_cpp
 
 

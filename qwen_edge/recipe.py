@@ -15,6 +15,7 @@ import yaml
 from .datafiles import PACKAGED, find, list_files, packaged_dir
 from .errors import GateFailed, QwenEdgeError
 from .reports import Log
+from .targets import default_target_name
 
 RECIPES_DIR = packaged_dir("recipes")
 """The recipes shipped inside the package (in a checkout: a link to export_recipes/)."""
@@ -86,8 +87,9 @@ class Recipe:
     """`gguf` or `onnx`."""
     quant: QuantConfig = field(default_factory=QuantConfig)
     """Quantization type and its options."""
-    target: str = "cpu-x86_64"
-    """Target profile in runtimes/ (`cpu-x86_64`, `arm64-mobile`, `cuda`) the artifact is built for."""
+    target: str = field(default_factory=default_target_name)
+    """Target profile in runtimes/ (`cpu-x86_64`, `arm64-mobile`, `cuda`) the artifact is built for (default: this
+    machine's, `arm64-mobile` on a 64-bit Arm CPU, else `cpu-x86_64`)."""
     max_context: int | None = None
     """Context length recorded in the artifact (default: the model's trained maximum); runtimes still allocate
     only the target profile's `max_context` tokens of KV cache unless asked for more."""
@@ -263,7 +265,7 @@ def recipe_from_args(source: str | None, fmt: str | None, quant: str | None, tar
         raise QwenEdgeError(f"export needs --recipe FILE, or SOURCE with --format and --quant "
                             f"(missing: {', '.join(missing)})")
     data: dict[str, Any] = {"source": source, "format": fmt, "quant": {"type": quant},
-                            "target": target or "cpu-x86_64"}
+                            "target": target or default_target_name()}
     for key, raw in (overrides or {}).items():
         _apply_override(data, key, raw, "--set")
     recipe = _build(Recipe, data, "--set")

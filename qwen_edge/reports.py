@@ -29,6 +29,8 @@ class VerifyReport(TypedDict):
     quick: bool
     reference_weights_sha256: str
     reference_matches_source: bool | None
+    tokenizer: dict[str, Any]
+    """matches_reference (else `tokenizer` is in `failed`), texts_compared, texts_differing, added_tokens_match."""
     random_weights: bool
     """The reference is a `qwen-edge synth` checkpoint (random weights)."""
     ungated: list[str]

@@ -12,6 +12,8 @@ from .datafiles import find, list_files
 from .errors import QwenEdgeError, first_line
 
 ALIASES = {"cpu": "cpu-x86_64", "x86_64": "cpu-x86_64", "arm64": "arm64-mobile", "gpu": "cuda"}
+ARM64_MACHINES = ("aarch64", "arm64", "aarch64_be")
+"""`platform.machine()` names of a 64-bit Arm CPU (Linux says aarch64, macOS arm64)."""
 
 
 @dataclass
@@ -111,17 +113,26 @@ def physical_cores() -> int:
     return max(1, (os.cpu_count() or 2))
 
 
+def default_target_name(machine: str | None = None) -> str:
+    """The profile a run gets when none is named: `arm64-mobile` on a 64-bit Arm CPU, else `cpu-x86_64`."""
+    import platform
+
+    m = (machine if machine is not None else platform.machine()).lower()
+    return "arm64-mobile" if m in ARM64_MACHINES else "cpu-x86_64"
+
+
 def available_targets() -> list[str]:
     """Profile names along the search path ($QWEN_EDGE_RUNTIMES_PATH, then the packaged profiles)."""
     return sorted(p.stem for p, _ in list_files("runtimes"))
 
 
 def load_target(name_or_path: str | dict | Target | None) -> Target:
-    """A profile by name (`cpu-x86_64`, alias `cpu`/`arm64`/`cuda`) or from a YAML path."""
+    """A profile by name (`cpu-x86_64`, alias `cpu`/`arm64`/`cuda`) or from a YAML path; None: this machine's
+    default (default_target_name())."""
     if isinstance(name_or_path, Target):
         return name_or_path
     if name_or_path is None:
-        name_or_path = "cpu-x86_64"
+        name_or_path = default_target_name()
     if isinstance(name_or_path, dict):
         data, src = dict(name_or_path), "target"
     else:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import GateFailed, QwenEdgeError
+from .formats.quants import precision_classes
 from .reports import Log, VerifyReport
 
 WINDOW = 256
@@ -27,31 +28,24 @@ UPPER_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p9
 LOWER_BOUNDS = ("top1_agreement", "greedy_common_prefix_mean", "greedy_common_prefix_min")
 METRICS = UPPER_BOUNDS + LOWER_BOUNDS
 
-# Gate classes, calibrated on the fidelity checkpoint (docs/verify.md has the measurements and the margins).
-_CLASS_THRESHOLDS: dict[str, dict[str, float]] = {
-    "exact": {"max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.005, "kl_mean": 1e-5, "kl_p99": 1e-4,
-              "ppl_rel_change": 0.001, "top1_agreement": 0.995, "greedy_common_prefix_mean": 28.0,
-              "greedy_common_prefix_min": 16.0},
-    "half": {"max_abs_logit_error": 0.5, "mean_abs_logit_error": 0.01, "kl_mean": 1e-4, "kl_p99": 1e-3,
-             "ppl_rel_change": 0.005, "top1_agreement": 0.99, "greedy_common_prefix_mean": 24.0,
-             "greedy_common_prefix_min": 8.0},
-    "8bit": {"max_abs_logit_error": 2.0, "mean_abs_logit_error": 0.05, "kl_mean": 2e-3, "kl_p99": 0.02,
-             "ppl_rel_change": 0.02, "top1_agreement": 0.97, "greedy_common_prefix_mean": 16.0,
-             "greedy_common_prefix_min": 4.0},
-    "6bit": {"max_abs_logit_error": 4.0, "mean_abs_logit_error": 0.1, "kl_mean": 0.01, "kl_p99": 0.1,
-             "ppl_rel_change": 0.05, "top1_agreement": 0.94, "greedy_common_prefix_mean": 10.0,
-             "greedy_common_prefix_min": 2.0},
-    "4bit": {"max_abs_logit_error": 10.0, "mean_abs_logit_error": 0.3, "kl_mean": 0.15, "kl_p99": 1.5,
-             "ppl_rel_change": 0.2, "top1_agreement": 0.85, "greedy_common_prefix_mean": 4.0,
-             "greedy_common_prefix_min": 0.0},
-}
-QUANT_CLASS: dict[str, str] = {
-    "fp32": "exact", "f32": "exact",
-    "f16": "half", "fp16": "half", "bf16": "half",
-    "q8_0": "8bit", "int8": "8bit",
-    "q6_k": "6bit", "q5_k_m": "6bit", "q5_0": "6bit", "q5_k_s": "6bit",
-    "q4_k_m": "4bit", "q4_k_s": "4bit", "q4_0": "4bit", "iq4_nl": "4bit", "iq4_xs": "4bit", "int4": "4bit",
-}
+# Gate classes, calibrated on the fidelity checkpoint (tiny-qwen3-256, where every quantization applies as named):
+# benchmarks/calibrate_verify.py --propose derives them from its record (benchmarks/results/verify_calibration-*.json)
+# with stated margins (5x max abs, 30x mean abs/KL/ppl, 10x top-1 disagreement, greedy at most half the worst);
+# docs/verify.md's table is rendered from this dict and --check (tests/test_verify.py) keeps the two in step.
+_THRESHOLD_COLUMNS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99",
+                      "ppl_rel_change", "top1_agreement", "greedy_common_prefix_mean", "greedy_common_prefix_min")
+_CLASS_THRESHOLDS: dict[str, dict[str, float]] = {c: dict(zip(_THRESHOLD_COLUMNS, row)) for c, row in {
+    #        max abs, mean abs, KL mean, KL p99, ppl change, top-1, greedy mean, greedy min
+    "exact": (0.05, 0.0015, 1.5e-06, 1.5e-05, 0.001, 0.995, 16.0, 16.0),
+    "half": (0.2, 0.02, 0.0001, 0.0007, 0.002, 0.99, 8.0, 1.0),
+    "8bit": (1.5, 0.15, 0.003, 0.015, 0.015, 0.93, 8.0, 3.0),
+    "6bit": (3.0, 0.3, 0.02, 0.15, 0.05, 0.85, 5.0, 1.0),
+    "4bit": (7.0, 0.5, 0.05, 0.5, 0.2, 0.85, 1.0, 0.0),
+    "3bit": (10.0, 0.7, 0.1, 0.7, 0.2, 0.8, 1.0, 0.0),
+    "2bit": (20.0, 1.0, 0.5, 3.0, 0.7, 0.5, 1.0, 0.0),
+}.items()}
+QUANT_CLASS: dict[str, str] = precision_classes()
+"""Quantization name -> threshold class, from the one table of quantizations (`formats.quants`)."""
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {q: dict(_CLASS_THRESHOLDS[c]) for q, c in QUANT_CLASS.items()}
 
 
@@ -191,6 +185,31 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def tokenizer_parity(artifact_tok: Any, art_dir: Path, ref_dir: Path) -> dict[str, Any]:
+    """Whether the artifact's tokenizer gives the reference checkpoint's ids: the metrics above feed both sides the
+    same ids, so a wrong tokenizer file would pass them. Compares every document and greedy prompt of the shipped
+    text (plain text) and the added tokens (id -> text), unless the two tokenizer.json files are byte-identical; a
+    mismatch fails the gate as `tokenizer`."""
+    from .tokenizer import Tokenizer
+    from .train import eval_text
+
+    text = eval_text()
+    texts = [d["text"] for d in text["documents"]] + list(text["greedy_prompts"])
+    if (art_dir / "tokenizer.json").read_bytes() == (ref_dir / "tokenizer.json").read_bytes():
+        return {"matches_reference": True, "texts_compared": len(texts), "texts_differing": 0,
+                "added_tokens_match": True}
+    ref_tok = Tokenizer.from_dir(ref_dir)
+    differing = sum(artifact_tok.encode(t, parse_special=False) != ref_tok.encode(t, parse_special=False)
+                    for t in texts)
+
+    def added(t: Any) -> dict[int, str]:
+        return {i: a.content for i, a in t.backend.get_added_tokens_decoder().items()}
+
+    same_added = added(artifact_tok) == added(ref_tok)
+    return {"matches_reference": differing == 0 and same_added, "texts_compared": len(texts),
+            "texts_differing": differing, "added_tokens_match": same_added}
+
+
 def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     """Names of the metrics outside their thresholds (NaN fails)."""
     failed = []
@@ -207,6 +226,11 @@ def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
 def describe_failures(report: dict[str, Any]) -> str:
     parts = []
     for k in report["failed"]:
+        if k == "tokenizer":
+            parts.append(f"tokenizer differs from the reference's ({report['tokenizer']['texts_differing']} of "
+                         f"{report['tokenizer']['texts_compared']} texts encode differently, added tokens "
+                         f"{'match' if report['tokenizer']['added_tokens_match'] else 'differ'})")
+            continue
         op = ">" if k in UPPER_BOUNDS else "<"
         parts.append(f"{k} {report['metrics'][k]:.6g} {op} {report['thresholds'][k]:.6g}")
     return f"{report['artifact']} ({report['quant']}): " + "; ".join(parts)
@@ -292,6 +316,9 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     limits.update({k: RANDOM_WEIGHT_THRESHOLDS[k] for k in ungated})
     src_sha = (art.manifest.get("source") or {}).get("weights_sha256")
     acc = Accumulator()
+    from .verify_device import ReferenceRecorder
+
+    recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
     prefixes: list[int] = []
     ref_rt = load(ref_dir, max_context=longest + 8, threads=threads)
     try:
@@ -302,11 +329,14 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
             for i, w in enumerate(progress(ev.windows, desc="verify", unit="window")):
                 ref_rt.reset()
                 art_rt.reset()
-                acc.add(w, ref_rt.prefill_all_logits(w), art_rt.prefill_all_logits(w))
+                ref_logits = ref_rt.prefill_all_logits(w)
+                recorded.add_window(w, ref_logits)
+                acc.add(w, ref_logits, art_rt.prefill_all_logits(w))
                 if log:
                     log(f"window {i + 1}/{len(ev.windows)}: {len(w)} tokens")
             for p in ev.prompts:
-                prefixes.append(common_prefix(greedy(ref_rt, p, GREEDY_TOKENS), greedy(art_rt, p, GREEDY_TOKENS)))
+                recorded.add_greedy(greedy(ref_rt, p, GREEDY_TOKENS))
+                prefixes.append(common_prefix(recorded.greedy[-1], greedy(art_rt, p, GREEDY_TOKENS)))
             backends = {"artifact": art_rt.info.backend, "reference": ref_rt.info.backend}
         finally:
             art_rt.close()
@@ -316,6 +346,9 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     metrics["greedy_common_prefix_mean"] = float(np.mean(prefixes)) if prefixes else 0.0
     metrics["greedy_common_prefix_min"] = float(min(prefixes)) if prefixes else 0.0
     failed = gate(metrics, limits)
+    tok_parity = tokenizer_parity(tok, art.path, ref_dir)
+    if not tok_parity["matches_reference"]:
+        failed.append("tokenizer")
     report: VerifyReport = {
         "passed": not failed,
         "metrics": metrics,
@@ -333,6 +366,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
         "quick": quick,
         "reference_weights_sha256": ref_sha,
         "reference_matches_source": (src_sha == ref_sha) if src_sha else None,
+        "tokenizer": tok_parity,
         "random_weights": random_weights,
         "ungated": ungated,
         "eval_text_sha256": ev.sha256,
@@ -343,7 +377,8 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     if store:
         # The stored copy leaves out what differs between identical runs (wall time, date, local paths),
         # so re-verifying an identical artifact rewrites an identical manifest.
-        art.update_manifest(parity={k: v for k, v in report.items() if k not in ("seconds", "verified_at", "artifact")})
+        art.update_manifest(parity={k: v for k, v in report.items() if k not in ("seconds", "verified_at", "artifact")},
+                            reference_logits=recorded.record(ev.sha256, quick, GREEDY_TOKENS))
     return report
 
 
@@ -363,6 +398,11 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"  note: the reference has random weights (qwen-edge synth): {', '.join(report['ungated'])} "
                      "are reported, not gated (near-uniform outputs make the argmax a coin toss); KL, logit error "
                      "and perplexity stay gated")
+    tp = report.get("tokenizer")
+    if tp:
+        lines.append(f"  {'tokenizer':<28} {'same' if tp['matches_reference'] else 'DIFFERENT':>12}  "
+                     f"as the reference's ({tp['texts_compared']} texts, added tokens) "
+                     f"{'ok' if tp['matches_reference'] else 'FAIL'}")
     if report.get("reference_matches_source") is False:
         lines.append("  note: the reference's weights differ from the artifact's recorded source")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"]))

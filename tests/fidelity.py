@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-FIDELITY_ARCH = "tiny-qwen3"
+FIDELITY_ARCH = "tiny-qwen3-256"
 
 
 def cache_root() -> Path:
@@ -15,7 +15,7 @@ def cache_root() -> Path:
 
 
 def fidelity_checkpoint(arch: str = FIDELITY_ARCH, seed: int = 0) -> Path:
-    """Path of the trained checkpoint; trains it (about a minute on 2 cores) when the cache lacks this key."""
+    """Path of the trained checkpoint; trains it (a few minutes on a busy 2-core machine) when the cache lacks this key."""
     from qwen_edge.train import DEFAULT_STEPS, fidelity_key, train_fidelity_checkpoint
 
     key = fidelity_key(arch, seed, DEFAULT_STEPS)

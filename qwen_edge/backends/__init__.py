@@ -82,9 +82,9 @@ def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None
         raise QwenEdgeError(f"threads must be positive, not {threads}")
     if device not in ("cpu", "cuda", "auto"):
         raise QwenEdgeError(f"unknown device {device!r} (cpu, cuda, auto)")
-    from ..targets import load_target
+    from ..targets import default_target_name, load_target
 
-    profile = load_target(target if target is not None else ("cuda" if device == "cuda" else "cpu-x86_64"))
+    profile = load_target(target if target is not None else ("cuda" if device == "cuda" else default_target_name()))
     if device == "auto":
         device = profile.device
     if max_context is None and profile.memory_cap_mb and fmt in ("onnx", "gguf") and path.is_dir():

@@ -93,9 +93,9 @@ class LlamaCppRuntime(Runtime):
         self._has_logits = False
         self.n_cached = 0
         if target is None:
-            from ..targets import load_target
+            from ..targets import default_target_name, load_target
 
-            target = load_target("cuda" if device == "cuda" else "cpu-x86_64")
+            target = load_target("cuda" if device == "cuda" else default_target_name())
         from ..targets import check_spin
 
         spin = options.get("allow_spinning")

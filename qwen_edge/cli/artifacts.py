@@ -44,6 +44,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    if a.on_device:
+        if a.reference or a.quick:
+            raise QwenEdgeError("verify --on-device compares with the reference logits recorded in the artifact: "
+                                "--reference and --quick do not apply")
+        from ..verify_device import run_verify_on_device
+
+        return run_verify_on_device(a.artifact, as_json=a.json, threads=a.threads, target=a.target)
+    if a.threads or a.target:
+        raise QwenEdgeError("--threads and --target apply to verify --on-device only")
     from ..verify import run_verify
 
     return run_verify(a.artifact, reference=a.reference, as_json=a.json, quick=a.quick)
@@ -110,11 +119,16 @@ def add_verbs(add: Add) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")
     p.set_defaults(func=cmd_export)
 
-    p = add("verify", help="check an artifact against the PyTorch reference (exit 1 on drift)")
+    p = add("verify", help="check an artifact against the PyTorch reference, or --on-device against its recorded "
+            "reference logits (exit 1 on drift)")
     p.add_argument("artifact")
     p.add_argument("--reference", help="reference checkpoint directory or hub id (default: the manifest's source; "
                    "a hub source at its recorded commit)")
     p.add_argument("--quick", action="store_true", help="short evaluation text (for smoke tests)")
+    p.add_argument("--on-device", action="store_true", help="no torch: run the artifact on this machine's runtime "
+                   "against the reference logits recorded when it was verified; the same gates")
+    p.add_argument("--threads", type=int, help="with --on-device: CPU threads (default: the target's)")
+    p.add_argument("--target", help="with --on-device: target profile (default: this machine's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 

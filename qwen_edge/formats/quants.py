@@ -14,7 +14,7 @@ class Quant:
     name: str
     format: str
     precision: str
-    """The class verify gates by: exact, half, 8bit, 6bit, 4bit; empty: by the artifact's effective bits."""
+    """The class verify gates by: exact, half, 8bit, 6bit, 4bit, 3bit, 2bit."""
     gguf_type: T | None = None
     """GGUF: the type 2-D weights get (llama.cpp's mixtures keep some tensors above it)."""
     file_type: F | None = None
@@ -39,8 +39,8 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
     Quant("q5_k_m", "gguf", "6bit", T.Q5_K, F.MOSTLY_Q5_K_M),
     Quant("q5_k_s", "gguf", "6bit", T.Q5_K, F.MOSTLY_Q5_K_S),
     Quant("q6_k", "gguf", "6bit", T.Q6_K, F.MOSTLY_Q6_K),
-    Quant("q3_k_m", "gguf", "", T.Q3_K, F.MOSTLY_Q3_K_M),
-    Quant("q2_k", "gguf", "", T.Q2_K, F.MOSTLY_Q2_K),
+    Quant("q3_k_m", "gguf", "3bit", T.Q3_K, F.MOSTLY_Q3_K_M),
+    Quant("q2_k", "gguf", "2bit", T.Q2_K, F.MOSTLY_Q2_K),
     Quant("iq4_nl", "gguf", "4bit", T.IQ4_NL, F.MOSTLY_IQ4_NL),
     Quant("iq4_xs", "gguf", "4bit", T.IQ4_XS, F.MOSTLY_IQ4_XS),
     Quant("fp32", "onnx", "exact"),
@@ -61,4 +61,4 @@ def quants_of(fmt: str) -> tuple[str, ...]:
 
 def precision_classes() -> dict[str, str]:
     """Quantization name -> precision class, for every format."""
-    return {q.name: q.precision for q in QUANTS.values() if q.precision}
+    return {q.name: q.precision for q in QUANTS.values()}

@@ -1,0 +1,30 @@
+"""A broken copy of a faithful artifact, for gates that must fail (verify --on-device in tests and .ci/arm64)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def break_onnx_weights(src: Path, dst: Path, noise: float = 0.3) -> Path:
+    """Copy an fp32 ONNX artifact and multiply a quarter of its weights by 1 + noise * N(0, 1), manifest hashes
+    refreshed: what a miscompiled kernel or a corrupted copy on a device would compute, not a tampered file."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    data = dst / "model.onnx.data"
+    w = np.fromfile(data, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    lo, hi = len(w) // 4, len(w) // 2
+    w[lo:hi] *= (1 + noise * rng.standard_normal(hi - lo)).astype(np.float32)
+    w.tofile(data)
+    m = json.loads((dst / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] == data.name:
+            f["sha256"], f["bytes"] = hashlib.sha256(data.read_bytes()).hexdigest(), data.stat().st_size
+    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dst
