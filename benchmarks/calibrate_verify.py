@@ -48,9 +48,9 @@ class BadInput(Exception):
 
 # --- measuring ----------------------------------------------------------------------------------------------------
 def shipped() -> list[tuple[str, str]]:
-    from qwen_edge.export import formats
+    from qwen_edge.formats.quants import QUANTS
 
-    return [(fmt, q) for fmt, quants in formats().items() for q in quants]
+    return [(q.format, q.name) for q in QUANTS.values()]
 
 
 def tensor_types(art: Path) -> dict[str, int]:

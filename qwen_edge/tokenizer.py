@@ -523,13 +523,6 @@ def _compile(source: str) -> Any:
         raise TemplateError(f"chat template does not compile{where}: {first_line(e)}") from None
 
 
-def compile_template(source: str, *, time_budget_s: float = TEMPLATE_TIME_BUDGET_S) -> None:
-    """Check that `source` compiles in the sandbox; raise TemplateError if not."""
-    _sandbox()  # build the environment (imports jinja2) outside the time budget
-    with _deadline(time_budget_s):
-        _compile(source)
-
-
 @contextlib.contextmanager
 def _deadline(budget_s: float) -> Iterator[None]:
     """Abort the Python code run inside (this thread only) once `budget_s` has passed: TemplateError."""

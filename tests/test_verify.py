@@ -13,7 +13,7 @@ import pytest
 
 from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.export import formats
+from qwen_edge.formats.quants import QUANTS
 from qwen_edge.verify import (LOWER_BOUNDS, METRICS, UPPER_BOUNDS, Accumulator, common_prefix, describe_failures,
                               gate, thresholds_for)
 
@@ -127,7 +127,7 @@ def test_without_torch_names_the_extra(exported, monkeypatch):
 # The fidelity checkpoint is tiny-qwen3-256 (tests/fidelity.py): every 2-D weight row is a multiple of 256, so each
 # quantization below is applied as named (test_fidelity_exports_use_the_named_types), and the thresholds in
 # qwen_edge/verify.py were calibrated on these very exports (benchmarks/calibrate_verify.py, docs/verify.md).
-SHIPPED = [(fmt, q) for fmt, quants in formats().items() for q in quants]
+SHIPPED = [(q.format, q.name) for q in QUANTS.values()]
 VIA_CLI = [("gguf", "q4_k_m"), ("onnx", "int4")]
 """Verified through the console entry point (JSON, stored parity); the rest through verify() in-process."""
 DEFAULT_SUITE = {("gguf", "q4_0"), ("gguf", "q5_k_m"), ("gguf", "q6_k"), ("gguf", "q8_0"), ("onnx", "int8")}

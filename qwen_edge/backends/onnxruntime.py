@@ -129,10 +129,8 @@ class OrtRuntime(Runtime):
             raise QwenEdgeError(f"{model_path.name}: graph lacks {missing[0]!r} (not a qwen-edge decoder)")
         kv_elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
         self.kv_dtype = np.float16 if kv_elem == 10 else np.float32
-        # logits_to_keep (an overridable initializer) limits the LM head to the rows we read; artifacts from before it
-        # have a separate logits_last output instead.
+        # logits_to_keep (an overridable initializer) limits the LM head to the rows we read
         self._keep = "logits_to_keep" in {t.name for t in proto.graph.initializer} and "logits_to_keep" in inputs
-        self._last_name = "logits_last" if "logits_last" in outputs and not self._keep else "logits"
         model_bytes = _prepack_largest_first(proto)
         uses = weight_uses(proto)
         # at run time (after packing) a range is random-access if a Gather reads it, idle if only packing read it
@@ -204,7 +202,7 @@ class OrtRuntime(Runtime):
         self._run_opts = ort.RunOptions()
         self._run_opts.only_execute_path_to_fetches = True
         self._bind_last = self._make_binding()
-        self._bind_last.bind_ortvalue_output(self._last_name, self._last_val)
+        self._bind_last.bind_ortvalue_output("logits", self._last_val)
         if self._keep:
             # bind_cpu_input rejects overridable initializers; an OrtValue binds (and must outlive the binding).
             self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))

@@ -58,10 +58,6 @@ def get_exporter(fmt: str) -> Exporter:
     return _EXPORTERS[fmt]
 
 
-def formats() -> dict[str, tuple[str, ...]]:
-    return {fmt: get_exporter(fmt).quants for fmt in _MODULES}
-
-
 def default_name(source: "str | Source", fmt: str, quant: str) -> str:
     """`<source name>-<format>-<quant>`: a directory's name, or a hub id's repository name (without `@rev`)."""
     if isinstance(source, Source) and source.hub_id:
