@@ -249,7 +249,7 @@ def kv_cache_bytes(arch: dict[str, Any], context: int, itemsize: int) -> int | N
 def bench_prompt(path: Path, n: int) -> list[int]:
     """n prompt ids: the shipped evaluation text through the artifact's own tokenizer, repeated as needed."""
     from .tokenizer import Tokenizer
-    from .train import eval_text
+    from .evaltext import eval_text
 
     tok = Tokenizer.from_dir(path)
     ids: list[int] = []

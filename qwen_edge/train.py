@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +15,12 @@ import numpy as np
 
 from .artifact import ArtifactWriter
 from .errors import NotAvailable, QwenEdgeError
+from .evaltext import eval_text
 
 DEFAULT_STEPS = 100
 SEQ_LEN = 128
 BATCH = 8
 LR = 1e-2
-
-
-def eval_text() -> dict[str, Any]:
-    """The shipped evaluation text (documents, chat conversations, greedy prompts, the quick subset)."""
-    return json.loads(resources.files("qwen_edge.data").joinpath("eval_text.json").read_text(encoding="utf-8"))
 
 
 def training_token_stream(tokenizer: Any, text: dict[str, Any] | None = None) -> list[int]:

@@ -85,7 +85,7 @@ class EvalSet:
 
 def load_eval_set(tokenizer: Any, quick: bool = False) -> EvalSet:
     """Tokenize the shipped text: documents as plain text, chats through the artifact's template, split in windows."""
-    from .train import eval_text
+    from .evaltext import eval_text
 
     text = eval_text()
     sha = hashlib.sha256(json.dumps(text, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -191,7 +191,7 @@ def tokenizer_parity(artifact_tok: Any, art_dir: Path, ref_dir: Path) -> dict[st
     text (plain text) and the added tokens (id -> text), unless the two tokenizer.json files are byte-identical; a
     mismatch fails the gate as `tokenizer`."""
     from .tokenizer import Tokenizer
-    from .train import eval_text
+    from .evaltext import eval_text
 
     text = eval_text()
     texts = [d["text"] for d in text["documents"]] + list(text["greedy_prompts"])
