@@ -273,10 +273,6 @@ def recipe_from_args(source: str | None, fmt: str | None, quant: str | None, tar
     return recipe
 
 
-DESIGN_QUANTS = {"gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl"),
-                 "onnx": ("fp32", "fp16", "int8", "int4")}
-
-
 def known_quants(fmt: str) -> tuple[str, ...]:
     """The exporter's registered quantizations (the documented set when the exporter cannot be imported)."""
     from .export import get_exporter
@@ -284,7 +280,15 @@ def known_quants(fmt: str) -> tuple[str, ...]:
     try:
         return tuple(get_exporter(fmt).quants)
     except ImportError:
-        return DESIGN_QUANTS[fmt]
+        from .formats.quants import DOCUMENTED
+
+        return DOCUMENTED[fmt]
+
+
+def _one_of(values: tuple[Any, ...]) -> str:
+    """`a, b or c`."""
+    words = [str(v) for v in values]
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def validate_recipe(r: Recipe, src: str) -> None:
@@ -326,14 +330,15 @@ def validate_recipe(r: Recipe, src: str) -> None:
             raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to GGUF only")
     if q.intermediate is not None and q.intermediate not in ("bf16", "f16", "f32"):
         raise QwenEdgeError(f"{src}: 'quant.intermediate' must be bf16, f16 or f32, not {q.intermediate!r}")
-    if q.block_size is not None and q.block_size not in (16, 32, 64, 128, 256):
-        raise QwenEdgeError(f"{src}: 'quant.block_size' must be 16, 32, 64, 128 or 256, not {q.block_size}")
-    if q.accuracy_level is not None and not 0 <= q.accuracy_level <= 4:
-        raise QwenEdgeError(f"{src}: 'quant.accuracy_level' must be 0-4, not {q.accuracy_level}")
-    if q.kv_dtype is not None and q.kv_dtype not in ("float16", "float32"):
-        raise QwenEdgeError(f"{src}: 'quant.kv_dtype' must be float16 or float32, not {q.kv_dtype!r}")
-    if q.lm_head_bits is not None and q.lm_head_bits not in (4, 8, 16):
-        raise QwenEdgeError(f"{src}: 'quant.lm_head_bits' must be 4, 8 or 16, not {q.lm_head_bits}")
+    if r.format == "onnx":  # the exporter's own table of option values (an ONNX recipe imported it for its quants)
+        from .export.onnx import KV_DTYPES, OPTION_VALUES
+
+        for key, allowed in OPTION_VALUES.items():
+            value = getattr(q, key)
+            if value is not None and value not in allowed:
+                raise QwenEdgeError(f"{src}: 'quant.{key}' must be {_one_of(allowed)}, not {value}")
+        if q.kv_dtype is not None and q.kv_dtype not in KV_DTYPES:
+            raise QwenEdgeError(f"{src}: 'quant.kv_dtype' must be {_one_of(tuple(KV_DTYPES))}, not {q.kv_dtype!r}")
     try:
         load_target(r.target)
     except QwenEdgeError as e:

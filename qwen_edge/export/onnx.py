@@ -16,8 +16,9 @@ from .onnx_decoder import DecoderBuilder, QuantPlan
 from .onnx_genai import genai_config
 from ..formats.onnx import DATA_FILE, MODEL_FILE
 from ..formats.onnx_graph import DataFile, GraphBuilder
+from ..formats.quants import quants_of
 
-QUANTS = ("fp32", "fp16", "int8", "int4")
+QUANTS = quants_of("onnx")
 OPTIONS = {
     "block_size": "MatMulNBits block size along K (power of two >= 16; default 32)",
     "symmetric": "symmetric blocks without zero points (default true)",
@@ -32,6 +33,10 @@ OPTIONS = {
                 "as arm64-mobile, else float32); the attention runs in this dtype",
 }
 KV_DTYPES = {"float16": np.float16, "float32": np.float32}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+OPTION_VALUES: dict[str, tuple[int, ...]] = {"accuracy_level": (0, 1, 2, 3, 4), "lm_head_bits": (4, 8, 16),
+                                             "block_size": BLOCK_SIZES, "lm_head_block_size": BLOCK_SIZES}
+"""The values each integer option may take: checked here and, before an export, by recipe validation."""
 
 
 def default_kv_dtype(quant: str, target: Any) -> str:
@@ -58,13 +63,14 @@ def _bool(v: Any, key: str) -> bool:
     raise QwenEdgeError(f"onnx option {key}={v!r}: expected true or false")
 
 
-def _int(v: Any, key: str, allowed: tuple[int, ...] | None = None) -> int:
+def _int(v: Any, key: str) -> int:
     try:
         n = int(v)
         if isinstance(v, bool) or (isinstance(v, float) and n != v):
             raise ValueError
     except (TypeError, ValueError):
         raise QwenEdgeError(f"onnx option {key}={v!r}: expected an integer") from None
+    allowed = OPTION_VALUES.get(key)
     if allowed is not None and n not in allowed:
         raise QwenEdgeError(f"onnx option {key}={n}: expected one of {', '.join(map(str, allowed))}")
     return n
@@ -77,7 +83,7 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     level = options.get("accuracy_level")
     if level is None:
         level = target.get("accuracy_level", 4) if target is not None else 4
-    plan = QuantPlan(quant=quant, accuracy_level=_int(level, "accuracy_level", (0, 1, 2, 3, 4)))
+    plan = QuantPlan(quant=quant, accuracy_level=_int(level, "accuracy_level"))
     if quant == "fp16":
         plan.float_dtype = np.float16
     kv = options.get("kv_dtype") or default_kv_dtype(quant, target)
@@ -87,13 +93,12 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     if quant in ("int4", "int8"):
         bits = 4 if quant == "int4" else 8
         plan.linear_bits = bits
-        head = _int(options.get("lm_head_bits", 8), "lm_head_bits", (4, 8, 16))
+        head = _int(options.get("lm_head_bits", 8), "lm_head_bits")
         plan.lm_head_bits = None if head == 16 else head
         plan.quantize_embeddings = _bool(options.get("quantize_embeddings", True), "quantize_embeddings")
-        plan.block_size = _int(options.get("block_size", 32), "block_size", (16, 32, 64, 128, 256))
+        plan.block_size = _int(options.get("block_size", 32), "block_size")
         if "lm_head_block_size" in options:  # else the builder picks (see DecoderBuilder.head_block)
-            plan.lm_head_block_size = _int(options["lm_head_block_size"], "lm_head_block_size",
-                                           (16, 32, 64, 128, 256))
+            plan.lm_head_block_size = _int(options["lm_head_block_size"], "lm_head_block_size")
         plan.symmetric = _bool(options.get("symmetric", True), "symmetric")
     else:
         for key in ("block_size", "symmetric", "lm_head_bits", "lm_head_block_size", "quantize_embeddings"):
