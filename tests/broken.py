@@ -11,8 +11,9 @@ import numpy as np
 
 
 def break_onnx_weights(src: Path, dst: Path, noise: float = 0.3) -> Path:
-    """Copy an fp32 ONNX artifact and multiply a quarter of its weights by 1 + noise * N(0, 1), manifest hashes
-    refreshed: what a miscompiled kernel or a corrupted copy on a device would compute, not a tampered file."""
+    """Copy an ONNX artifact and multiply a quarter of its weight data, read as float32 words, by 1 + noise * N(0, 1)
+    (fp32: perturbed weights; int8/int4: scrambled bytes), manifest hashes refreshed: what a miscompiled kernel or a
+    corrupted copy on a device computes, not a tampered file."""
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
@@ -20,7 +21,8 @@ def break_onnx_weights(src: Path, dst: Path, noise: float = 0.3) -> Path:
     w = np.fromfile(data, dtype=np.float32)
     rng = np.random.default_rng(1)
     lo, hi = len(w) // 4, len(w) // 2
-    w[lo:hi] *= (1 + noise * rng.standard_normal(hi - lo)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # int8/int4 bytes read as floats overflow: broken all the same
+        w[lo:hi] *= (1 + noise * rng.standard_normal(hi - lo)).astype(np.float32)
     w.tofile(data)
     m = json.loads((dst / "manifest.json").read_text())
     for f in m["files"]:
