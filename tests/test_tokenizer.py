@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen_edge import tokenizer as T
+from qwen_edge import tokenizer_build
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.families.qwen2 import ADDED_TOKENS as QWEN2_ADDED_TOKENS
 from qwen_edge.families.qwen3 import ADDED_TOKENS as QWEN3_ADDED_TOKENS
@@ -81,16 +82,16 @@ def test_build_is_cached_in_process() -> None:
 
 def test_build_uses_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWEN_EDGE_CACHE_DIR", str(tmp_path))
-    build = T._build_tokenizer_json_cached.__wrapped__
+    build = tokenizer_build._build_tokenizer_json_cached.__wrapped__
     added = ((151643, "<|endoftext|>", True),)
-    monkeypatch.setattr(T, "_build_tokenizer_json", lambda a: '{"built": true}')
+    monkeypatch.setattr(tokenizer_build, "_build_tokenizer_json", lambda a: '{"built": true}')
     assert build(added) == '{"built": true}'
     assert len(list(tmp_path.glob("tokenizer-*.json"))) == 1
 
     def fail(a):
         raise AssertionError("should have come from the disk cache")
 
-    monkeypatch.setattr(T, "_build_tokenizer_json", fail)
+    monkeypatch.setattr(tokenizer_build, "_build_tokenizer_json", fail)
     assert build(added) == '{"built": true}'
 
 
