@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from .errors import QwenEdgeError
 from .generate import Cancel, GenerationStats, generate, runtime_stop_ids
 from .sampling import Sampling
-from .tokenizer import THINK_END, THINK_START, Tokenizer, split_thinking
+from .streaming import ThinkingSplitter, split_thinking
+from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .backends.base import Runtime
@@ -44,73 +45,6 @@ class TurnResult:
     @property
     def prefill_tokens(self) -> int:
         return self.stats.prefill_tokens
-
-
-class ThinkingSplitter:
-    """Routes streamed text to on_thinking inside a leading <think>...</think> block and to on_text after it.
-
-    Matches `split_thinking`: the newlines around the thinking and those opening the answer are dropped.
-    """
-
-    def __init__(self, on_text: Callable[[str], None] | None, on_thinking: Callable[[str], None] | None):
-        self.on_text, self.on_thinking = on_text, on_thinking
-        self.state = "start"
-        self.buf = ""
-        self.think_started = False
-
-    def _text(self, s: str) -> None:
-        if s and self.on_text:
-            self.on_text(s)
-
-    def _think(self, s: str) -> None:
-        if s and self.on_thinking:
-            self.on_thinking(s)
-
-    def feed(self, piece: str) -> None:
-        self.buf += piece
-        while self.buf:
-            if self.state == "start":
-                head = self.buf.lstrip()
-                if head.startswith(THINK_START):
-                    self.buf, self.state = head[len(THINK_START):], "thinking"
-                elif THINK_START.startswith(head):
-                    return  # maybe the start of "<think>": wait
-                else:
-                    self.state = "answer"
-            elif self.state == "thinking":
-                if not self.think_started:
-                    self.buf = self.buf.lstrip("\n")
-                    if not self.buf:
-                        return
-                    self.think_started = True
-                end = self.buf.find(THINK_END)
-                if end >= 0:
-                    self._think(self.buf[:end].rstrip("\n"))
-                    self.buf, self.state = self.buf[end + len(THINK_END):], "after"
-                    continue
-                hold = next((k for k in range(len(THINK_END) - 1, 0, -1) if self.buf.endswith(THINK_END[:k])), 0)
-                rest = self.buf[: len(self.buf) - hold]
-                body = rest.rstrip("\n")  # trailing newlines may precede </think>: hold them too
-                self._think(body)
-                self.buf = self.buf[len(body):]
-                return
-            elif self.state == "after":
-                self.buf = self.buf.lstrip("\n")
-                if not self.buf:
-                    return
-                self.state = "answer"
-            else:
-                self._text(self.buf)
-                self.buf = ""
-
-    def finish(self) -> None:
-        if self.state == "start":
-            self._text(self.buf)
-        elif self.state == "thinking":
-            self._think(self.buf.rstrip("\n"))
-        elif self.state == "answer":
-            self._text(self.buf)
-        self.buf = ""
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,17 +40,88 @@ class StreamDecoder:
         self._utf8.reset()
 
 
+class ThinkingSplitter:
+    """Routes streamed text to on_thinking inside a leading <think>...</think> block and to on_text after it.
+
+    The newlines around the thinking and those opening the answer are dropped. `opened=True`: the prompt already
+    opened the block (a thinking-only template ends its generation prompt with `<think>`), so the stream starts
+    inside it. `saw_block` tells, once the stream is over, whether there was a block (even an empty one).
+    """
+
+    def __init__(self, on_text: Callable[[str], None] | None, on_thinking: Callable[[str], None] | None,
+                 *, opened: bool = False):
+        self.on_text, self.on_thinking = on_text, on_thinking
+        self.state = "thinking" if opened else "start"
+        self.buf = ""
+        self.think_started = False
+        self.saw_block = opened
+
+    def _text(self, s: str) -> None:
+        if s and self.on_text:
+            self.on_text(s)
+
+    def _think(self, s: str) -> None:
+        if s and self.on_thinking:
+            self.on_thinking(s)
+
+    def feed(self, piece: str) -> None:
+        self.buf += piece
+        while self.buf:
+            if self.state == "start":
+                head = self.buf.lstrip()
+                if head.startswith(THINK_START):
+                    self.buf, self.state, self.saw_block = head[len(THINK_START):], "thinking", True
+                elif THINK_START.startswith(head):
+                    return  # maybe the start of "<think>": wait
+                else:
+                    self.state = "answer"
+            elif self.state == "thinking":
+                if not self.think_started:
+                    self.buf = self.buf.lstrip("\n")
+                    if not self.buf:
+                        return
+                    self.think_started = True
+                end = self.buf.find(THINK_END)
+                if end >= 0:
+                    self._think(self.buf[:end].rstrip("\n"))
+                    self.buf, self.state = self.buf[end + len(THINK_END):], "after"
+                    continue
+                hold = next((k for k in range(len(THINK_END) - 1, 0, -1) if self.buf.endswith(THINK_END[:k])), 0)
+                rest = self.buf[: len(self.buf) - hold]
+                body = rest.rstrip("\n")  # trailing newlines may precede </think>: hold them too
+                self._think(body)
+                self.buf = self.buf[len(body):]
+                return
+            elif self.state == "after":
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf:
+                    return
+                self.state = "answer"
+            else:
+                self._text(self.buf)
+                self.buf = ""
+
+    def finish(self) -> None:
+        if self.state == "start":
+            self._text(self.buf)
+        elif self.state == "thinking":
+            self._think(self.buf.rstrip("\n"))
+        elif self.state == "answer":
+            self._text(self.buf)
+        self.buf = ""
+
+
 def split_thinking(text: str) -> tuple[str | None, str]:
-    """Split Qwen3 output into (thinking, answer); an unterminated `<think>` block is all thinking so far."""
-    stripped = text.lstrip()
-    if stripped.startswith(THINK_START):
-        body = stripped[len(THINK_START) :]
-        end = body.find(THINK_END)
-        if end < 0:
-            return body.strip("\n"), ""
-        return body[:end].strip("\n"), body[end + len(THINK_END) :].lstrip("\n")
+    """Split Qwen3 output into (thinking, answer); an unterminated `<think>` block is all thinking so far.
+
+    The whole text run through `ThinkingSplitter`; thinking is None without a block, "" for an empty one. A
+    `</think>` with no `<think>` before it means the template opened the block in the prompt (thinking-only
+    models): the output starts inside it.
+    """
     end = text.find(THINK_END)
-    if end >= 0 and THINK_START not in text[:end]:
-        # The template opened the block in the prompt (thinking-only models): the output starts inside it.
-        return text[:end].strip("\n"), text[end + len(THINK_END) :].lstrip("\n")
-    return None, text
+    thinking: list[str] = []
+    answer: list[str] = []
+    splitter = ThinkingSplitter(answer.append, thinking.append, opened=end >= 0 and THINK_START not in text[:end])
+    splitter.feed(text)
+    splitter.finish()
+    return ("".join(thinking) if splitter.saw_block else None), "".join(answer)

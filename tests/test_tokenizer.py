@@ -15,6 +15,7 @@ from qwen_edge import tokenizer_build
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.families.qwen2 import ADDED_TOKENS as QWEN2_ADDED_TOKENS
 from qwen_edge.families.qwen3 import ADDED_TOKENS as QWEN3_ADDED_TOKENS
+from qwen_edge.streaming import ThinkingSplitter
 from qwen_edge.tokenizer import (
     StreamDecoder,
     TemplateError,
@@ -324,6 +325,59 @@ def test_stream_decoder_special_tokens_and_flush(tok: Tokenizer) -> None:
 )
 def test_split_thinking(text: str, expected: tuple[str | None, str]) -> None:
     assert split_thinking(text) == expected
+
+
+THINKING_TEXTS = [
+    "<think>\nLet me see.\n</think>\n\nThe answer is 4.",
+    "<think>\n\n</think>\n\nHello",
+    "<think>\nstill going",
+    "<think>\nhalf a close </thi",
+    "<think>\na\n\nb\n\n</think>\n\n\nc\n",
+    "<think>",
+    "<th",
+    "  \n",
+    "Plain answer.",
+    "",
+    "\n<think>a</think>b",
+    "Answer mentioning <think> later",
+    "Answer mentioning <think> and </think> later",
+]
+
+
+def _stream(text: str, cut: int, opened: bool = False) -> tuple[list[str], list[str], bool]:
+    thinking: list[str] = []
+    answer: list[str] = []
+    splitter = ThinkingSplitter(answer.append, thinking.append, opened=opened)
+    for i in range(0, len(text), cut):
+        splitter.feed(text[i : i + cut])
+    splitter.finish()
+    return thinking, answer, splitter.saw_block
+
+
+@pytest.mark.parametrize("text", THINKING_TEXTS)
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 1000])
+def test_streamed_thinking_matches_split_thinking(text: str, cut: int) -> None:
+    thinking, answer, saw_block = _stream(text, cut)
+    expected_thinking, expected_answer = split_thinking(text)
+    assert "".join(answer) == expected_answer
+    assert ("".join(thinking) if saw_block else None) == expected_thinking
+
+
+def test_thinking_edge_cases_between_the_streamed_and_whole_text_split() -> None:
+    # an empty block: whole text says "" (a block, empty), no block says None; the stream sends no thinking piece
+    assert split_thinking("<think>\n\n</think>\n\nHello") == ("", "Hello")
+    assert split_thinking("Hello") == (None, "Hello")
+    assert _stream("<think>\n\n</think>\n\nHello", 1000) == ([], ["Hello"], True)
+    assert _stream("Hello", 1000) == ([], ["Hello"], False)
+    # a </think> with no <think>: the template opened the block in the prompt. The whole-text split sees the
+    # closing tag ahead; a stream cannot, so it takes the whole output as answer unless told opened=True
+    text = "reasoning opened by the prompt\n</think>\n\nanswer"
+    assert split_thinking(text) == ("reasoning opened by the prompt", "answer")
+    thinking, answer, _ = _stream(text, 1)
+    assert (thinking, "".join(answer)) == ([], text)
+    thinking, answer, saw_block = _stream(text, 1, opened=True)
+    assert ("".join(thinking), "".join(answer), saw_block) == ("reasoning opened by the prompt", "answer", True)
+    assert split_thinking("</think>") == ("", "")
 
 
 # -- hostile templates ---------------------------------------------------------------------------------------------
