@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from .errors import QwenEdgeError
 from .generate import Cancel, GenerationStats, generate, runtime_stop_ids
 from .sampling import Sampling
-from .streaming import ThinkingSplitter, split_thinking
+from .streaming import THINK_END, THINK_START, ThinkingSplitter, split_thinking
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -140,6 +140,19 @@ class ChatSession:
     def render(self, messages: Sequence[dict[str, str]], thinking: bool | None) -> list[int]:
         return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, enable_thinking=thinking)
 
+    def _opens_thinking(self, ids: Sequence[int]) -> bool:
+        """Whether the prompt ends inside a <think> block (its last think tag, within the last turn, opens one)."""
+        start, end = self.tokenizer.token_to_id(THINK_START), self.tokenizer.token_to_id(THINK_END)
+        im_start = self.tokenizer.token_to_id("<|im_start|>")
+        if start is None or end is None:
+            return False
+        for t in reversed(ids):
+            if t == end or t == im_start:
+                return False
+            if t == start:
+                return True
+        return False
+
     # --- one turn ---------------------------------------------------------------------------------------------
     def _fit(self, user: dict[str, str], thinking: bool | None) -> tuple[list[int], int]:
         """Prompt ids for history + user, dropping the oldest exchanges while they don't fit; (ids, dropped)."""
@@ -189,7 +202,9 @@ class ChatSession:
             elif self.runtime.n_cached > len(self._cached):  # or used it: trust nothing
                 self._cached = []
             common = _common_prefix(self._cached, ids)
-            splitter = ThinkingSplitter(on_text, on_thinking)
+            # A thinking-only template ends the generation prompt inside an open <think> block: the reply starts
+            # in the thinking, with no opening tag of its own.
+            splitter = ThinkingSplitter(on_text, on_thinking, opened=self._opens_thinking(ids))
             try:
                 res = generate(self.runtime, ids, sampling=sampling or self.sampling, max_new_tokens=budget,
                                stop_ids=self.stop_ids, stop_strings=self.stop_strings, tokenizer=self.tokenizer,

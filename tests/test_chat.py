@@ -124,6 +124,26 @@ def test_thinking_split_streamed_and_stripped_from_history(base_rt, tok):
     assert r2.text == "Sure." and r2.thinking is None
 
 
+class ThinkingOnlySession(ChatSession):
+    """A session whose template ends the generation prompt with an open think block (as thinking-only Qwen3
+    releases' templates do): the reply starts inside the thinking and carries no <think> of its own."""
+
+    def render(self, messages, thinking):
+        return super().render(messages, thinking) + self.tokenizer.encode("<think>\n")
+
+
+def test_prompt_that_opens_the_think_block_streams_the_same_split(base_rt, tok):
+    rt = ForcedRuntime(base_rt)
+    rt.script(tok.encode("I should greet back.\n</think>\n\nHello!") + [IM_END])
+    s = ThinkingOnlySession(rt, tok, max_new_tokens=64)
+    thinking_pieces: list[str] = []
+    text_pieces: list[str] = []
+    r = s.send("Hi!", on_text=text_pieces.append, on_thinking=thinking_pieces.append)
+    assert tok.decode(r.prompt_ids).endswith("<|im_start|>assistant\n<think>\n")
+    assert r.thinking == "I should greet back." and r.text == "Hello!"
+    assert "".join(thinking_pieces) == r.thinking and "".join(text_pieces) == r.text  # no </think> leaks
+
+
 def test_long_conversation_drops_oldest_turns_and_keeps_system(ckpt, tok):
     with qwen_edge.load(ckpt, max_context=256) as rt:
         s = ChatSession(rt, tok, system="SYSTEM PROMPT", thinking=False, max_new_tokens=24,
