@@ -90,7 +90,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """`qwen-edge bench`: measure, print (JSON on stdout with --json), write files, apply --budget gates."""
-    from ..bench import bench, check_budgets, markdown_table, parse_budget, plot
+    from ..bench import bench, check_budgets, parse_budget
+    from ..bench_report import markdown_table, plot
 
     budgets = list(a.budget or [])
     for b in budgets:
