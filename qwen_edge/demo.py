@@ -115,7 +115,7 @@ def _fmt_ids(ids: list[int], keep: int = 12) -> str:
 
 
 def _verify_step(progress: Progress, outcomes: dict[str, Any], source: Path) -> dict[str, str]:
-    from .recipe import verify_available, verify_outcome
+    from .recipe_run import verify_available, verify_outcome
 
     if not verify_available():
         with progress.step("verify against the PyTorch reference") as note:
@@ -195,7 +195,7 @@ def _render_bench(report: dict[str, Any], labels: list[str]) -> str:
 
 def run_demo(model: str | None = None, out_dir: str = "qwen-edge-demo", quick: bool = False) -> int:
     """The README's tour, offline: checkpoint -> GGUF q4_k_m + ONNX int4 -> verify -> chat -> bench."""
-    from .recipe import export_recipe, verify_available
+    from .recipe_run import export_recipe, verify_available
 
     t_start = time.perf_counter()
     out = Path(out_dir)

@@ -209,9 +209,9 @@ def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, says):
 
 def test_verify_missing_extra_is_reported(synth_ckpt, tmp_path, says, monkeypatch):
     capsys = says
-    import qwen_edge.recipe as recipe_mod
+    import qwen_edge.recipe_run as recipe_run
 
-    monkeypatch.setattr(recipe_mod, "verify_available", lambda: False)
+    monkeypatch.setattr(recipe_run, "verify_available", lambda: False)
     assert run_export(str(synth_ckpt("tiny-qwen2")), "gguf", "q8_0", None, str(tmp_path), verify=True) == 0
     assert "verify skipped (install qwen-edge[verify]" in capsys.readouterr().err
 

@@ -35,7 +35,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ..recipe import run_export
+    from ..recipe_run import run_export
 
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
                       revision=a.revision,
