@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -414,14 +414,18 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False) -> int:
-    """`qwen-edge verify`: prints the report (JSON on stdout with --json); GateFailed (exit 1) on drift."""
-    report = verify(artifact, reference, quick=quick)
+def emit_gated(report: Any, as_json: bool, render: Callable[[Any], str]) -> int:
+    """Print a parity report (JSON on stdout with `as_json`, else `render`'s text); GateFailed (exit 1) on drift."""
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     else:
-        print(render_report(report))
+        print(render(report))
     sys.stdout.flush()
     if not report["passed"]:
         raise GateFailed(describe_failures(report))
     return 0
+
+
+def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False) -> int:
+    """`qwen-edge verify`: prints the report (JSON on stdout with --json); GateFailed (exit 1) on drift."""
+    return emit_gated(verify(artifact, reference, quick=quick), as_json, render_report)

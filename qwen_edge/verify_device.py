@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import GateFailed, QwenEdgeError
+from .errors import QwenEdgeError
 from .verify import Accumulator
 
 FORMAT_VERSION = 1
@@ -307,14 +306,6 @@ def render_device_report(report: dict[str, Any]) -> str:
 def run_verify_on_device(artifact: str, as_json: bool = False, threads: int | None = None,
                          target: str | None = None) -> int:
     """`qwen-edge verify ARTIFACT --on-device`: GateFailed (exit 1) when a gate fails."""
-    from .verify import describe_failures
+    from .verify import emit_gated
 
-    report = verify_on_device(artifact, threads=threads, target=target)
-    if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    else:
-        print(render_device_report(report))
-    sys.stdout.flush()
-    if not report["passed"]:
-        raise GateFailed(describe_failures(report))
-    return 0
+    return emit_gated(verify_on_device(artifact, threads=threads, target=target), as_json, render_device_report)
