@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -33,18 +35,31 @@ def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     return float((np.exp(lr) * (lr - lq)).sum())
 
 
+# Full-size artifacts are GBs each (about 22 GB for this module if kept): each test's directory goes when it ends, so
+# the run's peak disk use is the checkpoint, the reference and one artifact at a time.
+@pytest.fixture
+def tmp_path(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def ckpt_05b(tmp_path_factory):
-    return synth("qwen2.5-0.5b", tmp_path_factory.mktemp("full") / "qwen2.5-0.5b")
+    d = tmp_path_factory.mktemp("full")
+    yield synth("qwen2.5-0.5b", d / "qwen2.5-0.5b")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def f32_logits(ckpt_05b, tmp_path_factory):
     """Next-token logits after PROMPT from the unquantized GGUF: the reference every quant is held to."""
-    art = export(ckpt_05b, "gguf", "f32", tmp_path_factory.mktemp("f32ref"), name="q05-f32-ref")
+    d = tmp_path_factory.mktemp("f32ref")
+    art = export(ckpt_05b, "gguf", "f32", d, name="q05-f32-ref")
     with load(art, max_context=256, threads=2) as rt:
         rt.prefill(PROMPT)
-        return np.array(rt.logits(), dtype=np.float64)
+        logits = np.array(rt.logits(), dtype=np.float64)
+    shutil.rmtree(d, ignore_errors=True)
+    return logits
 
 
 @pytest.mark.parametrize("quant", GGUF_QUANTS)
@@ -111,7 +126,7 @@ def test_onnx_int4_05b_runtime_peak_rss_within_budget(ckpt_05b, tmp_path):
     assert got["peak"] < 1.5 * size + got["kv"], (got, size)
 
 
-def test_onnx_int4_export_of_15b_peak_rss_bounded(tmp_path_factory):
+def test_onnx_int4_export_of_15b_peak_rss_bounded(tmp_path):
     """Issue 12: the ONNX exporter streams each weight to model.onnx.data in row chunks and releases the checkpoint's
     mapped pages, so a fresh process exporting the synthesized Qwen2.5-1.5B (2.9 GiB bf16) to int4 peaks far under
     2 GB (measured 153 MiB; 3569 MiB before the change, 3.2 GB with only the page release disabled)."""
@@ -119,8 +134,9 @@ def test_onnx_int4_export_of_15b_peak_rss_bounded(tmp_path_factory):
     import subprocess
     import sys
 
-    ckpt = synth("qwen2.5-1.5b", tmp_path_factory.mktemp("full15") / "qwen2.5-1.5b")
-    out = tmp_path_factory.mktemp("full15-out")
+    ckpt = synth("qwen2.5-1.5b", tmp_path / "qwen2.5-1.5b")
+    out = tmp_path / "out"
+    out.mkdir()
     code = (
         "import json, sys\n"
         "from qwen_edge.bench import peak_rss_bytes\n"
