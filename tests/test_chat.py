@@ -128,8 +128,8 @@ class ThinkingOnlySession(ChatSession):
     """A session whose template ends the generation prompt with an open think block (as thinking-only Qwen3
     releases' templates do): the reply starts inside the thinking and carries no <think> of its own."""
 
-    def render(self, messages, thinking):
-        return super().render(messages, thinking) + self.tokenizer.encode("<think>\n")
+    def render(self, messages, thinking, tools=None):
+        return super().render(messages, thinking, tools) + self.tokenizer.encode("<think>\n")
 
 
 def test_prompt_that_opens_the_think_block_streams_the_same_split(base_rt, tok):
