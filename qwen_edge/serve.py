@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -41,7 +42,6 @@ FINISH_TO_OPENAI = {"stop": "stop", "stop_string": "stop", "length": "length", "
                     "tool_calls": "tool_calls", "cancelled": "stop"}
 """TurnResult / GenerationResult finish reasons -> OpenAI's."""
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 THINKING_BUDGET_FIELD = "thinking_budget"
 """The request field that caps Qwen3's thinking, in tokens (the Python API's name; llama.cpp's server calls its flag
 --reasoning-budget)."""
@@ -89,58 +89,23 @@ def _opt(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what:
     return v
 
 
-def _content(m: Mapping[str, Any], n: int, *, nullable: bool) -> str | None:
-    c = m.get("content")
-    if c is None:
-        if nullable:
-            return None
-        raise _bad(f"messages[{n}].content", f"messages[{n}] ({m.get('role')}) needs 'content'")
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):  # content parts: text only
-        parts = []
-        for k, p in enumerate(c):
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise _bad(f"messages[{n}].content[{k}]", f"messages[{n}].content[{k}]: only text parts are "
-                           "supported ({\"type\": \"text\", \"text\": ...})")
-            parts.append(p["text"])
-        return "".join(parts)
-    raise _bad(f"messages[{n}].content", f"messages[{n}].content must be a string or a list of text parts")
+def _checked(param: str, check: Callable[[], Any]) -> Any:
+    """Run one of the library's checks; its QwenEdgeError becomes a 400 naming the field (messages[3], tools...)."""
+    try:
+        return check()
+    except QwenEdgeError as e:
+        msg = first_line(e)
+        m = re.match(r"(messages\[\d+\])", msg)
+        raise _bad(m.group(1) if m else param, msg) from None
 
 
 def parse_messages(raw: Any) -> list[dict[str, Any]]:
-    """OpenAI messages -> the shape ChatSession.complete takes (developer -> system, text parts joined)."""
-    if not isinstance(raw, list) or not raw:
-        raise _bad("messages", "'messages' must be a non-empty list")
-    out: list[dict[str, Any]] = []
-    for n, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{n}]", f"messages[{n}] must be an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"messages[{n}].role", f"messages[{n}].role {json.dumps(role)[:40]}: expected one of "
-                       + ", ".join(ROLES))
-        msg: dict[str, Any] = {"role": "system" if role == "developer" else role}
-        calls = m.get("tool_calls") if role == "assistant" else None
-        msg["content"] = _content(m, n, nullable=role == "assistant" and bool(calls))
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise _bad(f"messages[{n}].tool_calls", f"messages[{n}].tool_calls must be a list")
-            for k, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-                        or not isinstance(fn.get("arguments", ""), str):
-                    raise _bad(f"messages[{n}].tool_calls[{k}]", f"messages[{n}].tool_calls[{k}] must be "
-                               "{\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\": str}}")
-            msg["tool_calls"] = [dict(c) for c in calls]
-        if role == "tool":
-            tid = m.get("tool_call_id")
-            if tid is not None and not isinstance(tid, str):
-                raise _bad(f"messages[{n}].tool_call_id", f"messages[{n}].tool_call_id must be a string")
-            if tid is not None:
-                msg["tool_call_id"] = tid
-        out.append(msg)
-    return out
+    """OpenAI messages, checked by the chat's own rules (tools.check_messages); "developer" is a system message."""
+    from .tools import check_messages
+
+    if isinstance(raw, list):
+        raw = [dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m for m in raw]
+    return cast("list[dict[str, Any]]", _checked("messages", lambda: check_messages(raw)))
 
 
 def _parse_stop(body: Mapping[str, Any]) -> list[str]:
@@ -214,53 +179,25 @@ class ChatRequest:
 
 
 def _parse_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    from .tools import check_tools, choice_name
+
     tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise _bad("tools", "'tools' must be a list")
-        for k, t in enumerate(tools):
-            fn = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
-                    or not isinstance(fn.get("name"), str) or not fn["name"]:
-                raise _bad(f"tools[{k}]", f"tools[{k}] must be {{\"type\": \"function\", \"function\": "
-                           "{\"name\": ..., \"parameters\": {...}}}")
-            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-                raise _bad(f"tools[{k}].function.parameters", f"tools[{k}].function.parameters must be an object")
-        tools = [dict(t) for t in tools] or None
+    checked = _checked("tools", lambda: check_tools(tools)) if tools is not None else None
     choice = body.get("tool_choice")
     if choice is None:
-        return tools, "auto"
-    if isinstance(choice, str):
-        if choice not in ("auto", "none", "required"):
-            raise _bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or "
-                       "{\"type\": \"function\", \"function\": {\"name\": ...}}")
-    else:
-        fn = choice.get("function") if isinstance(choice, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or "
-                       "{\"type\": \"function\", \"function\": {\"name\": ...}}")
-        names = {t["function"]["name"] for t in tools or ()}
-        if fn["name"] not in names:
-            raise _bad("tool_choice", f"tool_choice names {fn['name']!r}, which is not in 'tools'")
-        choice = {"type": "function", "function": {"name": fn["name"]}}
-    if choice == "required" and not tools:
-        raise _bad("tool_choice", "tool_choice \"required\" needs 'tools'")
-    return tools, choice
+        return checked or None, "auto"
+    _checked("tool_choice", lambda: choice_name(choice, checked or []))
+    return checked or None, choice
 
 
 def _parse_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The response_format, checked by compiling its constraint now (a bad schema is a 400, not a failed job)."""
+    from .constrain import from_response_format
+
     rf = body.get("response_format")
     if rf is None:
         return None
-    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-        raise _bad("response_format", "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} "
-                   "or {\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}")
-    if rf["type"] == "json_schema":
-        js = rf.get("json_schema")
-        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
-            raise _bad("response_format.json_schema", "'response_format.json_schema' must be an object with a "
-                       "'schema' object")
-    return None if rf["type"] == "text" else dict(rf)
+    return None if _checked("response_format", lambda: from_response_format(rf)) is None else dict(rf)
 
 
 def parse_chat_request(body: Any, generation_config: Mapping[str, Any]) -> ChatRequest:
@@ -428,7 +365,7 @@ class Engine:
         def work(job: Job) -> Any:
             on_text = (lambda s: job.put("text", s)) if req.stream else None
             on_thinking = (lambda s: job.put("thinking", s)) if req.stream else None
-            return _complete(self.session, req.messages, tools=req.tools, tool_choice=req.tool_choice,
+            return self.session.complete(req.messages, tools=req.tools, tool_choice=req.tool_choice,
                              response_format=req.response_format, thinking=req.thinking,
                              thinking_budget=req.thinking_budget, sampling=req.sampling,
                              max_new_tokens=req.max_tokens, stop=req.stop, on_text=on_text,
@@ -451,54 +388,6 @@ class Engine:
         return work
 
 
-def _complete(session: ChatSession, messages: Sequence[dict[str, Any]], **kw: Any) -> Any:
-    """ChatSession.complete (see chat.py)."""
-    complete = getattr(session, "complete", None)
-    if complete is None:  # before chat.complete lands: plain chat, no constraints
-        return _complete_plain(session, messages, **kw)
-    return complete(messages, **kw)
-
-
-def _complete_plain(session: ChatSession, messages: Sequence[dict[str, Any]], *, tools: Any, tool_choice: Any,
-                    response_format: Any, thinking: Any, thinking_budget: Any, sampling: Any, max_new_tokens: Any,
-                    stop: Any, on_text: Any, on_thinking: Any, cancel: Any) -> Any:
-    if response_format or thinking_budget is not None or tool_choice not in ("auto", "none"):
-        raise ApiError(400, "response_format, a forced tool_choice and thinking_budget need constrained decoding "
-                       "(ChatSession.complete), which this build lacks")
-    from .chat import TurnResult, _common_prefix
-    from .generate import generate
-    from .streaming import ThinkingSplitter
-
-    ids = session.tokenizer.encode_chat(list(messages), add_generation_prompt=True, enable_thinking=thinking,
-                                        tools=tools)
-    cached = session._cached[: session.runtime.n_cached] if session.runtime.n_cached <= len(session._cached) else []
-    text: list[str] = []
-    thought: list[str] = []
-
-    def both(parts: list[str], cb: Any) -> Callable[[str], None]:
-        def feed(piece: str) -> None:
-            parts.append(piece)
-            if cb is not None:
-                cb(piece)
-        return feed
-
-    splitter = ThinkingSplitter(both(text, on_text), both(thought, on_thinking), opened=session._opens_thinking(ids))
-    try:
-        res = generate(session.runtime, ids, sampling=sampling, max_new_tokens=max_new_tokens or session.max_new_tokens,
-                       stop_ids=session.stop_ids, stop_strings=stop, tokenizer=session.tokenizer,
-                       on_text=splitter.feed, cancel=cancel, cached_prefix=_common_prefix(cached, ids))
-    except BaseException:
-        session._cached = []
-        raise
-    splitter.finish()
-    session._cached = (res.prompt_ids + res.output_ids)[: session.runtime.n_cached]
-    r = TurnResult(text="".join(text), thinking="".join(thought) if splitter.saw_block else None,
-                   finish_reason=res.finish_reason, stats=res.stats, prompt_ids=res.prompt_ids,
-                   output_ids=res.output_ids, raw_text=res.text)
-    r.tool_calls = []  # type: ignore[attr-defined]
-    return r
-
-
 # --- responses ----------------------------------------------------------------------------------------------------
 def _usage(result: Any) -> dict[str, Any]:
     p, c = len(result.prompt_ids), len(result.output_ids)
@@ -507,8 +396,7 @@ def _usage(result: Any) -> dict[str, Any]:
 
 
 def _tool_calls(result: Any) -> list[dict[str, Any]]:
-    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in getattr(result, "tool_calls", None) or ()]
+    return [c.to_openai() for c in result.tool_calls]
 
 
 def _finish(result: Any) -> str:
