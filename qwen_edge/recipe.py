@@ -101,6 +101,12 @@ class Recipe:
     """Parity check after export."""
     output: str = ""
     """Artifact directory name under the output directory (default: the recipe name)."""
+    adapter: list[str] = field(default_factory=list)
+    """PEFT LoRA adapters (directories or hub ids), applied in order; one string is a list of one. Relative paths
+    are relative to the current directory. The manifest records each (source, sha256, rank, alpha, targets)."""
+    adapter_mode: str = "merge"
+    """`merge`: folded into the weights in float32 before quantization (GGUF and ONNX); `separate` (GGUF): the base
+    exported unmodified, each adapter a llama.cpp LoRA GGUF beside it."""
 
     @property
     def effective_source(self) -> str:
@@ -116,8 +122,11 @@ class Recipe:
 
     def build_inputs(self) -> dict[str, Any]:
         """What determines the artifact's bytes (verify settings excluded): recorded as the manifest's recipe."""
-        return {"name": self.name or None, "model": self.model or None, "format": self.format,
-                "quant": asdict(self.quant), "target": self.target, "max_context": self.max_context}
+        out = {"name": self.name or None, "model": self.model or None, "format": self.format,
+               "quant": asdict(self.quant), "target": self.target, "max_context": self.max_context}
+        if self.adapter:  # only then: a plain recipe's record (and its cached artifacts) stay as they were
+            out.update(adapter=list(self.adapter), adapter_mode=self.adapter_mode)
+        return out
 
 
 # --- loading --------------------------------------------------------------------------------------------------
@@ -130,6 +139,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return value is None
     if origin is dict:
         return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, get_args(tp)[0]) for v in value)
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -161,6 +172,8 @@ def _build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
                 value = {"type": value}  # `quant: q4_k_m` shorthand
             kwargs[key] = _build(tp, value if value is not None else {}, src, f"{prefix}{key}.")
             continue
+        if get_origin(tp) is list and isinstance(value, str):
+            value = [value]  # `adapter: DIR` shorthand for a list of one
         if not _type_ok(value, tp):
             raise QwenEdgeError(f"{src}: '{prefix}{key}' must be {_type_name(tp)}, "
                                 f"not {type(value).__name__} {value!r:.40}")
@@ -356,6 +369,12 @@ def validate_recipe(r: Recipe, src: str) -> None:
                 raise QwenEdgeError(f"{src}: max_context {r.max_context} exceeds {r.model}'s {limit} positions")
     if r.output:
         check_output_name(r.output, src)
+    if r.adapter_mode not in ("merge", "separate"):
+        raise QwenEdgeError(f"{src}: 'adapter_mode' must be merge or separate, not {r.adapter_mode!r:.40}")
+    if r.adapter_mode == "separate" and r.format != "gguf":
+        raise QwenEdgeError(f"{src}: adapter_mode separate writes a llama.cpp LoRA GGUF (format gguf); ONNX merges")
+    if any(not a.strip() for a in r.adapter):
+        raise QwenEdgeError(f"{src}: 'adapter' entries must not be empty")
     from .verify import METRICS
 
     for k, v in r.verify.thresholds.items():

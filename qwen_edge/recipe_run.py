@@ -105,7 +105,8 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
                     + (" (quick text)" if recipe.verify.quick else " (minutes on 0.5B and up)")
                     + "; --no-verify skips that" if checking else ""))
     skipped = export_artifact(resolved, recipe.format, recipe.quant.type, out_dir, name=name, target=target.name,
-                              options=options, recipe=record, context_length=context, force=force).skipped
+                              options=options, recipe=record, context_length=context, force=force,
+                              adapters=recipe.adapter, adapter_mode=recipe.adapter_mode).skipped
     seconds = time.perf_counter() - t0
     outcome = ExportOutcome(final, skipped, seconds, "off")
     if not (verify and recipe.verify.enabled):
@@ -196,7 +197,7 @@ def _check_model(recipe: Recipe, source_dir: Path) -> None:
 def run_export(source: str | None, fmt: str | None, quant: str | None, target: str | None, out_dir: str,
                recipe_path: str | None = None, overrides: dict[str, str] | None = None, name: str | None = None,
                verify: bool = True, force: bool = False, max_context: int | None = None, revision: str | None = None,
-               recipe_dirs: Sequence[str] = ()) -> int:
+               recipe_dirs: Sequence[str] = (), adapters: Sequence[str] = (), adapter_mode: str | None = None) -> int:
     """`qwen-edge export`: a recipe (plus flags/overrides) or plain flags; prints one summary line to stderr."""
     overrides = dict(overrides or {})
     if recipe_path:
@@ -213,6 +214,10 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
         recipe = recipe_from_args(source, fmt, quant, target, overrides)
     if max_context is not None:
         recipe.max_context = max_context
+    if adapters:  # --adapter replaces the recipe's list
+        recipe.adapter = list(adapters)
+    if adapter_mode:
+        recipe.adapter_mode = adapter_mode
     if name:
         check_output_name(name, "--name")
         recipe.output = name

@@ -285,6 +285,37 @@ def _hub_reference(hub_id: str, revision: str | None) -> Path:
     return ref
 
 
+def recorded_adapters(art: Any) -> list[Path]:
+    """The local directories of the adapters an artifact's manifest records (a hub adapter at its recorded commit;
+    a relative path also tried beside the artifact), each checked against its recorded sha256: verify's reference
+    is the base checkpoint with these merged on top by PEFT."""
+    from .adapters import adapter_sha256
+    from .checkpoint import resolve
+
+    out: list[Path] = []
+    for rec in art.manifest.get("adapters") or []:
+        if not isinstance(rec, dict) or not isinstance(rec.get("source"), str):
+            raise QwenEdgeError(f"{art.path}: manifest 'adapters' entry without a source")
+        spec = rec["source"]
+        if isinstance(rec.get("hub_id"), str) and rec["hub_id"]:
+            spec = rec["hub_id"] + (f"@{rec['commit']}" if isinstance(rec.get("commit"), str) and rec["commit"] else "")
+        elif not Path(spec).exists() and (art.path.parent / spec).exists():
+            spec = str(art.path.parent / spec)
+        try:
+            path = resolve(spec).path
+            sha = adapter_sha256(path)
+        except QwenEdgeError as e:
+            raise QwenEdgeError(f"adapter {rec['source']} recorded in the manifest not found ({e})") from None
+        except OSError as e:
+            raise QwenEdgeError(f"adapter {rec['source']} recorded in the manifest cannot be read "
+                                f"({e.strerror or e})") from None
+        if rec.get("sha256") and sha != rec["sha256"]:
+            raise QwenEdgeError(f"adapter {rec['source']}: its files changed since the export (sha256 {sha[:12]}, "
+                                f"recorded {str(rec['sha256'])[:12]}); re-export")
+        out.append(path)
+    return out
+
+
 def _require_torch() -> None:
     if any(importlib.util.find_spec(m) is None for m in ("torch", "transformers")):
         raise QwenEdgeError("verify needs the PyTorch reference: pip install 'qwen-edge[verify]' (torch, transformers)")
@@ -306,6 +337,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     t0 = time.perf_counter()
     art = Artifact.open(artifact)
     ref_dir = _resolve_reference(art, reference)
+    adapters = recorded_adapters(art)
     _require_torch()
     limits = thresholds_for(art.quant, art.bits_per_weight, thresholds)
     tok = Tokenizer.from_dir(art.path)
@@ -325,7 +357,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
 
     recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
     prefixes: list[int] = []
-    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads)
+    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads, **({"adapters": adapters} if adapters else {}))
     try:
         art_rt = load(art.path, max_context=longest + 8, threads=threads)
         try:
@@ -361,6 +393,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
         "failed": failed,
         "artifact": str(art.path),
         "reference": str(ref_dir),
+        "reference_adapters": [str(a) for a in adapters],
         "format": art.format,
         "quant": art.quant,
         "tokens_evaluated": acc.tokens,

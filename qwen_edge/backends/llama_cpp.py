@@ -19,7 +19,7 @@ N_BATCH = 512
 """Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
 ALL_LOGITS_CHUNK = 128
 """Tokens per call when every position's logits are wanted (bounds llama.cpp's output buffer)."""
-KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning")
+KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning", "adapter", "adapter_scale")
 
 _backend_ready = False
 _wait_policy: str | None = None
@@ -64,7 +64,10 @@ def _resolve(path: Path, check_hashes: bool) -> tuple[Path, dict[str, Any]]:
         art = Artifact.open(path, check_hashes=check_hashes)
         if art.format != "gguf":
             raise QwenEdgeError(f"{path}: a {art.format} artifact, the llama_cpp backend needs gguf")
-        return art.model_file, {"context_length": art.context_length, "quant": art.quant, "stop_ids": art.stop_ids}
+        adapters = [art.file(a["file"]) for a in art.manifest.get("adapters") or []
+                    if isinstance(a, dict) and isinstance(a.get("file"), str)]
+        return art.model_file, {"context_length": art.context_length, "quant": art.quant, "stop_ids": art.stop_ids,
+                                "adapters": adapters}
     if path.is_file():
         return path, {}
     raise QwenEdgeError(f"{path}: no such artifact or GGUF file")
@@ -89,6 +92,7 @@ class LlamaCppRuntime(Runtime):
         if unknown:
             raise QwenEdgeError(f"unknown llama_cpp option {unknown[0]!r} (known: {', '.join(KNOWN_OPTIONS)})")
         self._model = self._ctx = None
+        self._adapters: list[Any] = []
         self._batch = None
         self._has_logits = False
         self.n_cached = 0
@@ -123,7 +127,10 @@ class LlamaCppRuntime(Runtime):
         n_ctx = resolve_context(max_context, target.max_context, train_ctx)
         n_batch = int(options.get("n_batch") or N_BATCH)
         n_batch = max(1, min(n_batch, n_ctx))
+        adapters, adapter_scale = _adapter_options(options, facts.get("adapters") or [])
         self._load(model_path, gpu_layers, n_ctx, n_batch, n_threads)
+        if adapters:
+            self._set_adapters(adapters, adapter_scale)
         self._n_batch = n_batch
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self.info = RuntimeInfo(
@@ -134,7 +141,8 @@ class LlamaCppRuntime(Runtime):
             artifact_context_length=train_ctx,
             extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
                    "llama_cpp": getattr(L, "__version__", ""), "allow_spinning": spin,
-                   "omp_wait_policy": wait_policy},
+                   "omp_wait_policy": wait_policy, "adapters": [str(a) for a in adapters],
+                   "adapter_scale": adapter_scale if adapters else None},
         )
 
     def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int) -> None:
@@ -164,6 +172,25 @@ class LlamaCppRuntime(Runtime):
         self._vocab = L.llama_model_get_vocab(self._model)
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(n_batch, 0, 1)
+
+    def _set_adapters(self, paths: list[Path], scale: float) -> None:
+        """Load llama.cpp LoRA GGUFs and set them on the context, each at `scale`."""
+        import ctypes
+
+        L = self._L
+        for p in paths:
+            with llama_log_capture() as log:
+                ad = L.llama_adapter_lora_init(self._model, str(p).encode())
+            if not ad:
+                self.close()
+                raise QwenEdgeError(f"{p}: llama.cpp could not load the LoRA adapter ({last_log_line(log)})")
+            self._adapters.append(ad)
+        n = len(self._adapters)
+        arr = (L.llama_adapter_lora_p_ctypes * n)(*self._adapters)
+        scales = (ctypes.c_float * n)(*([scale] * n))
+        if L.llama_set_adapters_lora(self._ctx, arr, n, scales) != 0:
+            self.close()
+            raise QwenEdgeError(f"llama.cpp could not set the LoRA adapter(s) {', '.join(map(str, paths))}")
 
     # --- Runtime protocol -----------------------------------------------------------------------------------
     def _decode(self, ids: Sequence[int], all_logits: bool) -> None:
@@ -256,6 +283,9 @@ class LlamaCppRuntime(Runtime):
         if self._ctx:
             L.llama_free(self._ctx)
         self._ctx = None
+        for ad in self._adapters:
+            L.llama_adapter_lora_free(ad)
+        self._adapters = []
         if self._model:
             L.llama_model_free(self._model)
         self._model = None
@@ -278,6 +308,30 @@ class LlamaCppRuntime(Runtime):
             buf = (self._L.llama_token * cap)()
             n = self._L.llama_tokenize(self._vocab, data, len(data), buf, cap, False, parse_special)
         return list(buf[:n])
+
+
+def _adapter_options(options: dict[str, Any], recorded: list[Path]) -> tuple[list[Path], float]:
+    """(LoRA GGUFs, scale): the `adapter` option (a path or a list of paths) replaces the artifact's recorded
+    adapters; `adapter_scale` (default 1.0) multiplies each adapter's update (0 runs the bare base)."""
+    given = options.get("adapter")
+    if given is None:
+        paths = list(recorded)
+    else:
+        items = [given] if isinstance(given, (str, os.PathLike)) else list(given)
+        if not all(isinstance(x, (str, os.PathLike)) for x in items):
+            raise QwenEdgeError("llama_cpp option adapter: a path or a list of paths to llama.cpp LoRA GGUFs")
+        paths = [Path(x) for x in items]
+    for p in paths:
+        if not p.is_file():
+            raise QwenEdgeError(f"{p}: no such LoRA adapter file (a llama.cpp LoRA GGUF)")
+        g = check_gguf_file(p)
+        if g.kv.get("general.type") != "adapter" or g.kv.get("adapter.type") != "lora":
+            raise QwenEdgeError(f"{p}: not a llama.cpp LoRA adapter (general.type={g.kv.get('general.type')!r}, "
+                                f"adapter.type={g.kv.get('adapter.type')!r})")
+    scale = options.get("adapter_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise QwenEdgeError(f"llama_cpp option adapter_scale must be a number, not {scale!r:.40}")
+    return paths, float(scale)
 
 
 @register_backend("llama_cpp")

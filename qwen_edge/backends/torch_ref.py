@@ -30,7 +30,7 @@ class TorchRuntime(Runtime):
     """A transformers causal LM in fp32; `prefill` appends to a DynamicCache, `rewind` crops it."""
 
     def __init__(self, path: Path, *, device: str, target: Target, max_context: int | None, threads: int | None,
-                 attn_implementation: str = "sdpa"):
+                 attn_implementation: str = "sdpa", adapters: Sequence[str | os.PathLike[str]] = ()):
         torch, transformers = _import_torch()
         from ..artifact import stop_ids_for
         from ..checkpoint import Checkpoint
@@ -67,6 +67,8 @@ class TorchRuntime(Runtime):
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+        if adapters:
+            model = _merge_adapters(model, adapters)
         self._torch = torch
         self._model = model.to(device).eval()
         self._device = device
@@ -79,6 +81,7 @@ class TorchRuntime(Runtime):
             backend="torch", device=device, threads=n_threads, artifact=str(path), context_length=ctx,
             format="hf", quant="fp32", vocab_size=vocab, stop_ids=list(stop_ids), artifact_context_length=model_max,
             extra={"stop_ids": stop_ids, "attn_implementation": attn_implementation,
+                   "adapters": [str(a) for a in adapters],
                    "generation_config": generation_config, "torch_version": torch.__version__,
                    "transformers_version": transformers.__version__},
         )
@@ -160,15 +163,31 @@ class TorchRuntime(Runtime):
         self.n_cached = 0
 
 
+def _merge_adapters(model: Any, adapters: Sequence[str | os.PathLike[str]]) -> Any:
+    """PEFT applies each LoRA adapter directory in turn and merges it into the weights (merge_and_unload)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise NotAvailable("a reference with a LoRA adapter needs peft (pip install 'qwen-edge[verify]')") from None
+    for a in adapters:
+        try:
+            model = PeftModel.from_pretrained(model, str(a), is_trainable=False).merge_and_unload()
+        except Exception as e:
+            raise QwenEdgeError(f"{a}: PEFT cannot apply the adapter ({first_line(e)})") from None
+    return model
+
+
 @register_backend("torch")
 def load_torch(path: str | os.PathLike, *, device: str = "cpu", target: Target | str | None = None,
                max_context: int | None = None, threads: int | None = None, **options: Any) -> TorchRuntime:
-    """Factory for `qwen_edge.load(checkpoint_dir)`; options: attn_implementation ('sdpa' default, 'eager')."""
+    """Factory for `qwen_edge.load(checkpoint_dir)`; options: attn_implementation ('sdpa' default, 'eager'),
+    adapters (PEFT LoRA adapter directories, merged by PEFT in order)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise QwenEdgeError(f"{p}: the torch backend needs a HF checkpoint directory (config.json)")
-    unknown = set(options) - {"attn_implementation"}
+    unknown = set(options) - {"attn_implementation", "adapters"}
     if unknown:
-        raise QwenEdgeError(f"torch backend: unknown option {sorted(unknown)[0]!r} (known: attn_implementation)")
+        raise QwenEdgeError(f"torch backend: unknown option {sorted(unknown)[0]!r} (known: attn_implementation, "
+                            "adapters)")
     return TorchRuntime(p, device=device, target=load_target(target), max_context=max_context, threads=threads,
                         **options)

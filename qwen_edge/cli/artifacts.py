@@ -40,7 +40,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
                       revision=a.revision,
                       recipe_path=a.recipe, overrides=_overrides(a.set), name=a.name, verify=a.verify,
-                      force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or ())
+                      force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or (),
+                      adapters=a.adapter or (), adapter_mode=a.adapter_mode)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -114,6 +115,10 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted recipe override, e.g. quant.block_size=64")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
     p.add_argument("--max-context", type=int, help="context length recorded in the artifact")
+    p.add_argument("--adapter", action="append", metavar="ADAPTER", help="PEFT LoRA adapter directory or hub id "
+                   "(repeatable, applied in order; replaces the recipe's)")
+    p.add_argument("--adapter-mode", choices=["merge", "separate"], help="merge (default): fold the adapter into the "
+                   "weights before quantization; separate (gguf): base GGUF unmodified + a llama.cpp LoRA GGUF")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check after export")
     p.add_argument("--force", action="store_true", help="re-export even when an identical artifact exists")
     p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from ..artifact import ArtifactWriter, base_manifest, write_tokenizer_files
 from ..checkpoint import Checkpoint, Source, resolve
@@ -77,7 +77,7 @@ class Exported:
 def export(source: str | os.PathLike[str] | Source, fmt: str, quant: str, out_dir: str | os.PathLike[str], *,
            name: str | None = None, target: str | dict[str, Any] | None = None,
            options: dict[str, Any] | None = None, context_length: int | None = None, revision: str | None = None,
-           force: bool = False) -> Path:
+           force: bool = False, adapters: Sequence[str | os.PathLike[str]] = (), adapter_mode: str = "merge") -> Path:
     """Export a checkpoint to `out_dir/name` (atomically). Returns the artifact directory.
 
     `source` is a checkpoint directory, a hub id (`Org/Name`, `Org/Name@rev`, or with `revision`) resolved through
@@ -87,19 +87,32 @@ def export(source: str | os.PathLike[str] | Source, fmt: str, quant: str, out_di
     An artifact already at `out_dir/name`, intact and built by this toolkit version from the same source (weights,
     tokenizer, configs, hub commit) with the same settings, is kept as it is, with its parity record, and
     returned without exporting (logged on the `qwen_edge` logger, as the CLI says "up to date, export skipped");
-    `force=True` rebuilds it."""
+    `force=True` rebuilds it.
+
+    `adapters` are PEFT LoRA adapters (directories or hub ids), applied in order: `adapter_mode="merge"` folds
+    `W + scale * B @ A` into the weights in float32 before quantization (GGUF and ONNX); `"separate"` (GGUF) writes
+    the base unmodified plus each adapter as a llama.cpp LoRA GGUF beside it. The manifest records each adapter."""
     return export_artifact(source, fmt, quant, out_dir, name=name, target=target, options=options,
-                           context_length=context_length, revision=revision, force=force).path
+                           context_length=context_length, revision=revision, force=force, adapters=adapters,
+                           adapter_mode=adapter_mode).path
 
 
 def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: str, out_dir: str | os.PathLike[str],
                     *, name: str | None = None, target: str | dict[str, Any] | None = None,
                     options: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
                     context_length: int | None = None, revision: str | None = None,
-                    force: bool = False) -> Exported:
+                    force: bool = False, adapters: Sequence[str | os.PathLike[str]] = (),
+                    adapter_mode: str = "merge") -> Exported:
     """`export()`, telling whether it exported; `recipe` is the build record a recipe export stores in the
     manifest (default: one made from these arguments) and compares for the up-to-date check."""
+    from ..adapters import MODES
+
     exporter = get_exporter(fmt)
+    if adapter_mode not in MODES:
+        raise QwenEdgeError(f"adapter mode {adapter_mode!r}: expected {' or '.join(MODES)}")
+    if adapter_mode == "separate" and fmt != "gguf":
+        raise QwenEdgeError(f"--adapter-mode separate writes a llama.cpp LoRA GGUF; {fmt} exports merge adapters "
+                            "into the weights (--adapter-mode merge)")
     if quant not in exporter.quants:
         raise QwenEdgeError(f"format {fmt} has no quantization {quant!r} (available: {', '.join(exporter.quants)})")
     profile: Any
@@ -113,22 +126,61 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
     name = name or default_name(src, fmt, quant)
     if "/" in name or name in ("", ".", ".."):
         raise QwenEdgeError(f"invalid artifact name {name!r}")
-    final = Path(out_dir) / name
     opts = dict(options or {})
     if recipe is None:
         recipe = {"name": None, "format": fmt, "quant": quant, "target": (profile or {}).get("name"),
                   "max_context": context_length,
                   "options": {k: v for k, v in sorted(opts.items()) if k not in RUN_ONLY_OPTIONS},
                   "source_config_sha256": source_config_sha256(src.path)}
+        if adapters:
+            recipe.update(adapter=[os.fspath(a) for a in adapters], adapter_mode=adapter_mode)
+    loaded = _adapters(adapters)
+    if loaded:  # the adapters' bytes are build inputs too: a changed adapter at the same path rebuilds
+        recipe = {**recipe, "adapter_sha256": [ad.sha256 for ad in loaded]}
+    try:
+        return _export_into(exporter, src, fmt, quant, Path(out_dir), name, profile, opts, recipe, context_length,
+                            force, loaded, adapter_mode)
+    finally:
+        for ad in loaded:
+            ad.close()
+
+
+def _adapters(specs: Sequence[str | os.PathLike[str]]) -> list[Any]:
+    if not specs:
+        return []
+    from ..adapters import read_adapters
+
+    return read_adapters(specs)
+
+
+def _export_into(exporter: Exporter, src: Source, fmt: str, quant: str, out_dir: Path, name: str, profile: Any,
+                 opts: dict[str, Any], recipe: dict[str, Any], context_length: int | None, force: bool,
+                 adapters: list[Any], adapter_mode: str) -> Exported:
+    final = out_dir / name
     if not force and up_to_date(final, src, recipe):
         log.info("%s: up to date, export skipped (same source and settings; force=True rebuilds)", final)
         return Exported(final, True)
     ckpt = Checkpoint(src.path)
+    if adapters:
+        try:
+            for ad in adapters:
+                ad.bind(ckpt.arch, src.hub_id)
+        finally:
+            ckpt.close()
+        # the one hook: with merge, every exporter reads the merged projections through the checkpoint
+        if adapter_mode == "merge":
+            from ..adapters import MergedCheckpoint
+
+            ckpt = MergedCheckpoint(src.path, adapters)
+        else:
+            ckpt = Checkpoint(src.path)
     ctx = int(context_length or ckpt.arch.max_position_embeddings)
     try:
         with ArtifactWriter(final) as w:
             tok = write_tokenizer_files(ckpt, w.dir)
             res = exporter(ckpt, w.dir, quant, target=profile, options=opts, tokenizer=tok)
+            if adapters:
+                res.extra = {**res.extra, "adapters": _adapter_records(adapters, adapter_mode, ckpt, w.dir)}
             manifest = base_manifest(
                 ckpt, name=name, fmt=fmt, quant=quant, model_file=res.model_file, source=src.hub_id or src.spec,
                 context_length=min(ctx, res.context_length), target=(profile or {}).get("name"),
@@ -139,6 +191,21 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
         raise QwenEdgeError(f"{final}: write failed ({e.strerror or e})") from None
     finally:
         ckpt.close()
+
+
+def _adapter_records(adapters: list[Any], mode: str, ckpt: Checkpoint, out: Path) -> list[dict[str, Any]]:
+    """The manifest's `adapters`; in separate mode each is written first as a llama.cpp LoRA GGUF into `out`."""
+    if mode == "merge":
+        return [ad.record(mode) for ad in adapters]
+    from ..formats.gguf import ADAPTER_FILE
+    from .gguf import write_adapter_gguf
+
+    records = []
+    for i, ad in enumerate(adapters):
+        file = ADAPTER_FILE if len(adapters) == 1 else ADAPTER_FILE.replace(".gguf", f"-{i + 1}.gguf")
+        baked = write_adapter_gguf(ad, ckpt.arch, out / file)
+        records.append({**ad.record(mode, file), "scale_in_lora_b": baked})
+    return records
 
 
 def source_config_sha256(path: Path) -> str:

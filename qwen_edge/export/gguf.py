@@ -15,13 +15,13 @@ from ..checkpoint import Checkpoint
 from ..errors import QwenEdgeError
 from ..families import Arch, family_of, size_label
 from ..formats.gguf import (MODEL_FILE, DecoderKV, GGMLQuantizationType as T, GGUFFile, PlannedTensor,
-                            check_gguf_file, file_type_name, quantize, type_counts, write_gguf)
+                            check_gguf_file, file_type_name, quantize, type_counts, write_gguf, write_lora_gguf)
 from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
 from ..safetensors_io import release_pages, to_float32
 from . import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
 
-__all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names"]
+__all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names", "write_adapter_gguf"]
 
 QUANTS = quants_of("gguf")
 DIRECT = tuple(q for q in QUANTS if ALL_QUANTS[q].direct)
@@ -200,6 +200,37 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
                       "llama_cpp": _llama_cpp_version() if quant not in DIRECT else None}}
     return ExportResult(model_file=MODEL_FILE, quantization=report, context_length=arch.max_position_embeddings,
                         extra=extra)
+
+
+def write_adapter_gguf(adapter: Any, arch: Arch, path: Path) -> bool:
+    """Write a bound `qwen_edge.adapters.Adapter` as a llama.cpp LoRA GGUF for the base `arch`; returns whether
+    per-module scales were folded into lora_b.
+
+    llama.cpp applies `scale * alpha / rank` per pair with one alpha for the file; PEFT's scale per module is
+    alpha/rank, alpha/sqrt(rank) with rsLoRA, or an alpha_pattern's alpha over the rank. Where they differ, lora_b is
+    multiplied by the module's scale * rank / alpha, so llama.cpp's product is PEFT's (an adapter scale still
+    multiplies the whole update)."""
+    names = tensor_names(arch)
+    gguf_of = {hf: g for g, hf in names}
+    order = {hf: i for i, (_, hf) in enumerate(names)}
+    alpha = float(adapter.alpha)
+    baked = False
+
+    def tensors():
+        nonlocal baked
+        for weight, m in sorted(adapter.modules.items(), key=lambda kv: order[kv[0]]):
+            b = adapter.tensor(m.b)
+            llama_scale = alpha / m.rank if alpha else 1.0
+            factor = m.scale / llama_scale
+            if abs(factor - 1.0) > 1e-7:
+                b = b * np.float32(factor)
+                baked = True
+            yield f"{gguf_of[weight]}.lora_a", adapter.tensor(m.a)
+            yield f"{gguf_of[weight]}.lora_b", b
+
+    write_lora_gguf(path, family_of(arch).gguf_arch_name, Path(str(adapter.source.spec)).name or "adapter", alpha,
+                    tensors())
+    return baked
 
 
 def _llama_cpp_version() -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFValueType, GGUFWriter, Keys
+from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFType, GGUFValueType, GGUFWriter, Keys
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
 
@@ -23,7 +23,8 @@ from .gguf_read import (GGUFArray, GGUFFile, GGUFTensor, check_gguf_file, file_t
 
 __all__ = ["DecoderKV", "VocabKV", "PlannedTensor", "write_gguf", "quantize", "tensor_nbytes", "TokenType",
            "GGMLQuantizationType", "GGUFArray", "GGUFFile", "GGUFTensor", "check_gguf_file", "file_type_name",
-           "gguf_file_info", "read_gguf", "type_counts", "type_name", "MODEL_FILE"]
+           "gguf_file_info", "read_gguf", "type_counts", "type_name", "MODEL_FILE", "ADAPTER_FILE",
+           "write_lora_gguf"]
 
 MODEL_FILE = "model.gguf"
 
@@ -153,3 +154,26 @@ def write_gguf(path: Path, arch: str, model: DecoderKV, vocab: VocabKV, plan: li
 def tensor_nbytes(path: str | os.PathLike) -> dict[str, int]:
     """Data bytes per tensor name, read with gguf-py's GGUFReader (for files this toolkit already validated)."""
     return {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+
+
+ADAPTER_FILE = "adapter.gguf"
+"""A LoRA adapter beside the base model in an artifact (`adapter-N.gguf` when there are several)."""
+
+
+def write_lora_gguf(path: Path, arch: str, name: str, alpha: float, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+    """A llama.cpp LoRA adapter: `general.type` adapter, `adapter.type` lora, `adapter.lora.alpha`, and per adapted
+    base tensor `<gguf name>.lora_a` [rank, in] and `<gguf name>.lora_b` [out, rank] (numpy order) in float32.
+    llama.cpp scales each pair by `adapter scale * alpha / rank` (rank: lora_b's columns)."""
+    w = GGUFWriter(path, arch)
+    try:
+        w.add_type(GGUFType.ADAPTER)
+        w.add_name(name)
+        w.add_string(Keys.Adapter.TYPE, "lora")
+        w.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
+        for tname, arr in tensors:
+            w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
