@@ -227,7 +227,7 @@ class ChatSession:
             self._cached = []
             raise
         self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
-        thought, answer = split_thinking(res.text)
+        thought, answer = split_thinking(res.text, opened=self._opens_thinking(ids) or None)  # as streamed
         calls: list[ToolCall] = []
         if calls_possible:
             answer, calls = parse_tool_calls(answer)

@@ -144,6 +144,18 @@ def test_prompt_that_opens_the_think_block_streams_the_same_split(base_rt, tok):
     assert "".join(thinking_pieces) == r.thinking and "".join(text_pieces) == r.text  # no </think> leaks
 
 
+def test_unclosed_thinking_opened_by_the_prompt_is_thinking_as_streamed(base_rt, tok):
+    """A reply cut inside a think block the prompt opened: all thinking, in the result as in the stream."""
+    rt = ForcedRuntime(base_rt)
+    rt.script(tok.encode("Still weighing the options"))
+    s = ThinkingOnlySession(rt, tok, max_new_tokens=4)
+    thinking_pieces: list[str] = []
+    text_pieces: list[str] = []
+    r = s.send("Hi!", on_text=text_pieces.append, on_thinking=thinking_pieces.append)
+    assert r.finish_reason == "length" and r.thinking and r.text == "" and not text_pieces
+    assert "".join(thinking_pieces) == r.thinking
+
+
 def test_long_conversation_drops_oldest_turns_and_keeps_system(ckpt, tok):
     with qwen_edge.load(ckpt, max_context=256) as rt:
         s = ChatSession(rt, tok, system="SYSTEM PROMPT", thinking=False, max_new_tokens=24,
