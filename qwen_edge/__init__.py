@@ -1,7 +1,8 @@
 """qwen-edge: export small Qwen models to quantized ONNX and GGUF, verify, run and benchmark them on the edge.
 
 The public surface (typed; see docs/api.md): `export`, `verify`, `bench`, `load` -> `Runtime`, `generate`,
-`ChatSession`, `Tokenizer`, `Sampling`, `Artifact`, and the errors `QwenEdgeError` (bad input) and `GateFailed`.
+`ChatSession` (tools, structured output), `Tokenizer`, `Sampling`, `Artifact`, `ToolCall`, `Constraint` (build one with
+`qwen_edge.constrain`), and the errors `QwenEdgeError` (bad input) and `GateFailed`.
 Importing the package is cheap: onnxruntime, llama.cpp and torch load only when a function needs them.
 """
 
@@ -16,7 +17,8 @@ from .errors import GateFailed, QwenEdgeError
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "export", "load", "verify", "bench", "generate", "ChatSession", "TurnResult", "Runtime",
-           "RuntimeInfo", "Sampling", "GenerationResult", "Artifact", "Tokenizer", "QwenEdgeError", "GateFailed"]
+           "RuntimeInfo", "Sampling", "GenerationResult", "Artifact", "Tokenizer", "ToolCall", "Constraint", "QwenEdgeError",
+           "GateFailed"]
 
 if TYPE_CHECKING:  # what type checkers see; at run time the same names resolve lazily below
     from .artifact import Artifact
@@ -24,17 +26,19 @@ if TYPE_CHECKING:  # what type checkers see; at run time the same names resolve 
     from .backends.base import Runtime, RuntimeInfo
     from .bench import bench
     from .chat import ChatSession, TurnResult
+    from .constrain import Constraint
     from .export import export
     from .generate import GenerationResult, generate
     from .sampling import Sampling
     from .tokenizer import Tokenizer
+    from .tools import ToolCall
     from .verify import verify
 
 _LAZY = {
     "export": ".export", "load": ".backends", "Runtime": ".backends.base", "RuntimeInfo": ".backends.base",
     "verify": ".verify", "bench": ".bench", "generate": ".generate", "GenerationResult": ".generate",
     "ChatSession": ".chat", "TurnResult": ".chat", "Sampling": ".sampling", "Artifact": ".artifact",
-    "Tokenizer": ".tokenizer",
+    "Tokenizer": ".tokenizer", "ToolCall": ".tools", "Constraint": ".constrain",
 }
 
 

@@ -9,11 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 
+import numpy as np
+
 from .errors import QwenEdgeError
 from .sampling import Sampling
 
 if TYPE_CHECKING:
     from .backends.base import Runtime
+    from .constrain import Constraint
     from .tokenizer import Tokenizer
 
 
@@ -104,6 +107,75 @@ class _StopStringFilter:
         return out
 
 
+class _ThinkState:
+    """Where the reply stands with a Qwen3 `<think>` block; chooses each token: forced (closing the block at the
+    thinking budget), masked by the constraint (after the block), or freely sampled."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], constraint: Constraint | None,
+                 stops: set[int], budget: int | None):
+        from .streaming import THINK_END, THINK_START
+
+        self.tokenizer, self.constraint, self.budget = tokenizer, constraint, budget
+        self.stops = sorted(stops)
+        self.start_id, self.end_id = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
+        self.matcher: Any = None
+        self.forced: list[int] = []
+        self.thought = 0
+        self.state = "answer"  # or "maybe" (the reply may open a block), "thinking"
+        if self.start_id is not None and self.end_id is not None:
+            im_start = tokenizer.token_to_id("<|im_start|>")
+            self.state = "maybe"
+            for t in reversed(prompt):
+                if t == self.end_id:
+                    self.state = "answer"
+                    break
+                if t == self.start_id:
+                    self.state = "thinking"
+                    break
+                if t == im_start:
+                    break
+
+    def next_token(self, runtime: Runtime, sampler: Callable[..., int], context: Sequence[int]) -> int:
+        if self.forced:
+            return self.forced.pop(0)
+        if self.state == "thinking" and self.budget is not None and self.thought >= self.budget:
+            # the template's own spelling of a closed block: "...\n</think>\n\n" then the answer
+            self.forced = self.tokenizer.encode("\n</think>\n\n", parse_special=True)
+            self.state = "answer"
+            return self.forced.pop(0)
+        logits = runtime.logits()
+        if self.constraint is not None:
+            if self.state == "thinking":  # no stopping inside the block: the constrained answer must follow
+                logits = np.array(logits, dtype=np.float32, copy=True)
+                logits[[s for s in self.stops if s < logits.shape[-1]]] = -np.inf
+            else:
+                if self.matcher is None:
+                    self.matcher = self.constraint.matcher(self.tokenizer, int(np.shape(logits)[-1]), self.stops)
+                masked = self.matcher.mask(logits)
+                if self.state == "maybe":  # a thinking model may open its block first
+                    masked[self.start_id] = np.asarray(logits)[self.start_id]
+                logits = masked
+        tok = int(sampler(logits, context))
+        self._chosen(tok)
+        return tok
+
+    def _chosen(self, tok: int) -> None:
+        if self.state == "maybe":
+            if tok == self.start_id:
+                self.state = "thinking"
+                return
+            self.state = "answer"
+        if self.state == "thinking":
+            if tok == self.end_id:
+                self.state = "answer"
+                if self.constraint is not None:  # the template's newlines, then the constrained answer
+                    self.forced = self.tokenizer.encode("\n\n", parse_special=True)
+            else:
+                self.thought += 1
+        elif self.matcher is not None and tok not in self.stops:
+            self.matcher.advance(tok)
+
+
 def _is_cancelled(cancel: Cancel) -> bool:
     if cancel is None:
         return False
@@ -116,7 +188,8 @@ def _is_cancelled(cancel: Cancel) -> bool:
 def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling | None = None,
              max_new_tokens: int = 256, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
              tokenizer: Tokenizer | None = None, on_text: Callable[[str], None] | None = None, cancel: Cancel = None,
-             cached_prefix: int = 0) -> GenerationResult:
+             cached_prefix: int = 0, constraint: Constraint | None = None,
+             thinking_budget: int | None = None) -> GenerationResult:
     """Run one generation on `runtime` from `prompt_ids`.
 
     `cached_prefix`: how many leading prompt ids the runtime's KV cache already holds (a chat's shared
@@ -124,6 +197,11 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
     streaming (`on_text` gets UTF-8-complete pieces) and stop strings. `cancel`: an Event or a callable,
     polled per token; Ctrl-C (KeyboardInterrupt) also ends the generation with finish_reason "cancelled"
     and leaves the cache consistent (prompt plus the tokens generated so far).
+
+    `constraint` (qwen_edge.constrain): the output must match it; its mask applies to the logits before sampling
+    (greedy or not), and a stop id is allowed exactly when the grammar accepts. On a thinking model the constraint
+    starts after the `<think>` block. `thinking_budget`: after that many thinking tokens the loop itself closes the
+    block (`</think>` and the newlines the template puts after it) and the answer follows.
     """
     from .tokenizer import StreamDecoder
 
@@ -140,6 +218,11 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
     if stop_strings and tokenizer is None:
         raise QwenEdgeError("stop strings need a tokenizer")
     stops = {int(i) for i in stop_ids}
+    if (constraint is not None or thinking_budget is not None) and tokenizer is None:
+        raise QwenEdgeError("constrained decoding and a thinking budget need a tokenizer")
+    if thinking_budget is not None and int(thinking_budget) < 0:
+        raise QwenEdgeError(f"thinking_budget must be >= 0, not {thinking_budget}")
+    think = _ThinkState(tokenizer, prompt, constraint, stops, thinking_budget) if tokenizer is not None else None
     sampler = sampling.sampler()
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
     filt = _StopStringFilter(list(stop_strings))
@@ -172,7 +255,8 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
         stats.prefill_s = t_prefilled - t0
         context = list(prompt)
         while len(out) < max_new_tokens:
-            tok = sampler(runtime.logits(), context)
+            tok = think.next_token(runtime, sampler, context) if think is not None else sampler(runtime.logits(),
+                                                                                                  context)
             if t_first is None:
                 t_first = time.perf_counter()
             if tok in stops:
@@ -288,21 +372,32 @@ def runtime_stop_ids(runtime: Runtime, tokenizer: Tokenizer | None = None) -> li
 VALID_ROLES = ("system", "user", "assistant", "tool")
 
 
-def read_messages(path: str | Path) -> list[dict[str, Any]]:
-    """A messages file: a JSON list of {"role", "content"} objects (UTF-8)."""
+def read_json(path: str | Path) -> Any:
+    """A JSON document from a UTF-8 file (messages, schema, tools), or a one-line QwenEdgeError naming the file."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise QwenEdgeError(f"{p}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+        return json.loads(read_text(p))
     except json.JSONDecodeError as e:
         raise QwenEdgeError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise QwenEdgeError(f"{p}: JSON nested too deeply") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a grammar), or a one-line QwenEdgeError naming the file."""
+    p = Path(path)
+    try:
+        return p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise QwenEdgeError(f"{p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+
+
+def read_messages(path: str | Path) -> list[dict[str, Any]]:
+    """A messages file: a JSON list of {"role", "content"} objects (UTF-8)."""
+    p = Path(path)
+    data = read_json(p)
     if not isinstance(data, list) or not data:
         raise QwenEdgeError(f"{p}: expected a non-empty JSON list of {{role, content}} messages")
     for n, m in enumerate(data):

@@ -111,17 +111,19 @@ class ThinkingSplitter:
         self.buf = ""
 
 
-def split_thinking(text: str) -> tuple[str | None, str]:
+def split_thinking(text: str, *, opened: bool | None = None) -> tuple[str | None, str]:
     """Split Qwen3 output into (thinking, answer); an unterminated `<think>` block is all thinking so far.
 
-    The whole text run through `ThinkingSplitter`; thinking is None without a block, "" for an empty one. A
-    `</think>` with no `<think>` before it means the template opened the block in the prompt (thinking-only
-    models): the output starts inside it.
+    The whole text run through `ThinkingSplitter`; thinking is None without a block, "" for an empty one.
+    `opened=True`: the prompt opened the block (thinking-only templates), so the output starts inside it even
+    when it never closes; None guesses from the text: a `</think>` with no `<think>` before it means the same.
     """
     end = text.find(THINK_END)
+    if opened is None:
+        opened = end >= 0 and THINK_START not in text[:end]
     thinking: list[str] = []
     answer: list[str] = []
-    splitter = ThinkingSplitter(answer.append, thinking.append, opened=end >= 0 and THINK_START not in text[:end])
+    splitter = ThinkingSplitter(answer.append, thinking.append, opened=opened)
     splitter.feed(text)
     splitter.finish()
     return ("".join(thinking) if splitter.saw_block else None), "".join(answer)

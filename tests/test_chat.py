@@ -128,8 +128,8 @@ class ThinkingOnlySession(ChatSession):
     """A session whose template ends the generation prompt with an open think block (as thinking-only Qwen3
     releases' templates do): the reply starts inside the thinking and carries no <think> of its own."""
 
-    def render(self, messages, thinking):
-        return super().render(messages, thinking) + self.tokenizer.encode("<think>\n")
+    def render(self, messages, thinking, tools=None):
+        return super().render(messages, thinking, tools) + self.tokenizer.encode("<think>\n")
 
 
 def test_prompt_that_opens_the_think_block_streams_the_same_split(base_rt, tok):
@@ -142,6 +142,18 @@ def test_prompt_that_opens_the_think_block_streams_the_same_split(base_rt, tok):
     assert tok.decode(r.prompt_ids).endswith("<|im_start|>assistant\n<think>\n")
     assert r.thinking == "I should greet back." and r.text == "Hello!"
     assert "".join(thinking_pieces) == r.thinking and "".join(text_pieces) == r.text  # no </think> leaks
+
+
+def test_unclosed_thinking_opened_by_the_prompt_is_thinking_as_streamed(base_rt, tok):
+    """A reply cut inside a think block the prompt opened: all thinking, in the result as in the stream."""
+    rt = ForcedRuntime(base_rt)
+    rt.script(tok.encode("Still weighing the options"))
+    s = ThinkingOnlySession(rt, tok, max_new_tokens=4)
+    thinking_pieces: list[str] = []
+    text_pieces: list[str] = []
+    r = s.send("Hi!", on_text=text_pieces.append, on_thinking=thinking_pieces.append)
+    assert r.finish_reason == "length" and r.thinking and r.text == "" and not text_pieces
+    assert "".join(thinking_pieces) == r.thinking
 
 
 def test_long_conversation_drops_oldest_turns_and_keeps_system(ckpt, tok):

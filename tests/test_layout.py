@@ -63,3 +63,11 @@ def test_no_family_named_outside_families():
         text = f.read_text(encoding="utf-8")
         for name in ('"qwen3"', "'qwen3'", '== "qwen2"', "Qwen3ForCausalLM", "Qwen2ForCausalLM"):
             assert name not in text, f"{f.relative_to(PKG)} names a family ({name})"
+
+
+def test_only_serve_imports_the_web_stack():
+    """starlette and uvicorn are the optional [serve] extra: one module imports them, lazily for the CLI."""
+    for f in sorted(PKG.rglob("*.py")):
+        web = sorted(m for m in _imports(f) if m.split(".")[0] in ("starlette", "uvicorn", "fastapi"))
+        if f != PKG / "serve.py":
+            assert not web, f"{f.relative_to(PKG)} imports {web}"

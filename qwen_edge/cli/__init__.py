@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from .. import __version__
 from ..errors import GateFailed, QwenEdgeError, first_line
 from ..log import NORMAL, QUIET, VERBOSE, configure
-from . import artifacts, run
+from . import artifacts, run, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     artifacts.add_verbs(add)
     run.add_verbs(add)
+    serve.add_verbs(add)
     return ap
 
 

@@ -234,7 +234,7 @@ def run_chat_cli(args: Any) -> int:
     try:
         session = ChatSession(runtime, tok, system=args.system, thinking=args.think, sampling=sampling,
                               max_new_tokens=args.max_new_tokens, stop_ids=meta.stop_ids,
-                              stop_strings=args.stop or ())
+                              stop_strings=args.stop or (), thinking_budget=args.thinking_budget)
         i = runtime.info
         label = f"{os.path.basename(os.path.normpath(str(args.artifact)))}: {i.backend} {i.format}/{i.quant} " \
                 f"on {i.device}, {i.threads} threads, context {i.context_length}"

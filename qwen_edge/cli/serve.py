@@ -1,0 +1,38 @@
+"""`qwen-edge serve`: an OpenAI-compatible local server (the [serve] extra)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+Add = Callable[..., argparse.ArgumentParser]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve import require_extra
+
+    require_extra()  # one line and exit 2 without the extra, before loading anything
+    from ..log import say
+    from ..serve import serve
+
+    return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_context=args.max_context,
+                 threads=args.threads, queue=args.queue, target=args.target, device=args.device,
+                 verbose=bool(getattr(args, "verbose", False)), announce=say)
+
+
+def add_verbs(add: Add) -> None:
+    from .run import _add_runtime_args
+
+    p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",
+            description="Serve one artifact on an OpenAI-compatible HTTP API: POST /v1/chat/completions (streamed "
+            "or not; tools, response_format, reasoning_content), POST /v1/completions, GET /v1/models, GET /health. "
+            "One generation at a time; --queue requests may wait, more get 503. Needs the [serve] extra: "
+            "pip install 'qwen-edge[serve]'.")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait while one generates (default 8; more get 503)")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_serve)
