@@ -68,7 +68,8 @@ class ChatSession:
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, *, system: str | None = None,
                  thinking: bool | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
                  context_policy: ContextPolicy = "drop_oldest",
-                 stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = ()):
+                 stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                 thinking_budget: int | None = None):
         if context_policy not in CONTEXT_POLICIES:
             raise QwenEdgeError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
         self.runtime = runtime
@@ -80,6 +81,10 @@ class ChatSession:
         self.context_policy = context_policy
         self.stop_ids = list(stop_ids) if stop_ids is not None else runtime_stop_ids(runtime, tokenizer)
         self.stop_strings = list(stop_strings)
+        if thinking_budget is not None and int(thinking_budget) < 0:
+            raise QwenEdgeError(f"thinking_budget must be >= 0, not {thinking_budget}")
+        self.thinking_budget = thinking_budget
+        """Default cap on each reply's thinking tokens (Qwen3); None: no cap."""
         self.history: list[dict[str, Any]] = []
         """User, assistant (with their `tool_calls`) and tool messages (the system prompt is kept apart in `system`)."""
         self._tools: list[dict[str, Any]] | None = None
@@ -91,7 +96,8 @@ class ChatSession:
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu", target: str | None = None,
              max_context: int | None = None, threads: int | None = None, system: str | None = None,
              thinking: bool | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
-             context_policy: ContextPolicy = "drop_oldest", stop_strings: Sequence[str] = ()) -> "ChatSession":
+             context_policy: ContextPolicy = "drop_oldest", stop_strings: Sequence[str] = (),
+             thinking_budget: int | None = None) -> "ChatSession":
         """Load an artifact (or checkpoint) and its tokenizer and open a session on it (`close()` frees it)."""
         from .backends import load
         from .generate import model_meta
@@ -101,7 +107,8 @@ class ChatSession:
         tok = Tokenizer.from_dir(meta.tokenizer_dir)
         rt = load(path, device=device, target=target, max_context=max_context, threads=threads)
         return cls(rt, tok, system=system, thinking=thinking, sampling=sampling, max_new_tokens=max_new_tokens,
-                   context_policy=context_policy, stop_ids=meta.stop_ids, stop_strings=stop_strings)
+                   context_policy=context_policy, stop_ids=meta.stop_ids, stop_strings=stop_strings,
+                   thinking_budget=thinking_budget)
 
     # --- state ------------------------------------------------------------------------------------------------
     @property
@@ -197,6 +204,7 @@ class ChatSession:
         from .tools import ToolCallFilter, choice_name, parse_tool_calls
 
         mode, name = choice_name(tool_choice, tools or [])
+        thinking_budget = self.thinking_budget if thinking_budget is None else thinking_budget
         constraint = from_response_format(response_format)
         if mode in ("required", "named") and tools:
             constraint = tool_call(tools, name)
@@ -321,6 +329,8 @@ class ChatSession:
             reply: dict[str, Any] = {"role": "assistant", "content": res.text}
             if res.tool_calls:
                 reply["tool_calls"] = [c.to_openai() for c in res.tool_calls]
+                if res.thinking:  # Qwen3 renders the thinking of a tool-calling turn until the next user query
+                    reply["reasoning_content"] = res.thinking
             self.history.append(reply)
             self.last = res
             return res

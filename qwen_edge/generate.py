@@ -376,17 +376,22 @@ def read_json(path: str | Path) -> Any:
     """A JSON document from a UTF-8 file (messages, schema, tools), or a one-line QwenEdgeError naming the file."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise QwenEdgeError(f"{p}: cannot read ({e.strerror})") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+        return json.loads(read_text(p))
     except json.JSONDecodeError as e:
         raise QwenEdgeError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise QwenEdgeError(f"{p}: JSON nested too deeply") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a grammar), or a one-line QwenEdgeError naming the file."""
+    p = Path(path)
+    try:
+        return p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise QwenEdgeError(f"{p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise QwenEdgeError(f"{p}: not valid UTF-8 (byte {e.start})") from None
 
 
 def read_messages(path: str | Path) -> list[dict[str, Any]]:

@@ -32,17 +32,53 @@ def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_
     return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
 
 
+def _output_constraint(args: argparse.Namespace, tools: list[dict[str, Any]] | None) -> Any:
+    """The constraint of --json-schema / --json-object / --regex / --grammar / --tool-choice (None: free text)."""
+    from .. import constrain
+    from ..tools import choice_name
+
+    mode, name = choice_name(_tool_choice(args.tool_choice), tools or [])
+    if mode in ("required", "named"):
+        if args.json_schema or args.json_object or args.regex or args.grammar:
+            raise QwenEdgeError("--tool-choice required/NAME already constrains the output; drop --json-schema, "
+                                "--json-object, --regex and --grammar")
+        return constrain.tool_call(tools or [], name)
+    if args.json_schema:
+        return constrain.schema_file(args.json_schema)
+    if args.json_object:
+        return constrain.json_object()
+    if args.regex:
+        return constrain.regex(args.regex)
+    if args.grammar:
+        from ..generate import read_text
+
+        return constrain.grammar(read_text(args.grammar))
+    return None
+
+
+def _tool_choice(value: str | None) -> Any:
+    return value if value in (None, "auto", "none", "required") else {"type": "function", "function": {"name": value}}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """`qwen-edge generate`: one prompt (or messages file) through the artifact, streamed or as one JSON document."""
     from ..backends import load
     from ..generate import generate, model_meta, read_messages
     from ..tokenizer import Tokenizer, split_thinking
+    from ..tools import ToolCallFilter, load_tools, parse_tool_calls
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)
+    tools = load_tools(args.tools) if args.tools else None
+    if args.tool_choice is None:
+        args.tool_choice = "auto"
+    elif not tools:
+        raise QwenEdgeError("--tool-choice needs --tools FILE")
+    constraint = _output_constraint(args, tools)
+    calls_possible = bool(tools) and args.tool_choice != "none"
     if args.raw:
-        if args.messages or args.system:
-            raise QwenEdgeError("--raw feeds --prompt as is; it cannot be combined with --messages or --system")
+        if args.messages or args.system or tools:
+            raise QwenEdgeError("--raw feeds --prompt as is; it cannot be combined with --messages, --system or --tools")
         prompt_ids = tok.encode(args.prompt)
     else:
         messages = read_messages(args.messages) if args.messages else [{"role": "user", "content": args.prompt}]
@@ -50,35 +86,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if messages[0]["role"] == "system":
                 raise QwenEdgeError(f"{args.messages}: already has a system message; drop --system")
             messages.insert(0, {"role": "system", "content": args.system})
-        prompt_ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.think)
+        prompt_ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.think,
+                                     tools=tools if calls_possible else None)
     if not prompt_ids:
         raise QwenEdgeError("empty prompt: nothing to generate from")
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads)
+                   threads=args.threads, **adapter_options(args))
     stream = not args.json
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    held = ToolCallFilter(on_text) if calls_possible and stream else None
     try:
         result = generate(runtime, prompt_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
                           stop_ids=meta.stop_ids, stop_strings=args.stop or (), tokenizer=tok,
-                          on_text=on_text if stream else None)
+                          on_text=(held.feed if held else on_text) if stream else None, constraint=constraint,
+                          thinking_budget=args.thinking_budget)
         info = runtime.info.to_dict()
     finally:
         runtime.close()
     thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
+    answer, calls = parse_tool_calls(answer) if calls_possible else (answer, [])
+    finish = "tool_calls" if calls and result.finish_reason != "cancelled" else result.finish_reason
     if args.json:
         doc = {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": answer,
-               "thinking": thinking, "finish_reason": result.finish_reason, "stats": result.stats.to_dict(),
-               "sampling": sampling.to_dict(), "runtime": info}
+               "thinking": thinking, "tool_calls": [c.to_openai() for c in calls], "finish_reason": finish,
+               "stats": result.stats.to_dict(), "sampling": sampling.to_dict(), "runtime": info}
         sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
     else:
+        if held is not None:
+            held.finish(release=not calls)
+        for c in calls:  # one JSON line per call: {"id", "type", "function": {"name", "arguments"}}
+            sys.stdout.write("\n" + json.dumps(c.to_openai(), ensure_ascii=False))
         sys.stdout.write("\n")
         sys.stdout.flush()
-        say(f"[{result.stats.summary()} | {result.finish_reason}]")
+        say(f"[{result.stats.summary()} | {finish}]")
     return 130 if result.finish_reason == "cancelled" else 0
 
 
@@ -129,7 +174,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def adapter_options(args: Any) -> dict[str, Any]:
+    """The llama.cpp backend's LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "adapter", None):
+        out["adapter"] = list(args.adapter)
+    if getattr(args, "adapter_scale", None) is not None:
+        out["adapter_scale"] = args.adapter_scale
+    return out
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", metavar="LORA_GGUF", help="GGUF only: run with this llama.cpp LoRA "
+                   "adapter (repeatable; replaces the adapters the artifact ships)")
+    p.add_argument("--adapter-scale", type=float, help="GGUF only: scale of the LoRA adapters (default 1; 0 runs the "
+                   "base)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
     p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
@@ -159,6 +218,18 @@ def add_verbs(add: Add) -> None:
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--thinking-budget", type=int, metavar="N",
+                   help="Qwen3: close the thinking block after N tokens (the answer follows)")
+    out = p.add_argument_group("structured output and tools (constrained decoding: the output always matches)")
+    fmt = out.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid under this JSON Schema file")
+    fmt.add_argument("--json-object", action="store_true", help="the answer is one JSON object")
+    fmt.add_argument("--regex", metavar="PATTERN", help="the answer matches this regular expression")
+    fmt.add_argument("--grammar", metavar="FILE", help="the answer matches this Lark grammar (llguidance dialect)")
+    out.add_argument("--tools", metavar="FILE", help="JSON list of OpenAI tool definitions, rendered by the template; "
+                     "tool calls are parsed out of the answer (printed as JSON lines, 'tool_calls' with --json)")
+    out.add_argument("--tool-choice", metavar="auto|none|required|NAME",
+                     help="with --tools: auto (default), none, required (at least one call) or a tool's name")
     _add_sampling_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
@@ -170,6 +241,8 @@ def add_verbs(add: Add) -> None:
             "the session goes on.")
     p.add_argument("artifact")
     p.add_argument("--stats", action="store_true", help="print a one-line timing after each reply")
+    p.add_argument("--thinking-budget", type=int, metavar="N",
+                   help="Qwen3: close each reply's thinking block after N tokens (the answer follows)")
     p.add_argument("--system", help="system prompt")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)

@@ -1,0 +1,223 @@
+"""Constrained decoding on real runtimes (tiny GGUF and ONNX artifacts, random weights): JSON Schema, regex and Lark
+output always matches, greedy and sampled; stop ids only once the grammar accepts; the thinking budget closes the block
+at N tokens; bad schema, grammar or regex -> exit 2 with one line. A hypothesis property over generated schemas."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen_edge import constrain
+from qwen_edge.chat import ChatSession
+from qwen_edge.constrain import ConstraintError
+from qwen_edge.generate import generate
+from qwen_edge.sampling import Sampling
+from qwen_edge.tokenizer import Tokenizer
+
+IM_END, ENDOFTEXT = 151645, 151643
+BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 130},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    "member": {"type": "boolean"}},
+    "required": ["name", "age", "tags", "member"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=lambda b: f"{b[1]}-{b[0]}")
+def session(request, exported):
+    s = ChatSession.load(exported(*request.param), max_context=1024, max_new_tokens=200)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
+def test_schema_output_parses_and_validates(session, sampling):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = session.complete([{"role": "user", "content": "Describe someone."}], response_format=fmt, sampling=sampling,
+                         thinking=False)
+    assert r.finish_reason == "stop", r.raw_text
+    jsonschema.validate(json.loads(r.text), PERSON)
+    assert session.history == []  # complete() leaves the session's own conversation alone
+
+
+def test_json_object_and_regex_and_grammar(session):
+    r = session.complete([{"role": "user", "content": "JSON please"}], response_format={"type": "json_object"},
+                         sampling=Sampling(temperature=1.0, top_k=40, seed=1), thinking=False, max_new_tokens=400)
+    if r.finish_reason == "stop":  # a free object may not close within the budget on random weights
+        assert isinstance(json.loads(r.text), dict)
+    else:
+        assert r.finish_reason == "length" and r.text.startswith("{")
+    tok, rt = session.tokenizer, session.runtime
+    ids = tok.encode_chat([{"role": "user", "content": "a code"}], enable_thinking=False)
+    out = generate(rt, ids, tokenizer=tok, stop_ids=session.stop_ids, max_new_tokens=40,
+                   sampling=Sampling(temperature=1.0, seed=5), constraint=constrain.regex(r"[A-C]{3}-\d{2,4}"))
+    assert out.finish_reason == "stop" and re.fullmatch(r"[A-C]{3}-\d{2,4}", out.text), out.text
+    lark = 'start: "move " DIR " " NUM\nDIR: "north" | "south"\nNUM: /[1-9]/'
+    out = generate(rt, ids, tokenizer=tok, stop_ids=session.stop_ids, max_new_tokens=40,
+                   constraint=constrain.grammar(lark))
+    assert out.finish_reason == "stop" and re.fullmatch(r"move (north|south) [1-9]", out.text), out.text
+
+
+def test_stop_ids_allowed_exactly_when_the_grammar_accepts():
+    tok = Tokenizer.for_family("qwen2_5")
+    m = constrain.regex(r"ab(c)?").matcher(tok, 151936, [IM_END, ENDOFTEXT])
+    for piece, accepting in (("a", False), ("b", False), ("c", True)):  # accepting: what came before
+        allowed = m.allowed()
+        assert allowed[[IM_END, ENDOFTEXT]].all() == accepting
+        assert not allowed[151644]  # <|im_start|> is never text of the grammar
+        logits = np.zeros(151936, dtype=np.float32)
+        masked = m.mask(logits)
+        assert np.isneginf(masked[~allowed]).all() and (masked[allowed] == 0).all()
+        m.advance(tok.encode(piece)[0])
+    assert m.stopped and np.flatnonzero(m.allowed()).tolist() == [ENDOFTEXT, IM_END]
+
+
+def test_thinking_budget_closes_the_block_at_n_tokens(exported):
+    for arch, fmt, quant in [("tiny-qwen3", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]:
+        s = ChatSession.load(exported(arch, fmt, quant), max_context=512)
+        tok = s.tokenizer
+        close = tok.encode("\n</think>\n\n")
+        prompt = tok.encode_chat([{"role": "user", "content": "think"}]) + tok.encode("<think>\n")
+        for n in (0, 7):
+            out = generate(s.runtime, prompt, tokenizer=tok, max_new_tokens=n + 12, thinking_budget=n,
+                           stop_ids=[], sampling=Sampling())
+            assert tok.token_to_id("</think>") not in out.output_ids[:n]
+            assert out.output_ids[n: n + len(close)] == close, out.text
+        # through the session: the thinking comes back apart, the answer follows the forced close
+        s.runtime.reset()
+        thought: list[str] = []
+        r = s.complete([{"role": "user", "content": "think"}], thinking=True, thinking_budget=5, max_new_tokens=30,
+                       on_thinking=thought.append, response_format={"type": "json_schema", "json_schema": {
+                           "name": "n", "schema": {"type": "integer", "minimum": 0, "maximum": 99}}})
+        if r.thinking is not None:  # the model opened a block: it was cut at 5 tokens
+            think_ids = r.output_ids[1: r.output_ids.index(tok.token_to_id("</think>"))]
+            assert len(think_ids) <= 6 and "".join(thought) == r.thinking
+        assert 0 <= json.loads(r.text) <= 99 and r.finish_reason == "stop"
+        s.close()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--json-schema", "{missing}"], "cannot read"),
+    (["--json-schema", "{bad_json}"], "not valid JSON"),
+    (["--json-schema", "{bad_schema}"], "json_schema"),
+    (["--grammar", "{bad_grammar}"], "grammar"),
+    (["--regex", "[a-z"], "regex"),
+    (["--tools", "{bad_tools}"], "tool"),
+    (["--tools", "{tools}", "--tool-choice", "nosuch"], "nosuch"),
+    (["--tool-choice", "required"], "--tools"),
+    (["--thinking-budget", "-1"], "thinking_budget"),
+])
+def test_bad_constraint_input_is_one_line_exit_2(cli, exported, tmp_path, flags, needle):
+    files = {"missing": tmp_path / "nope.json", "bad_json": tmp_path / "bad.json", "bad_schema": tmp_path / "s.json",
+             "bad_grammar": tmp_path / "g.lark", "bad_tools": tmp_path / "t.json", "tools": tmp_path / "tools.json"}
+    files["bad_json"].write_text("{not json")
+    files["bad_schema"].write_text(json.dumps({"type": "no-such-type"}))
+    files["bad_grammar"].write_text("start: undefined_rule\n")
+    files["bad_tools"].write_text(json.dumps([{"type": "function", "function": {"description": "no name"}}]))
+    files["tools"].write_text(json.dumps([{"type": "function", "function": {"name": "f"}}]))
+    args = [f.format(**{k: str(v) for k, v in files.items()}) for f in flags]
+    r = cli("generate", str(exported("tiny-qwen2", "gguf", "q8_0")), "--prompt", "hi", "--max-new-tokens", "4",
+            *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_cli_json_schema(cli, exported, tmp_path):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    r = cli("generate", str(exported("tiny-qwen3", "onnx", "int4")), "--prompt", "who?", "--json-schema",
+            str(schema), "--temperature", "0.8", "--top-k", "40", "--max-new-tokens", "200", "--json", "--no-think")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(doc["text"]), PERSON)
+
+
+def test_unsupported_schema_is_a_constraint_error():
+    with pytest.raises(ConstraintError):
+        constrain.json_schema({"type": "object", "properties": {"a": {"type": "strin"}}})
+    with pytest.raises(ConstraintError):
+        constrain.from_response_format({"type": "xml"})
+
+
+# --- property: generated schemas within the supported subset, sampled decoding, every output validates ----------
+def _leaf() -> st.SearchStrategy[dict]:
+    def integer(lo: int, span: int) -> dict:
+        return {"type": "integer", "minimum": lo, "maximum": lo + span}
+
+    return st.one_of(
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
+        st.builds(integer, st.integers(-1000, 1000), st.integers(0, 5000)),
+        st.builds(lambda lo, extra: {"type": "string", "minLength": lo, "maxLength": lo + extra},
+                  st.integers(0, 3), st.integers(0, 5)),
+        st.lists(st.text("abcxyz", min_size=1, max_size=4), min_size=1, max_size=4, unique=True).map(
+            lambda xs: {"enum": xs}),
+    )
+
+
+def _schemas() -> st.SearchStrategy[dict]:
+    keys = st.text("abcdefgh_", min_size=1, max_size=6)
+
+    def obj(props: dict, req: list[bool]) -> dict:
+        names = list(props)
+        return {"type": "object", "properties": props, "additionalProperties": False,
+                "required": [n for n, r in zip(names, req) if r]}
+
+    def arr(items: dict, lo: int, extra: int) -> dict:
+        return {"type": "array", "items": items, "minItems": lo, "maxItems": lo + extra}
+
+    def grow(inner: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+        return st.one_of(
+            st.builds(arr, inner, st.integers(0, 1), st.integers(0, 2)),
+            st.builds(obj, st.dictionaries(keys, inner, min_size=1, max_size=3), st.lists(st.booleans(), min_size=3,
+                                                                                           max_size=3)))
+
+    return st.recursive(_leaf(), grow, max_leaves=5)
+
+
+def _max_bytes(s: dict) -> int:
+    """An upper bound on the bytes of any compact JSON value valid under `s` (each token is at least one byte)."""
+    if "enum" in s:
+        return max(len(json.dumps(x)) for x in s["enum"])
+    t = s["type"]
+    if t == "boolean":
+        return 5
+    if t == "null":
+        return 4
+    if t == "integer":
+        return max(len(str(s["minimum"])), len(str(s["maximum"]))) + 1
+    if t == "string":
+        return 2 + 6 * s["maxLength"]  # "\uXXXX" is the longest spelling of one character
+    if t == "array":
+        return 2 + s["maxItems"] * (_max_bytes(s["items"]) + 2)
+    return 2 + sum(len(json.dumps(k)) + 4 + _max_bytes(v) for k, v in s["properties"].items())
+
+
+@pytest.fixture(scope="module")
+def property_sessions(exported):
+    out = [ChatSession.load(exported(*b), max_context=1024) for b in BACKENDS]
+    yield out
+    for s in out:
+        s.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=_schemas(), seed=st.integers(0, 2**16), backend=st.integers(0, len(BACKENDS) - 1))
+def test_property_generated_schemas_always_validate(property_sessions, schema, seed, backend):
+    s = property_sessions[backend]
+    budget = _max_bytes(schema) + 2
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    r = s.complete([{"role": "user", "content": "go"}], response_format=fmt, thinking=False, max_new_tokens=budget,
+                   sampling=Sampling(temperature=1.0, top_k=50, seed=seed))
+    assert r.finish_reason == "stop", (schema, r.raw_text)
+    jsonschema.validate(json.loads(r.text), schema)

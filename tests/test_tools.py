@@ -1,0 +1,143 @@
+"""Tool calls on real runtimes (tiny GGUF and ONNX artifacts, random weights): required and named choices always parse,
+markup never reaches on_text, results go back as role: tool messages with the KV prefix reused; parsing and the
+streaming hold-back on their own; the generate CLI's --tools."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from qwen_edge.chat import ChatSession
+from qwen_edge.errors import QwenEdgeError
+from qwen_edge.sampling import Sampling
+from qwen_edge.tools import ToolCallFilter, check_messages, parse_tool_calls
+
+BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time", "parameters": {
+        "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+        "additionalProperties": False}}},
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=lambda b: f"{b[1]}-{b[0]}")
+def session(request, exported):
+    s = ChatSession.load(exported(*request.param), max_context=2048, max_new_tokens=120, thinking=False)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_k=50, seed=7)], ids=["greedy", "sampled"])
+def test_required_tool_choice_gives_a_parsed_call(session, sampling):
+    streamed: list[str] = []
+    r = session.complete([{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, tool_choice="required",
+                         sampling=sampling, on_text=streamed.append)
+    assert r.finish_reason == "tool_calls" and r.tool_calls, r.raw_text
+    for c in r.tool_calls:
+        assert c.id.startswith("call_") and len(c.id) == 29
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == c.name)
+        jsonschema.validate(json.loads(c.arguments), schema)
+        assert c.to_openai() == {"id": c.id, "type": "function", "function": {"name": c.name,
+                                                                               "arguments": c.arguments}}
+    assert "<tool_call>" not in r.text and not any("tool_call" in p for p in streamed)
+
+
+def test_named_tool_choice_calls_that_tool(session):
+    r = session.complete([{"role": "user", "content": "time?"}], tools=TOOLS,
+                         tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert r.finish_reason == "tool_calls" and [c.name for c in r.tool_calls] == ["get_time"]
+    assert json.loads(r.tool_calls[0].arguments)["tz"] in ("UTC", "CET")
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_tool_round_trip_reuses_the_kv_prefix(session):
+    session.reset()
+    first = session.send("Weather in Rome for 3 days?", tools=TOOLS, tool_choice="required")
+    assert first.tool_calls and session.history[-1]["tool_calls"][0]["id"] == first.tool_calls[0].id
+    second = session.send_tool_results([{"tool_call_id": c.id, "content": json.dumps({"temp_c": 21})}
+                                        for c in first.tool_calls], max_new_tokens=8)
+    # Everything the re-rendered conversation shares with the cache is reused: the first prompt (Qwen3's template
+    # drops an empty think block, "<think>", "\n\n", "</think>", "\n\n", from past turns) and the generated call as
+    # far as the template re-renders it with the same tokens (the grammar lets the model spell "get_time" as
+    # "get"+"_t"+"ime", the tokenizer as "get"+"_time"). Only the rest and the <tool_response> block are prefilled.
+    common = _common(first.prompt_ids + first.output_ids, second.prompt_ids)
+    assert second.reused_tokens == common >= len(first.prompt_ids) - 4
+    assert second.prefill_tokens == len(second.prompt_ids) - common < len(first.output_ids) + 30
+    text = session.tokenizer.decode(second.prompt_ids)
+    assert '<tool_response>\n{"temp_c": 21}\n</tool_response>' in text
+    assert [m["role"] for m in session.history] == ["user", "assistant", "tool", "assistant"]
+    # complete() on the same conversation reuses the cache the same way and leaves history as it was
+    before = list(session.history)
+    msgs = session.messages + [{"role": "user", "content": "thanks"}]
+    third = session.complete(msgs, tools=TOOLS, max_new_tokens=4)
+    assert third.reused_tokens == _common(second.prompt_ids + second.output_ids, third.prompt_ids)
+    assert third.reused_tokens >= len(second.prompt_ids) - 4 and session.history == before
+
+
+def test_auto_without_a_call_streams_text(session):
+    streamed: list[str] = []
+    r = session.complete([{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto", max_new_tokens=12,
+                         on_text=streamed.append)
+    if not r.tool_calls:
+        assert "".join(streamed) == r.text
+
+
+def test_parse_tool_calls():
+    text = ('Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "b", "arguments": "{\\"y\\": [2]}"}\n</tool_call>')
+    rest, calls = parse_tool_calls(text)
+    assert rest == "Let me check." and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
+                                                                                              ("b", {"y": [2]})]
+    assert len({c.id for c in calls}) == 2
+    rest, calls = parse_tool_calls("<tool_call>\nnot json\n</tool_call>")
+    assert calls == [] and rest == "<tool_call>\nnot json\n</tool_call>"
+    _, calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {}}')  # stopped before the closing tag
+    assert [c.name for c in calls] == ["a"]
+
+
+def test_tool_call_markup_never_streams():
+    out: list[str] = []
+    f = ToolCallFilter(out.append)
+    for piece in ["Sure", ", <to", "ol_c", "all>\n{\"name\"", ": \"a\"}\n</tool_call>"]:
+        f.feed(piece)
+    f.finish(release=False)
+    assert "".join(out) == "Sure, "
+    out.clear()
+    f = ToolCallFilter(out.append)
+    for piece in ["a <to", "y> b"]:
+        f.feed(piece)
+    f.finish(release=False)
+    assert "".join(out) == "a <toy> b"
+
+
+def test_bad_messages_and_tools_are_refused(session):
+    with pytest.raises(QwenEdgeError, match="role"):
+        check_messages([{"role": "robot", "content": "x"}])
+    with pytest.raises(QwenEdgeError, match="tool_choice"):
+        session.complete([{"role": "user", "content": "x"}], tools=TOOLS, tool_choice={"function": {"name": "nope"}})
+    with pytest.raises(QwenEdgeError, match="context"):
+        session.complete([{"role": "user", "content": "word " * 3000}])
+
+
+def test_cli_tools_required(cli, exported, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    art = str(exported("tiny-qwen2", "gguf", "q8_0"))
+    r = cli("generate", art, "--prompt", "weather?", "--tools", str(tools), "--tool-choice", "required", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["finish_reason"] == "tool_calls" and doc["tool_calls"][0]["id"].startswith("call_")
+    assert "<tool_call>" not in doc["text"]
+    r = cli("generate", art, "--prompt", "time?", "--tools", str(tools), "--tool-choice", "get_time")
+    assert r.returncode == 0, r.stderr
+    call = json.loads(r.stdout.strip().splitlines()[-1])
+    assert call["function"]["name"] == "get_time" and "<tool_call>" not in r.stdout
