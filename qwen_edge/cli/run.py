@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise QwenEdgeError("empty prompt: nothing to generate from")
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads)
+                   threads=args.threads, **adapter_options(args))
     stream = not args.json
 
     def on_text(piece: str) -> None:
@@ -175,7 +175,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def adapter_options(args: Any) -> dict[str, Any]:
+    """The llama.cpp backend's LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "adapter", None):
+        out["adapter"] = list(args.adapter)
+    if getattr(args, "adapter_scale", None) is not None:
+        out["adapter_scale"] = args.adapter_scale
+    return out
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", metavar="LORA_GGUF", help="GGUF only: run with this llama.cpp LoRA "
+                   "adapter (repeatable; replaces the adapters the artifact ships)")
+    p.add_argument("--adapter-scale", type=float, help="GGUF only: scale of the LoRA adapters (default 1; 0 runs the "
+                   "base)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
     p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
