@@ -153,9 +153,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         except ImportError:
             raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
     log = None if a.json else say
+    engines = [e.strip() for e in str(a.engine).split(",") if e.strip()]
     report = bench(a.artifacts, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
                    repeat=a.repeat, warmup=a.warmup, thread_sweep=sweep, target=a.target,
-                   max_context=a.max_context, log=log)
+                   max_context=a.max_context, engine=engines, log=log)
     if a.markdown:
         try:
             Path(a.markdown).write_text(markdown_table(report), encoding="utf-8")
@@ -261,6 +262,10 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--target", help="target profile")
     p.add_argument("--max-context", type=int)
+    p.add_argument("--engine", default="qwen-edge",
+                   help="what runs the artifacts: qwen-edge (its own backends, the default) or onnxruntime-genai "
+                   "(its generator, as apps embed it; ONNX artifacts and onnxruntime-genai model folders); "
+                   "comma-separated: each artifact under each engine, side by side")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--markdown", help="write a markdown table to this file")
     p.add_argument("--plot", help="write a PNG plot to this file (needs matplotlib)")
