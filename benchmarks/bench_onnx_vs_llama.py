@@ -24,6 +24,18 @@ def child(code: str, *args: str) -> dict[str, Any]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def source_checkpoint(source: str | None, work: Path) -> Path:
+    """`source`, or (none given) a synthesized Qwen2.5-0.5B under `work`, made on first use."""
+    work.mkdir(parents=True, exist_ok=True)
+    src = Path(source) if source else work / "qwen2.5-0.5b"
+    if not (src / "config.json").is_file():
+        sys.path.insert(0, str(ROOT))
+        from qwen_edge.synth import synth
+
+        synth("qwen2.5-0.5b", src, seed=0)
+    return src
+
+
 EXPORT = """
 import json, resource, sys, time
 from qwen_edge.export import export
@@ -49,13 +61,7 @@ def main() -> int:
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args()
     work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src = Path(a.source) if a.source else work / "qwen2.5-0.5b"
-    if not (src / "config.json").is_file():
-        sys.path.insert(0, str(ROOT))
-        from qwen_edge.synth import synth
-
-        synth("qwen2.5-0.5b", src, seed=0)
+    src = source_checkpoint(a.source, work)
 
     onnx_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4", a.onnx_options)
     gguf_exp = child(EXPORT, str(src), "gguf", "q4_0", str(work), "gguf-q4_0", "{}")

@@ -202,6 +202,50 @@ def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_genai(recs: list[Record], root: Path) -> list[str]:
+    out = ["## The app path: onnxruntime-genai on our artifact vs its builder's graph, and vs llama.cpp (issue 17; "
+           "`benchmarks/bench_genai.py`)", "",
+           "One run per record: our ONNX int4 and GGUF q4_0 exported from one checkpoint, and onnxruntime-genai's own "
+           "builder's int4 CPU graph of the same checkpoint built in the run (not committed), then four rows timed by "
+           "`qwen-edge bench`'s machinery (`--engine onnxruntime-genai` for the generator rows), every run a fresh "
+           "process, the order alternating per repeat, the same prompt ids and token counts. \"Paired\" divides "
+           "each repeat's figure by the one measured next to it. Targets: genai on ours >= 1.0x genai on the "
+           "builder's graph, our backend's ONNX int4 >= 1.0x llama.cpp q4_0, decode and prefill.", ""]
+    for r in recs:
+        f, s = r["figures"], r["settings"]
+        out += header(r)
+        rows = []
+        for name, x in f["results"].items():
+            rows.append([name, f"`{Path(x['artifact']).name}`", x["quant"], mm(x["decode_tokens_per_s"]),
+                         mm(x["prefill_tokens_per_s"]), f"{x['size_bytes'] / MiB:.0f}",
+                         f"{x['roofline']['bytes_per_token'] / MiB:.0f}",
+                         f"{100 * x['roofline']['fraction']:.0f}%" if x["roofline"].get("fraction") else "-"])
+        out += table(["row (engine/artifact)", "artifact", "quant", "decode tok/s (min-max)",
+                      "prefill tok/s (min-max)", "size MiB", "MiB read per token (roofline)", "% roofline"], rows)
+        rrows = []
+        for name, v in f["ratios"].items():
+            cells = []
+            for k in ("decode", "prefill"):
+                p = v[k]["paired"]
+                cells.append(f"{v[k]['medians']:.2f} / {mm(p, '.2f')}")
+            met = ", ".join(f"{k} {'met' if v[k]['paired']['median'] >= 1.0 and v[k]['medians'] >= 1.0 else 'not met'}"
+                            for k in ("decode", "prefill"))
+            rrows.append([name, *cells, met])
+        out += table(["ratio", "decode: medians / paired (range)", "prefill: medians / paired (range)",
+                      "target >= 1.0"], rrows)
+        a = f["anchor"]
+        out += [f"Anchor: `{a['command']}` (onnxruntime-genai {a['onnxruntime_genai']}, onnx_ir {a['onnx_ir']}; "
+                f"{a['seconds']:.0f} s). {s['repeats']} repeats, {s['prompt_tokens']} prompt / {s['gen_tokens']} "
+                f"generated tokens (greedy), {s['threads']} threads.", ""]
+        grows = []
+        for name, g in f["graphs"].items():
+            grows.append([name, g["nodes"], ", ".join(f"{k} {v}" for k, v in g["matmulnbits"].items()),
+                          "[" + ", ".join(map(str, g["logits_shape"])) + "]", g["kv_elem_type"],
+                          ", ".join(f"{k} {v}" for k, v in list(g["ops"].items())[:8])])
+        out += table(["graph", "nodes", "MatMulNBits", "logits", "KV", "most frequent ops"], grows)
+    return out
+
+
 def render_gguf_export(recs: list[Record], root: Path) -> list[str]:
     out = ["## GGUF export (issue 4; `benchmarks/bench_gguf_export.py`)", "",
            "Each export in its own process (peak RSS: its rusage maxrss; CPU s: its user + system time, steadier "
@@ -478,7 +522,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
-    "constrained": render_constrained,
+    "genai": render_genai, "constrained": render_constrained,
 }
 
 

@@ -36,6 +36,9 @@ BUDGET_METRICS = {
     "bits_per_weight": ("bits_per_weight", None),
     "roofline_fraction": ("roofline", "fraction"),
 }
+ENGINES = ("qwen-edge", "onnxruntime-genai")
+"""What runs an artifact in `bench`: qwen-edge's own backends (the default), or onnxruntime-genai's generator (the
+library apps embed) on an ONNX artifact or any onnxruntime-genai model folder (genai_config.json)."""
 _BUDGET_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 KV_BYTES = 2
 """Bytes per cached K/V element the roofline assumes when the artifact does not say (llama.cpp's f16 cache); an ONNX
@@ -104,7 +107,31 @@ def model_files(path: Path) -> tuple[list[Path], str, str, float | None, dict[st
                 {"architecture": ck.arch.to_dict()}
         finally:
             ck.close()
+    if (path / "genai_config.json").is_file():
+        return _genai_model_files(path)
     raise QwenEdgeError(f"{path}: not an artifact (no manifest.json) nor a checkpoint (no config.json)")
+
+
+def _genai_model_files(path: Path) -> tuple[list[Path], str, str, float | None, dict[str, Any]]:
+    """An onnxruntime-genai model folder made by another tool (its builder): graph, external data, and the facts of
+    genai_config.json; the quant is named from the graph's MatMulNBits bits."""
+    from .formats.onnx import load_onnx_proto
+
+    try:
+        cfg = json.loads((path / "genai_config.json").read_text())
+        m, d = cfg["model"], cfg["model"]["decoder"]
+        arch = {"num_layers": int(d["num_hidden_layers"]), "num_kv_heads": int(d["num_key_value_heads"]),
+                "head_dim": int(d["head_size"]), "hidden_size": int(d["hidden_size"]),
+                "vocab_size": int(m["vocab_size"]), "num_heads": int(d["num_attention_heads"])}
+        model = path / d["filename"]
+        proto = load_onnx_proto(model)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QwenEdgeError(f"{path}/genai_config.json: not a usable onnxruntime-genai model ({e})") from None
+    bits = sorted({a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
+    data = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    files = [model] + [path / f for f in sorted(data)]
+    quant = "/".join(f"int{b}" for b in bits) or "float"
+    return files, "onnx", quant, None, {"architecture": arch, "context_length": m.get("context_length")}
 
 
 def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any], context: float) -> dict[str, Any]:
@@ -134,14 +161,29 @@ def bytes_per_token(path: Path, fmt: str, files: list[Path], arch: dict[str, Any
 
 def _kv_itemsize(path: Path, fmt: str) -> int:
     """Bytes per K/V element of the artifact's cache (its manifest's KV dtype); KV_BYTES when it has none."""
-    if fmt != "onnx" or not (path / "manifest.json").is_file():
+    if fmt != "onnx":
         return KV_BYTES
+    if not (path / "manifest.json").is_file():
+        return _graph_kv_itemsize(path)
     from .backends.base import KV_ITEMSIZE, artifact_kv_dtype
 
     try:
         return KV_ITEMSIZE.get(artifact_kv_dtype(json.loads((path / "manifest.json").read_text())), KV_BYTES)
     except (OSError, ValueError):
         return KV_BYTES
+
+
+def _graph_kv_itemsize(path: Path) -> int:
+    """Bytes per element of the first past_key_values input of an onnxruntime-genai folder's graph."""
+    from .formats.onnx import load_onnx_proto
+
+    try:
+        d = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+        proto = load_onnx_proto(path / d["filename"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return KV_BYTES
+    elem = next((i.type.tensor_type.elem_type for i in proto.graph.input if i.name.startswith("past")), 0)
+    return {1: 4, 10: 2, 16: 2}.get(elem, KV_BYTES)
 
 
 def _param_count(arch: dict[str, Any]) -> int:
@@ -209,6 +251,70 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
+def _measure_genai(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child process: the same prompt and token counts through onnxruntime-genai's Generator (as an app embeds it):
+    the folder's genai_config.json as it is, but for the thread count; a cache of the same length as our backend's."""
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    cfg = og.Config(spec["path"])
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(cfg)
+    load_s = time.perf_counter() - t
+    prompt, gen = spec["prompt"], spec["gen_tokens"]
+    for _ in range(spec["warmup"]):
+        _genai_once(og, model, prompt, min(gen, 8), spec["max_context"])
+    run = _genai_once(og, model, prompt, gen, spec["max_context"])
+    kv = kv_cache_bytes(spec["arch"], spec["max_context"], spec["kv_itemsize"])
+    run.update(load_s=load_s, backend="onnxruntime-genai", threads_used=spec["threads"], device="cpu",
+               context_length=spec["max_context"], kv_cache_bytes=kv,
+               kv_dtype={4: "float32", 2: "float16"}.get(spec["kv_itemsize"]))
+    del model
+    run["peak_rss_bytes"] = peak_rss_bytes()
+    return run
+
+
+def _genai_once(og: Any, model: Any, prompt: list[int], gen: int, max_length: int) -> dict[str, Any]:
+    """As _run_once: append_tokens runs the prompt, the first generate_next_token picks from its logits (time to
+    first token); each later one runs one decode step. min_length keeps EOS from ending the run early."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, min_length=len(prompt) + gen, do_sample=False)
+    g = og.Generator(model, params)
+    t0 = time.perf_counter()
+    g.append_tokens(prompt)
+    g.generate_next_token()
+    ttft = time.perf_counter() - t0
+    steps: list[float] = []
+    while len(steps) + 1 < gen:
+        t = time.perf_counter()
+        g.generate_next_token()
+        steps.append(time.perf_counter() - t)
+    out = [int(t) for t in g.get_sequence(0)[len(prompt):]]
+    del g
+    return _timing(prompt, ttft, steps, out)
+
+
+def check_engine(path: Path, fmt: str, engine: str) -> None:
+    """QwenEdgeError unless `engine` can run the artifact at `path` (of format `fmt`)."""
+    if engine not in ENGINES:
+        raise QwenEdgeError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    if engine == "qwen-edge":
+        if not (path / "manifest.json").is_file() and fmt != "hf":
+            raise QwenEdgeError(f"{path}: an onnxruntime-genai model folder, not a qwen-edge artifact: "
+                                "bench it with --engine onnxruntime-genai")
+        return
+    if fmt != "onnx":
+        raise QwenEdgeError(f"{path}: engine onnxruntime-genai runs ONNX models, not {fmt}")
+    if not (path / "genai_config.json").is_file():
+        raise QwenEdgeError(f"{path}: engine onnxruntime-genai needs genai_config.json beside the model")
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise QwenEdgeError("engine onnxruntime-genai needs onnxruntime-genai: pip install 'qwen-edge[genai]'") \
+            from None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set: VmHWM on Linux (ru_maxrss there keeps the pre-exec parent's peak)."""
     try:
@@ -235,9 +341,13 @@ def _run_once(rt: Any, prompt: list[int], gen: int) -> dict[str, Any]:
         tok = int(np.argmax(rt.logits()))
         steps.append(time.perf_counter() - t)
         out.append(tok)
+    return _timing(prompt, ttft, steps, out)
+
+
+def _timing(prompt: list[int], ttft: float, steps: list[float], out: list[int]) -> dict[str, Any]:
     decode_s = sum(steps)
     return {"ttft_s": ttft, "prefill_tokens_per_s": len(prompt) / ttft, "decode_s": decode_s,
-            "decode_tokens": len(steps), "generated_tokens": len(out),
+            "decode_tokens": len(steps), "generated_tokens": len(out), "generated_ids": out,
             "decode_tokens_per_s": len(steps) / decode_s if decode_s > 0 else None, "steps_s": steps}
 
 
@@ -297,10 +407,14 @@ def machine_info(threads: list[int], bandwidth: float) -> dict[str, Any]:
             "python": platform.python_version(), "libraries": libs, "read_bandwidth_gbps": round(bandwidth, 2)}
 
 
-def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, gen_tokens: int = 128,
-          threads: int | None = None, repeat: int = 3, warmup: int = 1, thread_sweep: Sequence[int] | None = None,
-          target: str | None = None, max_context: int | None = None, log: Log = None) -> BenchReport:
-    """Time each artifact (A B A B ... across repeats, each run in a fresh process); returns the report."""
+def bench(artifacts: Sequence[str | os.PathLike | tuple[str | os.PathLike, str]], *, prompt_tokens: int = 128,
+          gen_tokens: int = 128, threads: int | None = None, repeat: int = 3, warmup: int = 1,
+          thread_sweep: Sequence[int] | None = None, target: str | None = None, max_context: int | None = None,
+          engine: str | Sequence[str] = "qwen-edge", log: Log = None) -> BenchReport:
+    """Time each artifact (A B A B ... across repeats, each run in a fresh process); returns the report.
+
+    `engine` names what runs every artifact (ENGINES; several: each artifact under each, side by side); an item of
+    `artifacts` given as (path, engine) runs under that engine alone."""
     from .targets import load_target
 
     if not artifacts:
@@ -316,17 +430,24 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
     ctx = max_context or int(math.ceil((prompt_tokens + gen_tokens + 8) / 256) * 256)
     if ctx < prompt_tokens + gen_tokens:
         raise QwenEdgeError(f"--max-context {ctx} < prompt {prompt_tokens} + generated {gen_tokens} tokens")
-    paths = [Path(a) for a in artifacts]
+    engines = [engine] if isinstance(engine, str) else list(engine)
+    if not engines:
+        raise QwenEdgeError("bench needs at least one engine")
+    pairs = [(Path(a[0]), a[1]) if isinstance(a, tuple) else (Path(a), e) for a in artifacts
+             for e in ([None] if isinstance(a, tuple) else engines)]
+    named = len({e for _, e in pairs}) > 1
     entries = []
-    for p in paths:
+    for p, eng in pairs:
         if not p.exists():
             raise QwenEdgeError(f"{p}: no such artifact")
         files, fmt, quant, bpw, meta = model_files(p)
+        check_engine(p, fmt, eng)
         limit = int(meta.get("context_length") or meta["architecture"].get("max_position_embeddings") or ctx)
         if prompt_tokens + gen_tokens > limit:
             raise QwenEdgeError(f"{p}: prompt {prompt_tokens} + generated {gen_tokens} tokens exceed the artifact's "
                                 f"context length {limit}")
-        entries.append({"path": p, "files": files, "format": fmt, "quant": quant, "bpw": bpw,
+        entries.append({"path": p, "engine": eng, "name": p.name + (f" [{eng}]" if named else ""),
+                        "files": files, "format": fmt, "quant": quant, "bpw": bpw,
                         "arch": meta["architecture"], "prompt": bench_prompt(p, prompt_tokens),
                         # the rounded-up default never asks for more than the artifact holds
                         "max_context": ctx if max_context else min(ctx, limit)})
@@ -341,12 +462,14 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
     for r, th, i in progress(order, desc="bench", unit="run"):
         e = entries[i]
         spec = {"path": str(e["path"]), "target": profile.name if target is None else target, "threads": th,
-                "max_context": e["max_context"], "prompt": e["prompt"], "gen_tokens": gen_tokens, "warmup": warmup}
+                "max_context": e["max_context"], "prompt": e["prompt"], "gen_tokens": gen_tokens, "warmup": warmup,
+                "arch": e["arch"], "kv_itemsize": _kv_itemsize(e["path"], e["format"])}
+        measure = _measure_genai if e["engine"] == "onnxruntime-genai" else _measure
         with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
-            res = ex.submit(_measure, spec).result()
+            res = ex.submit(measure, spec).result()
         runs.setdefault((i, th), []).append(res)
         if log:
-            log(f"repeat {r + 1}/{repeat} {e['path'].name} @{th}t: decode "
+            log(f"repeat {r + 1}/{repeat} {e['name']} @{th}t: decode "
                 f"{res['decode_tokens_per_s']:.1f} tok/s, prefill {res['prefill_tokens_per_s']:.1f} tok/s")
     results = []
     for th in sweep:
@@ -361,8 +484,8 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
             roof.update(bound_tokens_per_s=bound, fraction=(decode["median"] / bound) if bound else None,
                         read_bandwidth_gbps=bandwidth)
             res: BenchResult = {
-                "artifact": str(e["path"]), "name": e["path"].name, "format": e["format"], "quant": e["quant"],
-                "backend": rs[0]["backend"], "threads": rs[0]["threads_used"], "sweep": len(sweep) > 1,
+                "artifact": str(e["path"]), "name": e["name"], "format": e["format"], "quant": e["quant"],
+                "engine": e["engine"], "backend": rs[0]["backend"], "threads": rs[0]["threads_used"], "sweep": len(sweep) > 1,
                 "decode_tokens_per_s": decode,
                 "prefill_tokens_per_s": _stats([x["prefill_tokens_per_s"] for x in rs]),
                 "time_to_first_token_s": _stats([x["ttft_s"] for x in rs]),
@@ -373,6 +496,8 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
                 "size_bytes": size, "bits_per_weight": e["bpw"],
                 "prompt_tokens": len(e["prompt"]), "generated_tokens": rs[0]["generated_tokens"],
                 "decode_tokens": rs[0]["decode_tokens"], "repeats": len(rs), "roofline": roof,
+                "generated_ids": rs[0]["generated_ids"],
+                "per_repeat": {k: [x[k] for x in rs] for k in ("decode_tokens_per_s", "prefill_tokens_per_s")},
             }
             if first is None:
                 first = res
@@ -399,6 +524,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, prompt_tokens: int = 128, g
         "results": results,
         "config": {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "warmup": warmup,
                    "threads": sweep, "target": profile.name, "max_context": ctx, "sampling": "greedy argmax",
+                   "engines": list(dict.fromkeys(e["engine"] for e in entries)),
                    "order": "interleaved (A B A B ...), each run in a fresh spawned process",
                    "seconds": round(time.perf_counter() - t_start, 1),
                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

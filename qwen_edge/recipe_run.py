@@ -98,7 +98,15 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     if announce:  # once the inputs are known to be good: bad input stays a single `error:` line
         from .checkpoint import Checkpoint
 
-        Checkpoint(source_dir).close()  # validates config and safetensors headers (no weights read)
+        ckpt = Checkpoint(source_dir)  # validates config and safetensors headers (no weights read)
+        try:
+            if recipe.adapter:  # and the adapters against it: a bad one is the only line printed
+                from .adapters import read_adapters
+
+                for ad in read_adapters(recipe.adapter, ckpt.arch, resolved.hub_id):
+                    ad.close()
+        finally:
+            ckpt.close()
         checking = verify and recipe.verify.enabled and verify_available()
         announce(f"export {src} -> {final} ({recipe.format} {recipe.quant.type}, target {target.name})"
                  + ("; then verify it against the PyTorch reference"

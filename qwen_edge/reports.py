@@ -56,6 +56,7 @@ class BenchResult(TypedDict, total=False):
     name: str
     format: str
     quant: str
+    engine: str
     backend: str
     threads: int
     sweep: bool
@@ -70,6 +71,8 @@ class BenchResult(TypedDict, total=False):
     prompt_tokens: int
     generated_tokens: int
     decode_tokens: int
+    generated_ids: list[int]
+    per_repeat: dict[str, list[float]]
     repeats: int
     roofline: dict[str, Any]
     ratio_to_first: dict[str, float | None]

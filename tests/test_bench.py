@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qwen_edge.bench import check_budgets, parse_budget
+from conftest import has_module
 from qwen_edge.errors import QwenEdgeError
 
 RESULT_KEYS = {"artifact", "format", "quant", "decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s",
@@ -150,3 +151,69 @@ def test_bench_reports_the_onnx_kv_dtype_it_ran(exported):
     assert (a["kv_dtype"], b["kv_dtype"]) == ("float16", "float32")
     assert (a["kv_cache_bytes"], b["kv_cache_bytes"]) == (2 * 2 * 2 * 32 * ctx * 2, 2 * 2 * 2 * 32 * ctx * 4)
     assert b["roofline"]["kv_bytes"] == pytest.approx(2 * a["roofline"]["kv_bytes"], abs=2)
+
+
+# --- --engine onnxruntime-genai (issue 17): the app path, measured beside our backend ------------------------------
+@pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+def test_bench_runs_an_onnx_artifact_through_onnxruntime_genai_beside_our_backend(exported, cli, tmp_path):
+    """One artifact under both engines: two rows, same prompt and token counts, the generator's own timing, and
+    the same greedy tokens (the generator reads our graph's last-position logits as they are)."""
+    art = exported("tiny-qwen3", "onnx", "int4")
+    r = cli("bench", str(art), "--engine", "qwen-edge,onnxruntime-genai", "--prompt-tokens", "16", "--gen-tokens",
+            "8", "--repeat", "2", "--threads", "1", "--json", "--markdown", str(tmp_path / "b.md"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ours, genai = report["results"]
+    assert (ours["engine"], genai["engine"]) == ("qwen-edge", "onnxruntime-genai")
+    assert (ours["backend"], genai["backend"]) == ("onnxruntime", "onnxruntime-genai")
+    assert ours["name"] == f"{art.name} [qwen-edge]" and genai["name"] == f"{art.name} [onnxruntime-genai]"
+    assert report["config"]["engines"] == ["qwen-edge", "onnxruntime-genai"]
+    for x in (ours, genai):
+        assert RESULT_KEYS <= set(x) and x["threads"] == 1 and x["repeats"] == 2
+        assert x["prompt_tokens"] == 16 and x["generated_tokens"] == 8 and x["decode_tokens"] == 7
+        for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s", "load_s"):
+            assert 0 < x[k]["min"] <= x[k]["median"] <= x[k]["max"], (k, x[k])
+    assert genai["generated_ids"] == ours["generated_ids"]
+    assert genai["kv_cache_bytes"] == ours["kv_cache_bytes"] and genai["kv_dtype"] == "float32"
+    assert genai["roofline"]["bytes_per_token"] == ours["roofline"]["bytes_per_token"]
+    assert genai["paired_ratio_to_first"]["decode_tokens_per_s"]["median"] > 0
+    assert "[onnxruntime-genai]" in (tmp_path / "b.md").read_text()
+
+
+@pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+def test_bench_runs_an_onnxruntime_genai_model_folder(exported, tmp_path):
+    """A folder another tool made for onnxruntime-genai (no manifest.json: its builder's) runs under that engine,
+    its facts read from genai_config.json and the graph; our backend refuses it with a one-line error."""
+    import shutil
+
+    from qwen_edge.bench import bench
+
+    folder = tmp_path / "genai-model"
+    shutil.copytree(exported("tiny-qwen3", "onnx", "int4"), folder)
+    (folder / "manifest.json").unlink()
+    report = bench([(folder, "onnxruntime-genai")], prompt_tokens=8, gen_tokens=4, repeat=1, warmup=0, threads=1)
+    (x,) = report["results"]
+    assert x["quant"] == "int4/int8" and x["format"] == "onnx" and x["generated_tokens"] == 4
+    assert {Path(f).name for f in [x["artifact"]]} == {"genai-model"}
+    assert x["size_bytes"] == sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+    assert x["kv_dtype"] == "float32" and x["roofline"]["kv_bytes"] > 0
+    with pytest.raises(QwenEdgeError, match="not a qwen-edge artifact"):
+        bench([folder], prompt_tokens=8, gen_tokens=4, repeat=1, threads=1)
+
+
+@pytest.mark.parametrize("engine,match", [("onnxruntime-genai", "runs ONNX models, not gguf"),
+                                          ("llama", "unknown engine 'llama'")])
+def test_bench_engine_misuse_exits_2(two, cli, engine, match):
+    r = cli("bench", str(two[0]), "--engine", engine, "--repeat", "1")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and match in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_engine_without_onnxruntime_genai_installed_is_one_error(two, monkeypatch):
+    import sys
+
+    from qwen_edge.bench import bench
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails as when not installed
+    with pytest.raises(QwenEdgeError, match=r"needs onnxruntime-genai: pip install 'qwen-edge\[genai\]'"):
+        bench([two[1]], engine="onnxruntime-genai", prompt_tokens=8, gen_tokens=4, repeat=1, threads=1)

@@ -123,19 +123,27 @@ def test_fused_ops_in_graph(exported):
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_logits_to_keep_defaults_to_every_position(quant, exported):
+def test_logits_to_keep_defaults_to_the_last_position(quant, exported):
+    """Unfed (as onnxruntime-genai runs it), the LM head runs on the last position only and `logits` has the static
+    shape [batch, 1, vocab] it declares (genai's sign of a pruned head); fed N, the last N rows, as computed whole."""
     import onnxruntime as ort
 
     art = exported("tiny-qwen3", "onnx", quant)
-    sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # a fed N > 1 differs from the declared [batch, 1, vocab]: onnxruntime warns
+    sess = ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])
     # an overridable initializer: not a required input (onnxruntime-genai never feeds it)
     assert "logits_to_keep" not in {i.name for i in sess.get_inputs()}
     assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    assert sess.get_outputs()[0].name == "logits" and sess.get_outputs()[0].shape == ["batch_size", 1, 151936]
     feeds = {"input_ids": np.array([PROMPT[:6]]), "attention_mask": np.ones((1, 6), dtype=np.int64)}
     feeds.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), dtype=np.float32)
                   for i in range(2) for kv in ("key", "value")})
-    full = sess.run(["logits"], feeds)[0]
+    full = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([0])})[0]
     assert full.shape == (1, 6, 151936)
+    default = sess.run(["logits"], feeds)[0]
+    assert default.shape == (1, 1, 151936)
+    np.testing.assert_allclose(default[0], full[0, -1:], atol=1e-5)
     for k, rows in ((1, 1), (4, 4), (100, 6)):
         part = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([k])})[0]
         assert part.shape == (1, rows, 151936)
@@ -296,6 +304,17 @@ def test_genai_config_describes_the_graph(exported):
     assert d["inputs"]["past_key_names"] == "past_key_values.%d.key" and d["filename"] == "model.onnx"
     assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["search"]["max_length"] <= cfg["model"]["context_length"]
+    # the target profile's spin policy (cpu-x86_64: auto = onnxruntime's idle threads sleep), as an onnxruntime
+    # session config entry: an app that embeds the artifact runs it as qwen-edge's backend does
+    assert d["session_options"]["session.intra_op.allow_spinning"] == "0"
+
+
+def test_genai_config_follows_the_target_spin_policy():
+    from qwen_edge.export.onnx_genai import spin_entries
+
+    assert spin_entries("auto") == spin_entries(False) == {"session.intra_op.allow_spinning": "0"}
+    assert spin_entries(True) == {"session.intra_op.allow_spinning": "1"}
+    assert spin_entries(200) == {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "200"}
 
 
 @pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,16 +27,6 @@ psutil = pytest.importorskip("psutil")
 
 KEY = "sk-test-key"
 CONTEXT = 4096
-
-
-def _has_complete() -> bool:
-    from qwen_edge.chat import ChatSession
-
-    return hasattr(ChatSession, "complete")
-
-
-needs_constraints = pytest.mark.skipif(not _has_complete(), reason="ChatSession.complete (constrained decoding) "
-                                       "not on this branch yet")
 
 
 # --- a tiny Qwen3 whose template opens the think block when thinking is on (as thinking-only releases do) ---------
@@ -145,9 +136,14 @@ def server(request, thinking_artifact, tmp_path_factory):
                "--max-context", str(CONTEXT))
     s.fmt, s.artifact = request.param, art  # type: ignore[attr-defined]
     yield s
-    # SIGINT for one, SIGTERM for the other: both shut down cleanly, exit 0
+    # Stopped while generating (SIGINT for one, SIGTERM for the other): the generation is cancelled, the stream
+    # ends with [DONE], the server exits 0
+    conn, resp = _open_stream(s, CONTEXT - 64)
     rc = s.stop(signal.SIGINT if request.param == "gguf" else signal.SIGTERM)
+    rest = resp.read().decode()
+    conn.close()
     assert rc == 0, s.log()
+    assert rest.rstrip().endswith("data: [DONE]") and "cancelled after" in s.log(), (rest[-300:], s.log())
     assert "Traceback" not in s.log(), s.log()
 
 
@@ -210,7 +206,6 @@ def test_thinking_split_as_reasoning_content(server):
     assert reasoning == _reasoning(m) and content == (m.content or "")
 
 
-@needs_constraints
 def test_thinking_budget_closes_the_block(server):
     c = server.client()
     msgs = [{"role": "user", "content": "Think briefly."}]
@@ -256,7 +251,6 @@ def test_stop_strings_and_seeded_sampling(server):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
-@needs_constraints
 def test_json_schema_response_parses_and_validates(server):
     jsonschema = pytest.importorskip("jsonschema")
     # bounded (random weights would write an integer or a free key forever): the grammar closes the object
@@ -293,7 +287,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                            "required": ["city"], "additionalProperties": False}}}
 
 
-@needs_constraints
 def test_tool_choice_required_gives_a_parsed_call(server):
     c = server.client()
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
@@ -399,11 +392,16 @@ def _open_stream(server, max_tokens: int) -> tuple[http.client.HTTPConnection, h
     body = {"messages": [{"role": "user", "content": "Write forever."}], "max_tokens": max_tokens, "stream": True,
             "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # ignored without --api-key
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.readline().startswith(b"data: ")
     return conn, resp
+
+
+def _leave(conn: http.client.HTTPConnection) -> None:
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
 
 
 def test_queue_full_503_then_disconnect_cancels(server):
@@ -419,8 +417,7 @@ def test_queue_full_503_then_disconnect_cancels(server):
         assert e.value.status_code == 503
         assert server.health()["busy"]
     finally:
-        conn.sock.shutdown(2)  # the client goes away mid-stream
-        conn.close()
+        _leave(conn)  # the client goes away mid-stream
     after = server.wait_idle()
     assert not after["busy"] and after["cancelled"] == before["cancelled"] + 1, (before, after)
     m = re.findall(r"cancelled after (\d+) generated tokens", server.log())
@@ -429,6 +426,33 @@ def test_queue_full_503_then_disconnect_cancels(server):
     r = server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "next"}],
                                                 max_tokens=4, extra_body=NO_THINK, **GREEDY)
     assert r.choices[0].message.role == "assistant"
+
+
+def test_a_waiting_request_is_served_in_turn(thinking_artifact, tmp_path):
+    """--queue 1: one request generates, one waits (and is served once the first ends), a third gets 503."""
+    import threading
+
+    s = Server(thinking_artifact("gguf"), tmp_path / "server.log", "--queue", "1")
+    try:
+        conn, resp = _open_stream(s, CONTEXT - 64)
+        waited: dict = {}
+        t = threading.Thread(target=lambda: waited.update(r=s.post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "my turn"}], "max_tokens": 4}, key=None)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while s.health()["waiting"] != 1:
+            assert time.monotonic() < deadline and t.is_alive(), s.health()
+            time.sleep(0.02)
+        status, doc = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "and me"}]}, key=None)
+        assert status == 503 and "--queue 1" in doc["error"]["message"]
+        _leave(conn)  # the first client leaves; the waiting one is served
+        t.join(120)
+        status, doc = waited["r"]
+        assert status == 200 and doc["usage"]["completion_tokens"] <= 4
+        h = s.wait_idle()
+        assert (h["served"], h["cancelled"], h["rejected"]) == (1, 1, 1), h
+    finally:
+        assert s.stop() == 0, s.log()
 
 
 def test_non_streamed_disconnect_cancels(server):

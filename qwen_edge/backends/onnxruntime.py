@@ -271,13 +271,19 @@ class OrtRuntime(Runtime):
         out = np.empty((arr.size, self.vocab), dtype=np.float32)
         for s in range(0, arr.size, self.prefill_chunk):
             chunk = arr[s:s + self.prefill_chunk]
-            buf = out[s:s + chunk.size].reshape(1, chunk.size, self.vocab)
             b = self._make_binding()
-            b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(buf))
             if self._keep:
+                # onnxruntime allocates these rows: the graph declares logits [batch, 1, vocab] (its default, the
+                # last position) and rejects a bound buffer of any other shape
+                b.bind_output("logits")
                 keep = self._ort.OrtValue.ortvalue_from_numpy(np.array([chunk.size], dtype=np.int64))
                 b.bind_ortvalue_input("logits_to_keep", keep)
+            else:
+                buf = out[s:s + chunk.size].reshape(1, chunk.size, self.vocab)
+                b.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(buf))
             self._run(b, chunk)
+            if self._keep:
+                out[s:s + chunk.size] = b.get_outputs()[-1].numpy().reshape(chunk.size, self.vocab)  # bound last
         self._last_np[0, 0] = out[-1]
         self._have_logits = True
         return out

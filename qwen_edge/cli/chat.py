@@ -219,7 +219,7 @@ class ChatRepl:
 def run_chat_cli(args: Any) -> int:
     from ..backends import load
     from ..generate import model_meta
-    from .run import sampling_from_args
+    from .run import adapter_options, sampling_from_args
     from ..tokenizer import Tokenizer
 
     meta = model_meta(args.artifact)
@@ -230,7 +230,7 @@ def run_chat_cli(args: Any) -> int:
 
         say(f"loading {args.artifact} ...")
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads)
+                   threads=args.threads, **adapter_options(args))
     try:
         session = ChatSession(runtime, tok, system=args.system, thinking=args.think, sampling=sampling,
                               max_new_tokens=args.max_new_tokens, stop_ids=meta.stop_ids,

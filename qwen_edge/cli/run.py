@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise QwenEdgeError("empty prompt: nothing to generate from")
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
     runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads)
+                   threads=args.threads, **adapter_options(args))
     stream = not args.json
 
     def on_text(piece: str) -> None:
@@ -153,9 +153,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         except ImportError:
             raise QwenEdgeError("--plot needs matplotlib: pip install 'qwen-edge[plot]'") from None
     log = None if a.json else say
+    engines = [e.strip() for e in str(a.engine).split(",") if e.strip()]
     report = bench(a.artifacts, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
                    repeat=a.repeat, warmup=a.warmup, thread_sweep=sweep, target=a.target,
-                   max_context=a.max_context, log=log)
+                   max_context=a.max_context, engine=engines, log=log)
     if a.markdown:
         try:
             Path(a.markdown).write_text(markdown_table(report), encoding="utf-8")
@@ -174,7 +175,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def adapter_options(args: Any) -> dict[str, Any]:
+    """The llama.cpp backend's LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "adapter", None):
+        out["adapter"] = list(args.adapter)
+    if getattr(args, "adapter_scale", None) is not None:
+        out["adapter_scale"] = args.adapter_scale
+    return out
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", metavar="LORA_GGUF", help="GGUF only: run with this llama.cpp LoRA "
+                   "adapter (repeatable; replaces the adapters the artifact ships)")
+    p.add_argument("--adapter-scale", type=float, help="GGUF only: scale of the LoRA adapters (default 1; 0 runs the "
+                   "base)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
     p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
@@ -247,6 +262,10 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--target", help="target profile")
     p.add_argument("--max-context", type=int)
+    p.add_argument("--engine", default="qwen-edge",
+                   help="what runs the artifacts: qwen-edge (its own backends, the default) or onnxruntime-genai "
+                   "(its generator, as apps embed it; ONNX artifacts and onnxruntime-genai model folders); "
+                   "comma-separated: each artifact under each engine, side by side")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--markdown", help="write a markdown table to this file")
     p.add_argument("--plot", help="write a PNG plot to this file (needs matplotlib)")

@@ -135,7 +135,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     device = target.get("device", "cpu") if target is not None else "cpu"
     write_json(out / "genai_config.json", genai_config(
         ckpt, model_file=MODEL_FILE, context_length=ctx, tokenizer=tokenizer, device=device,
-        max_length=options.get("genai_max_length") or (target.get("max_context") if target is not None else None)))
+        max_length=options.get("genai_max_length") or (target.get("max_context") if target is not None else None),
+        spin=target.get("spin", "auto") if target is not None else "auto"))
     params = a.parameter_count()
     quantization = {
         "requested": quant,

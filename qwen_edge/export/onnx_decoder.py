@@ -18,7 +18,11 @@ LM_HEAD_INT8_BLOCK = 128
 """Default block of an int8 LM head: verify KL on qwen2.5-0.5b is the same as at 32 (0.0428), and fp32 scales
 drop from 1 to 0.25 bit/weight, about 25% less LM head time per token."""
 LOGITS_TO_KEEP = "logits_to_keep"
-"""Optional int64 [1] input: how many trailing positions get logits (0 or more than the chunk: all; the default)."""
+"""Optional int64 [1] input: how many trailing positions get logits (default 1: the last; 0 or more than the chunk:
+all). The `logits` output is declared [batch, 1, vocab], the default's shape: onnxruntime-genai, which does not feed
+this input, reads that static 1 as a pruned LM head and takes the one row as the last position's, so its prefill
+runs the head once instead of once per prompt token (as its builder's `prune_lm_head`). Feeding N > 1 returns N
+rows (onnxruntime then logs a shape warning); qwen-edge's backend feeds 1, or the chunk length for every position."""
 
 
 @dataclass
@@ -203,8 +207,9 @@ class DecoderBuilder:
                        [prev, resid, self._float(self.name("norm"), self.t(self.name("norm")))],
                        "/model/norm/SkipSLN", domain=MS, outputs=["/model/norm/output_0"], epsilon=a.rms_norm_eps)[0]
         # One LM head, on the last `logits_to_keep` positions only: an overridable initializer (a graph input with a
-        # default) so onnxruntime-genai, which does not feed it, gets every position; our backend feeds 1 (or S).
-        keep = g.init(LOGITS_TO_KEEP, np.array([INT64_MAX], dtype=np.int64))
+        # default of 1) so onnxruntime-genai, which does not feed it, gets the last position alone (see
+        # LOGITS_TO_KEEP); our backend feeds 1, or S for every position.
+        keep = g.init(LOGITS_TO_KEEP, np.array([1], dtype=np.int64))
         g.add_input(LOGITS_TO_KEEP, TensorProto.INT64, [1])
         start = g.op("Neg", [keep], "/lm_head/keep/Neg")
         kept = g.op("Slice", [final, start, g.const_i64([int(INT64_MAX)]), g.const_i64([1])], "/lm_head/keep/Slice")
@@ -212,7 +217,7 @@ class DecoderBuilder:
         if p.float_dtype != np.float32:
             y = g.op("Cast", [y], "/lm_head/Cast", to=TensorProto.FLOAT)
         g.node("Identity", [y], "/lm_head/Identity", outputs=["logits"])
-        g.add_output("logits", TensorProto.FLOAT, ["batch_size", "logits_length", a.vocab_size])
+        g.add_output("logits", TensorProto.FLOAT, ["batch_size", 1, a.vocab_size])
         g.outputs.insert(0, g.outputs.pop())  # logits first, as in onnxruntime-genai's own models
         return self.rec
 

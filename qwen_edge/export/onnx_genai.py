@@ -11,19 +11,34 @@ DEFAULT_MAX_LENGTH = 4096
 """search.max_length: onnxruntime-genai preallocates a KV cache of this many tokens (not the full context)."""
 
 
+def spin_entries(spin: Any) -> dict[str, str]:
+    """onnxruntime session config entries for a target profile's `spin` (targets.check_spin values): `auto` and
+    false: idle compute threads sleep (what measured best for onnxruntime, as qwen-edge's own backend runs it); true:
+    onnxruntime's own spinning; N: spin up to N microseconds. onnxruntime-genai passes string-valued
+    `session_options` keys to onnxruntime as session config entries."""
+    if spin is True:
+        return {"session.intra_op.allow_spinning": "1"}
+    if spin in ("auto", False, None, 0):
+        return {"session.intra_op.allow_spinning": "0"}
+    return {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": str(int(spin))}
+
+
 def genai_config(ckpt: Checkpoint, *, model_file: str, context_length: int, tokenizer: dict[str, Any],
-                 device: str = "cpu", max_length: int | None = None) -> dict[str, Any]:
+                 device: str = "cpu", max_length: int | None = None, spin: Any = "auto") -> dict[str, Any]:
     a = ckpt.arch
     gen = ckpt.generation_config
     stop = list(tokenizer.get("stop_ids") or [tokenizer.get("eos_token_id")])
     provider_options: list[dict[str, Any]] = [{"cuda": {}}] if device == "cuda" else []
+    session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": provider_options}
+    if device == "cpu":
+        session_options.update(spin_entries(spin))
     return {
         "model": {
             "bos_token_id": tokenizer.get("bos_token_id") if tokenizer.get("bos_token_id") is not None
             else tokenizer.get("pad_token_id"),
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "session_options": session_options,
                 "filename": model_file,
                 "head_size": a.head_dim,
                 "hidden_size": a.hidden_size,
