@@ -354,6 +354,32 @@ def render_export_memory(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_adapter_export(recs: list[Record], root: Path) -> list[str]:
+    out = ["## LoRA export: time and memory with and without an adapter (issue 18; "
+           "`benchmarks/bench_adapter_export.py`)", "",
+           "A PEFT LoRA adapter (non-zero B) on every attention and MLP projection; each export in a fresh process, "
+           "the modes alternated within each repeat. `none`: the plain export; `merge`: W + scale*B@A folded in "
+           "float32 per tensor before quantization; `separate`: the unmodified base GGUF plus a llama.cpp LoRA "
+           "GGUF. Peak RSS is the child's VmHWM, CPU s its user + system time; medians over the runs.", ""]
+    for r in recs:
+        st = r["settings"]
+        out += header(r)
+        out.append(f"Checkpoint `{st.get('checkpoint')}`, rank {st.get('rank')}, alpha {st.get('lora_alpha')}, "
+                   f"{st.get('threads')} threads.")
+        out.append("")
+        rows = r["figures"]["rows"]
+        plain = {(x["format"], x["quant"]): x for x in rows if x["mode"] == "none"}
+        body = []
+        for x in rows:
+            base = plain.get((x["format"], x["quant"]))
+            ratio = f"{x['cpu_s'] / base['cpu_s']:.2f}" if base and base["cpu_s"] else "-"
+            body.append([x["format"], x["quant"], x["mode"], x["runs"], f"{x['export_s']:.1f}", f"{x['cpu_s']:.1f}",
+                         ratio, f"{x['peak_rss_mb']:.0f}", f"{x['files_mb']:.0f}"])
+        out += table(["format", "quant", "adapter", "runs", "export s", "CPU s", "CPU vs none", "peak RSS MiB",
+                      "files MiB"], body, "   rrrrrr")
+    return out
+
+
 def render_kv_dtype(recs: list[Record], root: Path) -> list[str]:
     out = ["## ONNX KV cache dtype: fp32 vs fp16 (issue 13, item 5; `qwen-edge bench`)", "",
            "Two ONNX int4 artifacts of one checkpoint that differ only in `quant.kv_dtype`, benched side by side "
@@ -522,7 +548,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
-    "genai": render_genai, "constrained": render_constrained,
+    "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
 }
 
 
