@@ -123,6 +123,11 @@ def test_manifest_records_the_adapter(adapter, arts):
     s = json.loads((arts["separate"] / "manifest.json").read_text())["adapters"][0]
     assert (s["mode"], s["file"], s["scale_in_lora_b"]) == ("separate", "adapter.gguf", False)
     assert "adapters" not in json.loads((arts["base"] / "manifest.json").read_text())
+    from qwen_edge.inspect import inspect, render_inspect
+
+    info = inspect(arts["separate"])
+    assert info["adapters"] == [s]
+    assert f"{adapter} · LoRA r4 alpha 8.0 · {','.join(PROJECTIONS)} · separate adapter.gguf" in render_inspect(info)
 
 
 def test_separate_lora_gguf_matches_merged(arts, reference):
