@@ -363,6 +363,32 @@ def render_export_memory(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_adapter_export(recs: list[Record], root: Path) -> list[str]:
+    out = ["## LoRA export: time and memory with and without an adapter (issue 18; "
+           "`benchmarks/bench_adapter_export.py`)", "",
+           "A PEFT LoRA adapter (non-zero B) on every attention and MLP projection; each export in a fresh process, "
+           "the modes alternated within each repeat. `none`: the plain export; `merge`: W + scale*B@A folded in "
+           "float32 per tensor before quantization; `separate`: the unmodified base GGUF plus a llama.cpp LoRA "
+           "GGUF. Peak RSS is the child's VmHWM, CPU s its user + system time; medians over the runs.", ""]
+    for r in recs:
+        st = r["settings"]
+        out += header(r)
+        out.append(f"Checkpoint `{st.get('checkpoint')}`, rank {st.get('rank')}, alpha {st.get('lora_alpha')}, "
+                   f"{st.get('threads')} threads.")
+        out.append("")
+        rows = r["figures"]["rows"]
+        plain = {(x["format"], x["quant"]): x for x in rows if x["mode"] == "none"}
+        body = []
+        for x in rows:
+            base = plain.get((x["format"], x["quant"]))
+            ratio = f"{x['cpu_s'] / base['cpu_s']:.2f}" if base and base["cpu_s"] else "-"
+            body.append([x["format"], x["quant"], x["mode"], x["runs"], f"{x['export_s']:.1f}", f"{x['cpu_s']:.1f}",
+                         ratio, f"{x['peak_rss_mb']:.0f}", f"{x['files_mb']:.0f}"])
+        out += table(["format", "quant", "adapter", "runs", "export s", "CPU s", "CPU vs none", "peak RSS MiB",
+                      "files MiB"], body, "   rrrrrr")
+    return out
+
+
 def render_kv_dtype(recs: list[Record], root: Path) -> list[str]:
     out = ["## ONNX KV cache dtype: fp32 vs fp16 (issue 13, item 5; `qwen-edge bench`)", "",
            "Two ONNX int4 artifacts of one checkpoint that differ only in `quant.kv_dtype`, benched side by side "
@@ -489,11 +515,49 @@ def render_generic(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_constrained(recs: list[Record], root: Path) -> list[str]:
+    out = ["## Constrained decoding: mask cost per token and decode with a schema (issue 19; "
+           "`benchmarks/bench_constrained.py`)", "",
+           "Mask: each engine computes the allowed-token bitmask over Qwen's 151,936-token vocabulary (the real "
+           "tokenizer.json) at every token of the same JSON instance of the same schema (7 properties: strings, a "
+           "pattern, bounded integer, array, nested object, number, boolean); engines alternate per token. Coverage: "
+           "of 16 JSON Schema features, those the engine enforces (compiles, takes a valid instance, refuses one the "
+           "feature forbids). Decode: greedy tok/s through qwen-edge's one loop on the 0.5B, free vs. under a schema "
+           "(an array of digits that cannot close early), alternated; medians of the repeats after a warm-up. "
+           "qwen-edge uses llguidance.", ""]
+    for r in recs:
+        f = r["figures"]
+        out += header(r)
+        rows = []
+        for name, e in f["mask"].items():
+            if not isinstance(e, dict):
+                continue
+            if not e.get("installed"):
+                rows.append([name, "not installed", "", "", "", "", ""])
+                continue
+            m = e["mask_us"]
+            missing = [k for k, ok in e["coverage"].items() if not ok]
+            rows.append([f"{name} {e['version']}", f"{m['median']:.1f}", f"{m['p90']:.1f}",
+                         f"{e['compile_s'] * 1e3:.1f}", f"{e['tokenizer_setup_s']:.2f}",
+                         f"{e['coverage_count']}/{len(e['coverage'])}", ", ".join(missing) or "-"])
+        out += table(["engine", "mask us/token median", "p90", "schema compile ms", "vocab setup s", "coverage",
+                      "not enforced"], rows, " rrrrr")
+        out += [f"qwen-edge's own step around the mask (bitmask unpacked, applied to float32 logits): "
+                f"{f['mask']['apply_mask_to_logits_us']:.0f} us per token.", ""]
+        if f.get("decode"):
+            rows = [[d["artifact"], f"{d['backend']} {d['format']}/{d['quant']}", d["threads"],
+                     f"{d['median']['free']:.1f}", f"{d['median']['schema']:.1f}", f"{d['schema_over_free']:.2f}"]
+                    for d in f["decode"]]
+            out += table(["artifact", "backend", "threads", "decode tok/s free", "with schema", "ratio"], rows,
+                         "  rrrr")
+    return out
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
-    "genai": render_genai,
+    "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
 }
 
 
