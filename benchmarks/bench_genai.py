@@ -7,6 +7,8 @@ onnxruntime_genai.models.builder -p int4 -e cpu`, which needs onnx_ir: NEEDS bel
 
   genai/builder   onnxruntime-genai generator on the builder's graph (the anchor)
   genai/ours      onnxruntime-genai generator on our artifact, loaded as is
+  genai/ours, onnxruntime session defaults   the same graph with the session options of genai_config.json as the
+                  builder writes them (onnxruntime's default spinning): the graph's share of the difference
   ours/onnx       qwen-edge's backend on our artifact
   ours/llama.cpp  qwen-edge's backend (llama-cpp-python) on the GGUF q4_0
 
@@ -35,8 +37,10 @@ from bench_onnx_vs_llama import EXPORT, child, source_checkpoint  # noqa: E402
 
 NEEDS = ("onnxruntime-genai==0.18.0", "onnx_ir==1.1.0")
 """What this script needs beside qwen-edge[test]: the generator, and onnx_ir, which the 0.18 builder imports."""
-ROWS = ("genai/builder", "genai/ours", "ours/onnx", "ours/llama.cpp")
+CONTROL = "genai/ours, onnxruntime session defaults"
+ROWS = ("genai/builder", "genai/ours", CONTROL, "ours/onnx", "ours/llama.cpp")
 RATIOS = {"genai: ours / builder": ("genai/ours", "genai/builder"),
+          "genai: ours with onnxruntime session defaults / builder": (CONTROL, "genai/builder"),
           "ours: onnx / llama.cpp": ("ours/onnx", "ours/llama.cpp")}
 
 
@@ -66,6 +70,22 @@ def build_anchor(src: Path, out: Path, cache: Path) -> dict[str, Any]:
     shown = ["python", "-m", "onnxruntime_genai.models.builder", "-m", src.name, "-i", "SOURCE", "-o", "OUT",
              "-p", "int4", "-e", "cpu"]
     return {"command": " ".join(shown), "seconds": round(time.perf_counter() - t, 1), "path": str(out)}
+
+
+def default_session_copy(art: Path, out: Path) -> Path:
+    """An onnxruntime-genai folder with our graph (hard links) whose genai_config.json keeps only the session options
+    the builder writes (log_id, provider_options): no manifest.json, so bench runs it as a plain genai model."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in art.iterdir():
+        if f.name not in ("manifest.json", "genai_config.json"):
+            os.link(f, out / f.name)
+    cfg = json.loads((art / "genai_config.json").read_text())
+    so = cfg["model"]["decoder"]["session_options"]
+    cfg["model"]["decoder"]["session_options"] = {k: so[k] for k in ("log_id", "provider_options") if k in so}
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
 
 
 def graph_facts(model: Path) -> dict[str, Any]:
@@ -120,8 +140,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from qwen_edge.bench import bench
 
-    pairs = [(builder_art, "onnxruntime-genai"), (ours_art, "onnxruntime-genai"), (ours_art, "qwen-edge"),
-             (gguf_art, "qwen-edge")]
+    control_art = default_session_copy(ours_art, work / "onnx-int4-session-defaults")
+    pairs = [(builder_art, "onnxruntime-genai"), (ours_art, "onnxruntime-genai"), (control_art, "onnxruntime-genai"),
+             (ours_art, "qwen-edge"), (gguf_art, "qwen-edge")]
     load_before = os.getloadavg()
     report = bench(pairs, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
                    repeat=a.repeats, warmup=1, log=lambda m: print(m, file=sys.stderr))
@@ -138,6 +159,9 @@ def main() -> int:
         "anchor": {**anchor, "onnxruntime_genai": versions["onnxruntime-genai"], "onnx_ir": versions["onnx_ir"]},
         "graphs": {"genai/builder": graph_facts(builder_art / "model.onnx"),
                    "ours": graph_facts(ours_art / "model.onnx")},
+        "session_options": {name: json.loads((p / "genai_config.json").read_text())["model"]["decoder"][
+            "session_options"] for name, p in (("genai/builder", builder_art), ("genai/ours", ours_art),
+                                               (CONTROL, control_art))},
         "export": {"onnx int4": onnx_exp, "gguf q4_0": gguf_exp},
     }
     settings = {"threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
@@ -146,7 +170,7 @@ def main() -> int:
                 "load_average_after": [round(x, 2) for x in load_after], **report["config"]}
     for row, r in res.items():
         d, p = r["decode_tokens_per_s"], r["prefill_tokens_per_s"]
-        print(f"{row:15s} decode {d['median']:6.1f} ({d['min']:.1f}-{d['max']:.1f})  "
+        print(f"{row:42s} decode {d['median']:6.1f} ({d['min']:.1f}-{d['max']:.1f})  "
               f"prefill {p['median']:6.1f} ({p['min']:.1f}-{p['max']:.1f}) tok/s")
     for name, v in ratios.items():
         print(f"{name}: decode {v['decode']['medians']:.2f}x (paired {v['decode']['paired']['median']:.2f}x), "
@@ -154,7 +178,7 @@ def main() -> int:
     write_record("genai", figures, settings=settings, notes=a.note, label=a.label,
                  extra_machine={"read_bandwidth_gbps": report["machine"].get("read_bandwidth_gbps")})
     if not a.keep:
-        for p in (ours_art, gguf_art, builder_art, work / "builder-cache"):
+        for p in (ours_art, gguf_art, builder_art, control_art, work / "builder-cache"):
             shutil.rmtree(p, ignore_errors=True)
     return 0
 

@@ -202,15 +202,20 @@ def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+GENAI_TARGETS = ("genai: ours / builder", "ours: onnx / llama.cpp")
+
+
 def render_genai(recs: list[Record], root: Path) -> list[str]:
     out = ["## The app path: onnxruntime-genai on our artifact vs its builder's graph, and vs llama.cpp (issue 17; "
            "`benchmarks/bench_genai.py`)", "",
            "One run per record: our ONNX int4 and GGUF q4_0 exported from one checkpoint, and onnxruntime-genai's own "
-           "builder's int4 CPU graph of the same checkpoint built in the run (not committed), then four rows timed by "
+           "builder's int4 CPU graph of the same checkpoint built in the run (not committed), then five rows timed by "
            "`qwen-edge bench`'s machinery (`--engine onnxruntime-genai` for the generator rows), every run a fresh "
            "process, the order alternating per repeat, the same prompt ids and token counts. \"Paired\" divides "
-           "each repeat's figure by the one measured next to it. Targets: genai on ours >= 1.0x genai on the "
-           "builder's graph, our backend's ONNX int4 >= 1.0x llama.cpp q4_0, decode and prefill.", ""]
+           "each repeat's figure by the one measured next to it. The control row runs our graph with the session "
+           "options the builder writes (onnxruntime's default spinning), which separates what the graph gains from "
+           "what `genai_config.json` gains. Targets: genai on ours >= 1.0x genai on the builder's graph, our "
+           "backend's ONNX int4 >= 1.0x llama.cpp q4_0, decode and prefill.", ""]
     for r in recs:
         f, s = r["figures"], r["settings"]
         out += header(r)
@@ -229,20 +234,24 @@ def render_genai(recs: list[Record], root: Path) -> list[str]:
                 p = v[k]["paired"]
                 cells.append(f"{v[k]['medians']:.2f} / {mm(p, '.2f')}")
             met = ", ".join(f"{k} {'met' if v[k]['paired']['median'] >= 1.0 and v[k]['medians'] >= 1.0 else 'not met'}"
-                            for k in ("decode", "prefill"))
+                            for k in ("decode", "prefill")) if name in GENAI_TARGETS else "(control: no target)"
             rrows.append([name, *cells, met])
         out += table(["ratio", "decode: medians / paired (range)", "prefill: medians / paired (range)",
                       "target >= 1.0"], rrows)
         a = f["anchor"]
         out += [f"Anchor: `{a['command']}` (onnxruntime-genai {a['onnxruntime_genai']}, onnx_ir {a['onnx_ir']}; "
                 f"{a['seconds']:.0f} s). {s['repeats']} repeats, {s['prompt_tokens']} prompt / {s['gen_tokens']} "
-                f"generated tokens (greedy), {s['threads']} threads.", ""]
+                f"generated tokens (greedy), {','.join(map(str, s['threads'])) if isinstance(s['threads'], list) else s['threads']} "
+                f"threads.", ""]
         grows = []
         for name, g in f["graphs"].items():
             grows.append([name, g["nodes"], ", ".join(f"{k} {v}" for k, v in g["matmulnbits"].items()),
                           "[" + ", ".join(map(str, g["logits_shape"])) + "]", g["kv_elem_type"],
                           ", ".join(f"{k} {v}" for k, v in list(g["ops"].items())[:8])])
         out += table(["graph", "nodes", "MatMulNBits", "logits", "KV", "most frequent ops"], grows)
+        for name, so in (f.get("session_options") or {}).items():
+            out.append(f"- session options in `genai_config.json` of {name}: `{json.dumps(so, sort_keys=True)}`")
+        out.append("")
     return out
 
 

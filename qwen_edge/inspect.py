@@ -62,6 +62,7 @@ def _inspect_artifact(root: Path) -> dict[str, Any]:
         "recipe": m.get("recipe"),
         "toolkit": m.get("toolkit"),
         "parity": m.get("parity"),
+        "adapters": m.get("adapters") or [],
         "kv_cache": kv_cache_facts(m, art.size_bytes, art.context_length),
         "integrity": f"sha256 of {len(m['files'])} files checked",
     }
@@ -234,6 +235,12 @@ def render_inspect(info: dict[str, Any]) -> str:
         add("source", f"{src.get('path')} · weights sha256 {str(src.get('weights_sha256'))[:12]}")
     elif src:
         add("source", str(src))
+    for ad in info.get("adapters") or []:
+        if isinstance(ad, dict):
+            add("adapter", f"{ad.get('source')} · LoRA r{ad.get('rank')} alpha {ad.get('alpha')}"
+                + (" rsLoRA" if ad.get("use_rslora") else "") + f" · {','.join(ad.get('targets') or [])} · "
+                + (f"separate {ad['file']}" if ad.get("file") else "merged")
+                + f" · sha256 {str(ad.get('sha256'))[:12]}")
     if "target" in info or info.get("recipe"):
         rec = info.get("recipe") or {}
         add("target", f"{info.get('target') or '-'}" + (f" · recipe {rec['name']}" if rec.get("name") else ""))
@@ -253,7 +260,7 @@ def render_inspect(info: dict[str, Any]) -> str:
     shown = {"path", "integrity", "format", "quant", "bits_per_weight", "size_bytes", "architecture", "context_length",
              "type_counts", "tensor_types", "tokenizer", "template", "source", "target", "recipe", "parity", "files",
              "name", "model_file", "quantization", "toolkit", "metadata", "tensors", "chat_template",
-             "hyperparameters", "tensor_count", "parameters", "size_label", "kv_cache"}
+             "hyperparameters", "tensor_count", "parameters", "size_label", "kv_cache", "adapters"}
     for k, v in info.items():  # whatever else a bare-file inspector reports
         if k not in shown and v not in (None, "", [], {}):
             add(k, _generic(v))

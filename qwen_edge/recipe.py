@@ -122,8 +122,8 @@ class Recipe:
 
     def build_inputs(self) -> dict[str, Any]:
         """What determines the artifact's bytes (verify settings excluded): recorded as the manifest's recipe."""
-        out = {"name": self.name or None, "model": self.model or None, "format": self.format,
-               "quant": asdict(self.quant), "target": self.target, "max_context": self.max_context}
+        out: dict[str, Any] = {"name": self.name or None, "model": self.model or None, "format": self.format,
+                               "quant": asdict(self.quant), "target": self.target, "max_context": self.max_context}
         if self.adapter:  # only then: a plain recipe's record (and its cached artifacts) stay as they were
             out.update(adapter=list(self.adapter), adapter_mode=self.adapter_mode)
         return out

@@ -19,6 +19,8 @@ class VerifyReport(TypedDict):
     failed: list[str]
     artifact: str
     reference: str
+    reference_adapters: list[str]
+    """LoRA adapters the manifest records, merged on the reference by PEFT (empty: none)."""
     format: str
     quant: str
     tokens_evaluated: int

@@ -357,7 +357,8 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
 
     recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
     prefixes: list[int] = []
-    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads, **({"adapters": adapters} if adapters else {}))
+    ref_options: dict[str, Any] = {"adapters": adapters} if adapters else {}
+    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads, **ref_options)
     try:
         art_rt = load(art.path, max_context=longest + 8, threads=threads)
         try:

@@ -123,6 +123,11 @@ def test_manifest_records_the_adapter(adapter, arts):
     s = json.loads((arts["separate"] / "manifest.json").read_text())["adapters"][0]
     assert (s["mode"], s["file"], s["scale_in_lora_b"]) == ("separate", "adapter.gguf", False)
     assert "adapters" not in json.loads((arts["base"] / "manifest.json").read_text())
+    from qwen_edge.inspect import inspect, render_inspect
+
+    info = inspect(arts["separate"])
+    assert info["adapters"] == [s]
+    assert f"{adapter} · LoRA r4 alpha 8.0 · {','.join(PROJECTIONS)} · separate adapter.gguf" in render_inspect(info)
 
 
 def test_separate_lora_gguf_matches_merged(arts, reference):
@@ -288,24 +293,22 @@ def test_adapter_for_another_hub_base(base, adapter, work):
 
 
 def test_recipe_adapter_key_and_rebuild(base, adapter, work, tmp_path):
-    """A recipe's `adapter` (one path or a list) reaches the export; a changed adapter rebuilds the artifact."""
+    """A recipe's `adapter` (one path or a list) reaches the export; an adapter changed in place rebuilds it."""
+    from safetensors.numpy import save_file
+
     from qwen_edge.recipe import load_recipe
     from qwen_edge.recipe_run import export_recipe
 
+    mine = _bad(work, adapter, "changed")
     y = tmp_path / "r.yaml"
-    y.write_text(f"source: {base}\nformat: gguf\nquant: f32\nadapter: {adapter}\n")
+    y.write_text(f"source: {base}\nformat: gguf\nquant: f32\nadapter: {mine}\n")
     recipe = load_recipe(y)
-    assert recipe.adapter == [str(adapter)] and recipe.adapter_mode == "merge"
+    assert recipe.adapter == [str(mine)] and recipe.adapter_mode == "merge"
     out = work / "recipe-out"
     first = export_recipe(recipe, out, verify=False)
-    assert json.loads((first.path / "manifest.json").read_text())["adapters"][0]["source"] == str(adapter)
+    assert json.loads((first.path / "manifest.json").read_text())["adapters"][0]["source"] == str(mine)
     assert export_recipe(recipe, out, verify=False).skipped
-    moved = _bad(work, adapter, "changed")
-    t = _adapter_tensors(moved)
-    from safetensors.numpy import save_file
-
-    save_file({k: v * 2 for k, v in t.items()}, str(moved / "adapter_model.safetensors"))
-    recipe.adapter = [str(moved)]
+    save_file({k: v * 2 for k, v in _adapter_tensors(mine).items()}, str(mine / "adapter_model.safetensors"))
     assert not export_recipe(recipe, out, verify=False).skipped
 
 
@@ -318,3 +321,29 @@ def test_generate_cli_adapter_flag(cli, arts):
     assert json.loads(r.stdout)["output_ids"] == json.loads(merged.stdout)["output_ids"]
     plain = cli("generate", str(arts["base"]), *args)
     assert json.loads(plain.stdout)["output_ids"] != json.loads(merged.stdout)["output_ids"]
+
+
+def test_adapter_from_the_hub_cache(cli, base, adapter, tmp_path):
+    """An adapter given as a hub id resolves through the Hugging Face cache (offline here), like a checkpoint: the
+    manifest records its id and commit, and verify finds it again at that commit."""
+    import hashlib
+
+    from test_hub import add_snapshot
+
+    home = tmp_path / "hf-home"
+    commit = hashlib.sha1(b"qwen-edge test lora").hexdigest()
+    add_snapshot(home / "hub", "qwen-edge-test/tiny-lora", adapter, commit, refs=("main",))
+    env = {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = cli("export", str(base), "--adapter", "qwen-edge-test/tiny-lora", "--format", "gguf", "--quant", "f32",
+            "-o", str(tmp_path / "out"), "--name", "hub", "--no-verify", env=env)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "out" / "hub" / "manifest.json").read_text())["adapters"][0]
+    assert (rec["source"], rec["hub_id"], rec["commit"]) == ("qwen-edge-test/tiny-lora", "qwen-edge-test/tiny-lora",
+                                                             commit)
+    r = cli("verify", str(tmp_path / "out" / "hub"), "--reference", str(base), "--quick", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    (ref_adapter,) = json.loads(r.stdout)["reference_adapters"]
+    assert ref_adapter.endswith(f"snapshots/{commit}")
+    r = cli("export", str(base), "--adapter", "qwen-edge-test/no-such-lora", "--format", "gguf", "--quant", "f32",
+            "-o", str(tmp_path / "out"), "--no-verify", env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
