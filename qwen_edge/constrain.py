@@ -54,11 +54,12 @@ class Constraint:
     def matcher(self, tokenizer: Tokenizer, n_vocab: int, stop_ids: Sequence[int]) -> "Matcher":
         """A fresh matcher over `tokenizer`'s vocabulary padded to the logits width `n_vocab`."""
         llg = _llg()
-        m = llg.LLMatcher(_ll_tokenizer(tokenizer, n_vocab, tuple(int(i) for i in stop_ids)), self.grammar,
-                          log_level=0)
+        llt = _ll_tokenizer(tokenizer, n_vocab, tuple(int(i) for i in stop_ids))
+        m = llg.LLMatcher(llt, self.grammar, log_level=0)
         if m.is_error():
             raise ConstraintError(f"{self.kind}: {first_line(m.get_error())}")
-        return Matcher(m, n_vocab)
+        # without stop ids llguidance falls back on the tokenizer's own end token: nothing may end the output then
+        return Matcher(m, n_vocab, refused=() if stop_ids else tuple(llt.eos_tokens))
 
 
 def _validated(kind: str, grammar: str, source: str) -> Constraint:
@@ -184,14 +185,16 @@ def _ll_tokenizer(tokenizer: Tokenizer, n_vocab: int, stop_ids: tuple[int, ...])
 class Matcher:
     """One generation's position in a grammar: `mask` the logits, then `advance` with the chosen token."""
 
-    def __init__(self, matcher: Any, n_vocab: int):
+    def __init__(self, matcher: Any, n_vocab: int, refused: Sequence[int] = ()):
         self._m = matcher
         self.n_vocab = n_vocab
+        self._refused = [int(i) for i in refused if 0 <= int(i) < n_vocab]
 
     def allowed(self) -> np.ndarray:
         """Boolean vector over the vocabulary: the tokens the grammar allows next."""
         bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
+        allowed[self._refused] = False
         if self._m.is_error():
             raise QwenEdgeError(f"constrained decoding failed: {first_line(self._m.get_error())}")
         return allowed

@@ -135,6 +135,11 @@ class _ThinkState:
                 if t == im_start:
                     break
 
+    @property
+    def grammar_done(self) -> bool:
+        """The constraint is complete and there is no stop id to end on: the generation ends here ("stop")."""
+        return not self.stops and not self.forced and self.matcher is not None and self.matcher.stopped
+
     def next_token(self, runtime: Runtime, sampler: Callable[..., int], context: Sequence[int]) -> int:
         if self.forced:
             return self.forced.pop(0)
@@ -255,6 +260,9 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
         stats.prefill_s = t_prefilled - t0
         context = list(prompt)
         while len(out) < max_new_tokens:
+            if think is not None and think.grammar_done:
+                finish = "stop"
+                break
             tok = think.next_token(runtime, sampler, context) if think is not None else sampler(runtime.logits(),
                                                                                                   context)
             if t_first is None:

@@ -60,6 +60,11 @@ def test_json_object_and_regex_and_grammar(session):
     out = generate(rt, ids, tokenizer=tok, stop_ids=session.stop_ids, max_new_tokens=40,
                    sampling=Sampling(temperature=1.0, seed=5), constraint=constrain.regex(r"[A-C]{3}-\d{2,4}"))
     assert out.finish_reason == "stop" and re.fullmatch(r"[A-C]{3}-\d{2,4}", out.text), out.text
+    # without stop ids the grammar alone ends the output: complete -> "stop"; open-ended -> it runs to the limit
+    out = generate(rt, ids, tokenizer=tok, stop_ids=[], max_new_tokens=40, constraint=constrain.regex(r"[A-C]{3}"))
+    assert out.finish_reason == "stop" and out.stop_id is None and re.fullmatch(r"[A-C]{3}", out.text), out.text
+    out = generate(rt, ids, tokenizer=tok, stop_ids=[], max_new_tokens=12, constraint=constrain.regex(r"[a-c]+"))
+    assert out.finish_reason == "length" and re.fullmatch(r"[a-c]+", out.text), out.text
     lark = 'start: "move " DIR " " NUM\nDIR: "north" | "south"\nNUM: /[1-9]/'
     out = generate(rt, ids, tokenizer=tok, stop_ids=session.stop_ids, max_new_tokens=40,
                    constraint=constrain.grammar(lark))
@@ -78,6 +83,10 @@ def test_stop_ids_allowed_exactly_when_the_grammar_accepts():
         assert np.isneginf(masked[~allowed]).all() and (masked[allowed] == 0).all()
         m.advance(tok.encode(piece)[0])
     assert m.stopped and np.flatnonzero(m.allowed()).tolist() == [ENDOFTEXT, IM_END]
+    # no stop ids: no end token at all (llguidance would fall back on the tokenizer's own)
+    m = constrain.regex(r"a+").matcher(tok, 151936, [])
+    m.advance(tok.encode("a")[0])
+    assert m.accepting and not m.allowed()[[IM_END, ENDOFTEXT]].any()
 
 
 def test_thinking_budget_closes_the_block_at_n_tokens(exported):
@@ -221,3 +230,12 @@ def test_property_generated_schemas_always_validate(property_sessions, schema, s
                    sampling=Sampling(temperature=1.0, top_k=50, seed=seed))
     assert r.finish_reason == "stop", (schema, r.raw_text)
     jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_chat_cli_thinking_budget(cli, exported):
+    art = str(exported("tiny-qwen3", "gguf", "q8_0"))
+    r = cli("chat", art, "--think", "--thinking-budget", "3", "--max-new-tokens", "12", "--temperature", "0",
+            input="hi\n")
+    assert r.returncode == 0, r.stderr
+    r = cli("chat", art, "--thinking-budget", "-2", input="hi\n")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: thinking_budget must be >= 0, not -2"]
