@@ -124,6 +124,8 @@ def main() -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--onnx-options", default="{}", help="JSON exporter options for our int4 artifact")
+    ap.add_argument("--variant-options", help="JSON exporter options of a second int4 export, timed under both engines "
+                    "as two more rows (e.g. a block size or LM head a target profile might pick)")
     ap.add_argument("--keep", action="store_true", help="keep the exports and the builder's graph in --workdir")
     ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
@@ -143,29 +145,40 @@ def main() -> int:
     control_art = default_session_copy(ours_art, work / "onnx-int4-session-defaults")
     pairs = [(builder_art, "onnxruntime-genai"), (ours_art, "onnxruntime-genai"), (control_art, "onnxruntime-genai"),
              (ours_art, "qwen-edge"), (gguf_art, "qwen-edge")]
+    rows, ratios_of, cleanup = list(ROWS), dict(RATIOS), [ours_art, gguf_art, builder_art, control_art]
+    exports, graphs = {"onnx int4": onnx_exp, "gguf q4_0": gguf_exp}, {"genai/builder": builder_art, "ours": ours_art}
+    if a.variant_options:
+        var_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4-variant", a.variant_options)
+        var_art = Path(var_exp["path"])
+        pairs += [(var_art, "onnxruntime-genai"), (var_art, "qwen-edge")]
+        rows += ["genai/ours variant", "ours/onnx variant"]
+        ratios_of.update({"genai: ours variant / builder": ("genai/ours variant", "genai/builder"),
+                          "ours: onnx variant / llama.cpp": ("ours/onnx variant", "ours/llama.cpp")})
+        cleanup.append(var_art)
+        exports["onnx int4 variant"], graphs["ours variant"] = var_exp, var_art
     load_before = os.getloadavg()
     report = bench(pairs, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens, threads=a.threads,
                    repeat=a.repeats, warmup=1, log=lambda m: print(m, file=sys.stderr))
     load_after = os.getloadavg()
-    res = dict(zip(ROWS, report["results"]))
+    res = dict(zip(rows, report["results"]))
     for r in res.values():
         r.pop("generated_ids", None)
     ratios = {}
-    for name, (x, y) in RATIOS.items():
+    for name, (x, y) in ratios_of.items():
         ratios[name] = {k: {"medians": res[x][f"{k}_tokens_per_s"]["median"] / res[y][f"{k}_tokens_per_s"]["median"],
                             "paired": paired(res[x], res[y], f"{k}_tokens_per_s")} for k in ("decode", "prefill")}
     figures = {
         "results": res, "ratios": ratios,
         "anchor": {**anchor, "onnxruntime_genai": versions["onnxruntime-genai"], "onnx_ir": versions["onnx_ir"]},
-        "graphs": {"genai/builder": graph_facts(builder_art / "model.onnx"),
-                   "ours": graph_facts(ours_art / "model.onnx")},
+        "graphs": {name: graph_facts(p / "model.onnx") for name, p in graphs.items()},
         "session_options": {name: json.loads((p / "genai_config.json").read_text())["model"]["decoder"][
             "session_options"] for name, p in (("genai/builder", builder_art), ("genai/ours", ours_art),
                                                (CONTROL, control_art))},
-        "export": {"onnx int4": onnx_exp, "gguf q4_0": gguf_exp},
+        "export": exports,
     }
     settings = {"threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                 "repeats": a.repeats, "source": str(src), "onnx_options": json.loads(a.onnx_options),
+                "variant_options": json.loads(a.variant_options) if a.variant_options else None,
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in load_after], **report["config"]}
     for row, r in res.items():
@@ -178,7 +191,7 @@ def main() -> int:
     write_record("genai", figures, settings=settings, notes=a.note, label=a.label,
                  extra_machine={"read_bandwidth_gbps": report["machine"].get("read_bandwidth_gbps")})
     if not a.keep:
-        for p in (ours_art, gguf_art, builder_art, control_art, work / "builder-cache"):
+        for p in (*cleanup, work / "builder-cache"):
             shutil.rmtree(p, ignore_errors=True)
     return 0
 

@@ -234,7 +234,7 @@ def render_genai(recs: list[Record], root: Path) -> list[str]:
                 p = v[k]["paired"]
                 cells.append(f"{v[k]['medians']:.2f} / {mm(p, '.2f')}")
             met = ", ".join(f"{k} {'met' if v[k]['paired']['median'] >= 1.0 and v[k]['medians'] >= 1.0 else 'not met'}"
-                            for k in ("decode", "prefill")) if name in GENAI_TARGETS else "(control: no target)"
+                            for k in ("decode", "prefill")) if name in GENAI_TARGETS else "(not a target)"
             rrows.append([name, *cells, met])
         out += table(["ratio", "decode: medians / paired (range)", "prefill: medians / paired (range)",
                       "target >= 1.0"], rrows)
@@ -242,7 +242,8 @@ def render_genai(recs: list[Record], root: Path) -> list[str]:
         out += [f"Anchor: `{a['command']}` (onnxruntime-genai {a['onnxruntime_genai']}, onnx_ir {a['onnx_ir']}; "
                 f"{a['seconds']:.0f} s). {s['repeats']} repeats, {s['prompt_tokens']} prompt / {s['gen_tokens']} "
                 f"generated tokens (greedy), {','.join(map(str, s['threads'])) if isinstance(s['threads'], list) else s['threads']} "
-                f"threads.", ""]
+                f"threads." + (f" Variant rows: our int4 exported with options `{json.dumps(s['variant_options'])}`."
+                               if s.get("variant_options") else ""), ""]
         grows = []
         for name, g in f["graphs"].items():
             grows.append([name, g["nodes"], ", ".join(f"{k} {v}" for k, v in g["matmulnbits"].items()),

@@ -42,6 +42,11 @@ class Target:
     """llama.cpp layers to offload (-1 = all)."""
     accuracy_level: int = 4
     """onnxruntime MatMulNBits accuracy level (4 = int8 compute on CPU, 0 = unset)."""
+    onnx_block_size: int | None = None
+    """Default MatMulNBits block size of this target's int4/int8 ONNX exports (None: the exporter's, 32); an export
+    option or recipe still overrides it. Fewer scale bytes per weight: a memory-bound CPU decodes faster."""
+    onnx_lm_head_bits: int | None = None
+    """Default LM head bits of this target's int4/int8 ONNX exports: 4, 8 or 16 (None: the exporter's, 8)."""
     max_context: int = 4096
     """KV cache tokens a runtime preallocates by default."""
     memory_cap_mb: int | None = None
@@ -167,6 +172,10 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         t.spin = check_spin(t.spin)
     except QwenEdgeError as e:
         raise QwenEdgeError(f"{src}: {e}") from None
+    for key, allowed in (("onnx_block_size", (16, 32, 64, 128, 256)), ("onnx_lm_head_bits", (4, 8, 16))):
+        v = getattr(t, key)
+        if v is not None and (isinstance(v, bool) or v not in allowed):
+            raise QwenEdgeError(f"{src}: {key} must be one of {', '.join(map(str, allowed))}, not {v!r}")
     return t
 
 

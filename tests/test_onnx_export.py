@@ -437,3 +437,22 @@ def test_a_write_failing_midway_leaves_no_artifact(synth_ckpt, tmp_path, monkeyp
     with pytest.raises(QwenEdgeError, match="No space left"):
         export(synth_ckpt("tiny-qwen3"), "onnx", "int4", tmp_path, name="full")
     assert not list(tmp_path.iterdir())
+
+
+def test_target_profile_picks_block_size_and_lm_head_bits(synth_ckpt, tmp_path):
+    """A target's onnx_block_size / onnx_lm_head_bits are the defaults of its int4 exports (a memory-bound CPU reads
+    fewer bytes per token); an export option still wins; a bad value in a profile is one error."""
+    from qwen_edge.export import export
+    from qwen_edge.targets import load_target
+
+    src = synth_ckpt("tiny-qwen3")
+    prof = {"name": "bw-bound", "onnx_block_size": 64, "onnx_lm_head_bits": 4}
+    q = _manifest(export(src, "onnx", "int4", tmp_path, name="t", target=prof))["quantization"]
+    assert (q["block_size"], q["lm_head"], q["lm_head_block_size"]) == (64, "int4", 64)
+    q = _manifest(export(src, "onnx", "int4", tmp_path, name="o", target=prof,
+                         options={"block_size": 32}))["quantization"]
+    assert (q["block_size"], q["lm_head"]) == (32, "int4")
+    q = _manifest(export(src, "onnx", "int4", tmp_path, name="d", target="cpu-x86_64"))["quantization"]
+    assert (q["block_size"], q["lm_head"]) == (32, "int8")  # the shipped x86-64 profile keeps the exporter's
+    with pytest.raises(QwenEdgeError, match="onnx_block_size must be one of"):
+        load_target({"name": "x", "onnx_block_size": 48})

@@ -20,9 +20,9 @@ from ..formats.quants import quants_of
 
 QUANTS = quants_of("onnx")
 OPTIONS = {
-    "block_size": "MatMulNBits block size along K (power of two >= 16; default 32)",
+    "block_size": "MatMulNBits block size along K (power of two >= 16; default the target's onnx_block_size, else 32)",
     "symmetric": "symmetric blocks without zero points (default true)",
-    "lm_head_bits": "LM head: 4, 8 or 16 (float); default 8 for int4/int8",
+    "lm_head_bits": "LM head: 4, 8 or 16 (float); default the target's onnx_lm_head_bits, else 8 for int4/int8",
     "lm_head_block_size": "LM head block size along K (default 128 for an int8 head, else block_size)",
     "quantize_embeddings": "embeddings as GatherBlockQuantized (default true for int4/int8)",
     "accuracy_level": "MatMulNBits accuracy_level (default: the target's, 4 = int8 compute on CPU; "
@@ -93,10 +93,13 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     if quant in ("int4", "int8"):
         bits = 4 if quant == "int4" else 8
         plan.linear_bits = bits
-        head = _int(options.get("lm_head_bits", 8), "lm_head_bits")
+        # the target profile's defaults (a CPU whose decode is bound by memory reads may pick smaller weights)
+        default_head = (target.get("onnx_lm_head_bits") if target is not None else None) or 8
+        default_block = (target.get("onnx_block_size") if target is not None else None) or 32
+        head = _int(options.get("lm_head_bits", default_head), "lm_head_bits")
         plan.lm_head_bits = None if head == 16 else head
         plan.quantize_embeddings = _bool(options.get("quantize_embeddings", True), "quantize_embeddings")
-        plan.block_size = _int(options.get("block_size", 32), "block_size")
+        plan.block_size = _int(options.get("block_size", default_block), "block_size")
         if "lm_head_block_size" in options:  # else the builder picks (see DecoderBuilder.head_block)
             plan.lm_head_block_size = _int(options["lm_head_block_size"], "lm_head_block_size")
         plan.symmetric = _bool(options.get("symmetric", True), "symmetric")
