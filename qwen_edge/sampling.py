@@ -1,4 +1,5 @@
-"""Token sampling from logits in numpy: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
+"""Token sampling from logits in numpy: greedy, temperature, top-k, top-p, min-p, repetition, presence and frequency
+penalties, seeded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ TOP_P_PROBE = 1024
 
 @dataclass
 class Sampling:
-    """How the next token is chosen from the logits (applied in this order: penalty, temperature, top-k, top-p, min-p)."""
+    """How the next token is chosen from the logits (applied in this order: penalties, temperature, top-k, top-p,
+    min-p)."""
 
     temperature: float = 0.0
     """0 = greedy (argmax); otherwise logits are divided by it before the softmax."""
@@ -27,6 +29,10 @@ class Sampling:
     """Drop tokens whose probability is below min_p times the most likely one's (0 = off)."""
     repetition_penalty: float = 1.0
     """HF/CTRL penalty on tokens already in the context: positive logits divided, negative multiplied (1 = off)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token this generation has already produced (0 = off)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time this generation has produced it (0 = off)."""
     seed: int | None = 0
     """Seed of the numpy Generator; the same seed, logits and settings give the same tokens."""
 
@@ -37,6 +43,8 @@ class Sampling:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -121,6 +129,7 @@ class Sampler:
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
         self.rng = np.random.default_rng(sampling.seed)
+        self.counts: dict[int, int] = {}  # how often this sampler has chosen each token (presence/frequency)
 
     def __call__(self, logits: np.ndarray, context_ids: Iterable[int] = ()) -> int:
         s = self.sampling
@@ -129,6 +138,18 @@ class Sampler:
             raise QwenEdgeError(f"sampling needs a 1-D logits vector, got shape {x.shape}")
         if s.repetition_penalty != 1.0:
             x = apply_repetition_penalty(x, context_ids, s.repetition_penalty)
+        if (s.presence_penalty or s.frequency_penalty) and self.counts:
+            x = np.array(x, dtype=np.float32, copy=True)
+            ids = np.fromiter(self.counts, dtype=np.int64)
+            n = np.fromiter(self.counts.values(), dtype=np.float32)
+            keep = ids < x.shape[-1]
+            x[ids[keep]] -= s.presence_penalty + s.frequency_penalty * n[keep]
+        tok = self._choose(x)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        return tok
+
+    def _choose(self, x: np.ndarray) -> int:
+        s = self.sampling
         if s.greedy:
             return int(np.argmax(x))
         ids, p = candidate_probs(x, s)

@@ -127,11 +127,12 @@ def _parse_sampling(body: Mapping[str, Any], generation_config: Mapping[str, Any
     min_p = _opt(body, "min_p", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     rep = _opt(body, "repetition_penalty", lambda v: _is_num(v) and v > 0, "a number > 0")
     seed = _opt(body, "seed", _is_int, "an integer")
-    for name in ("presence_penalty", "frequency_penalty"):  # accepted (clients send 0), not applied
-        _opt(body, name, lambda v: _is_num(v) and -2 <= v <= 2, "a number in [-2, 2]")
+    presence, frequency = (_opt(body, name, lambda v: _is_num(v) and -2 <= v <= 2, "a number in [-2, 2]")
+                           for name in ("presence_penalty", "frequency_penalty"))
     try:
         s = Sampling.from_generation_config(generation_config, temperature=t, top_p=top_p, top_k=top_k,
-                                            min_p=min_p, repetition_penalty=rep)
+                                            min_p=min_p, repetition_penalty=rep, presence_penalty=presence,
+                                            frequency_penalty=frequency)
     except QwenEdgeError as e:
         raise _bad("temperature", first_line(e)) from None
     # An unseeded sampled request differs run to run, as OpenAI's do; a seed makes it repeatable.
@@ -470,11 +471,22 @@ class _Chunks:
 
 # --- the app ------------------------------------------------------------------------------------------------------
 DISCONNECT_POLL_S = 0.1
+MAX_BODY_BYTES = 16 << 20
+"""The largest request body read (16 MiB: far above any conversation a small model's context holds); more is 413."""
+API_KEY_ENV = "QWEN_EDGE_API_KEY"
+"""Where `serve` takes its API key when --api-key is not given (a key on the command line shows in `ps`)."""
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
-    """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    `allow_origins`: browser origins allowed to call it (CORS; "*" for any); none by default, so a web page on
+    another origin cannot drive a local model unless the user says so.
+    """
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -493,7 +505,17 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
     async def read_json(request: Request) -> Any:
-        raw = await request.body()
+        too_big = ApiError(413, f"the request body is over {max_body_bytes} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -586,12 +608,14 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
         return error(ApiError(status, f"{request.method} {request.url.path}: {detail}",
                               code="not_found" if status == 404 else None))
 
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["Authorization", "Content-Type"])] if allow_origins else []
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-    ], exception_handlers={HTTPException: http_error})
+    ], exception_handlers={HTTPException: http_error}, middleware=middleware)
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
@@ -616,11 +640,11 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_context: int | None = None, threads: int | None = None,
           queue: int = 8, target: str | None = None, device: str = "cpu", verbose: bool = False,
-          announce: Callable[[str], None] | None = None) -> int:
+          allow_origins: Sequence[str] = (), announce: Callable[[str], None] | None = None) -> int:
     """Load `artifact`, bind host:port (port 0: any free one) and serve until SIGINT/SIGTERM; returns 0.
 
     A bad artifact or a port that cannot be bound is a QwenEdgeError before anything listens. `announce` gets the
-    one startup line (the URL); the CLI prints it on stderr.
+    one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set.
     """
     require_extra()
     import uvicorn
@@ -630,6 +654,10 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
 
     if queue < 0:
         raise QwenEdgeError(f"--queue must be >= 0, not {queue}")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key)):
+        raise QwenEdgeError("the API key must be a non-empty string without spaces")
     meta = model_meta(os.fspath(artifact))
     session = ChatSession.load(artifact, device=device, target=target, max_context=max_context, threads=threads)
     session.max_new_tokens = session.context_length  # no max_tokens: until a stop or the context is full
@@ -640,7 +668,7 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     except BaseException:
         engine.close()
         raise
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, allow_origins=allow_origins)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _server(config, engine)

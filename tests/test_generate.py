@@ -100,8 +100,23 @@ def test_top_p_fast_path_is_exact_on_full_vocab():
         assert abs(p.sum() - 1) < 1e-9
 
 
+def test_presence_and_frequency_penalties_semantics():
+    # OpenAI's: logit -= presence * (count > 0) + frequency * count, over the tokens this generation chose
+    x = np.array([3.0, 2.5, 1.0, 0.0], dtype=np.float32)
+    s = Sampling(presence_penalty=0.4, frequency_penalty=0.3).sampler()
+    assert [s(x) for _ in range(4)] == [0, 1, 0, 0]  # 3-0.7=2.3 < 2.5; then 2.3 > 2.5-0.7; 3-0.4-0.6=2.0 > 1.8
+    assert s.counts == {0: 3, 1: 1}
+    # the prompt is not counted (unlike repetition_penalty), and 0 changes nothing
+    assert Sampling(presence_penalty=2.0).sampler()(x, [0, 0, 0]) == 0
+    assert [Sampling().sampler()(x) for _ in range(3)] == [0, 0, 0]
+    # a negative penalty favours repeats
+    s = Sampling(temperature=0.0, presence_penalty=-2.0).sampler()
+    assert [s(np.array([1.0, 2.0], dtype=np.float32)) for _ in range(3)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1),
-                                    dict(top_k=-1), dict(repetition_penalty=0)])
+                                    dict(top_k=-1), dict(repetition_penalty=0), dict(presence_penalty=2.5),
+                                    dict(frequency_penalty=-3)])
 def test_bad_sampling_values_raise(kwargs):
     with pytest.raises(QwenEdgeError):
         Sampling(**kwargs)

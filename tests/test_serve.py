@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from qwen_edge.tokenizer import Tokenizer
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
 KEY = "sk-test-key"
+ORIGIN = "http://localhost:5173"
 CONTEXT = 4096
 
 
@@ -63,11 +66,12 @@ def thinking_artifact(workdir, synth_ckpt):
 
 # --- a server subprocess -------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, artifact: Path, log: Path, *args: str):
+    def __init__(self, artifact: Path, log: Path, *args: str, env: dict[str, str] | None = None):
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "qwen_edge.cli", "serve", str(artifact), "--port", "0",
-                                      *args], stdout=subprocess.DEVNULL, stderr=self._log)
+                                      *args], stdout=subprocess.DEVNULL, stderr=self._log,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
         port = None
         while port is None:
@@ -130,10 +134,12 @@ class Server:
 
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
 def server(request, thinking_artifact, tmp_path_factory):
-    """One server per backend for the module: --api-key, --queue 0 (a second concurrent request gets 503)."""
+    """One server per backend for the module: an API key (on the command line for GGUF, from $QWEN_EDGE_API_KEY
+    for ONNX), --queue 0 (a second concurrent request gets 503), browser origin ORIGIN allowed."""
     art = thinking_artifact(request.param)
-    s = Server(art, tmp_path_factory.mktemp("serve") / "server.log", "--api-key", KEY, "--queue", "0",
-               "--max-context", str(CONTEXT))
+    key_args, env = (["--api-key", KEY], {}) if request.param == "gguf" else ([], {"QWEN_EDGE_API_KEY": KEY})
+    s = Server(art, tmp_path_factory.mktemp("serve") / "server.log", *key_args, "--queue", "0",
+               "--max-context", str(CONTEXT), "--allow-origin", ORIGIN, env=env)
     s.fmt, s.artifact = request.param, art  # type: ignore[attr-defined]
     yield s
     # Stopped while generating (SIGINT for one, SIGTERM for the other): the generation is cancelled, the stream
@@ -225,7 +231,6 @@ def test_conversation_prefix_reused_across_requests(server):
     msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
              {"role": "user", "content": "And then?"}]
     r2 = c.chat.completions.create(model="m", messages=msgs, max_tokens=8, extra_body=NO_THINK, **GREEDY)
-    from qwen_edge.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(server.artifact)
     first, second = (tok.encode_chat(m, enable_thinking=False) for m in (msgs[:1], msgs))
@@ -249,6 +254,15 @@ def test_stop_strings_and_seeded_sampling(server):
     kw = dict(model="m", messages=msgs, max_tokens=12, extra_body=NO_THINK, temperature=1.0, top_p=0.9, seed=7)
     a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
     assert a.choices[0].message.content == b.choices[0].message.content
+    # frequency_penalty is applied, not just accepted: at the maximum no greedy token repeats more than a few times
+    # where the unpenalized greedy reply (random weights) loops on a few tokens
+    tok = Tokenizer.from_dir(server.artifact)
+    plain, pen = (c.chat.completions.create(model="m", messages=msgs, max_tokens=24, extra_body=NO_THINK,
+                                            frequency_penalty=f, **GREEDY).choices[0].message.content
+                  for f in (0.0, 2.0))
+    assert pen != plain
+    top = max(tok.encode(pen).count(t) for t in set(tok.encode(pen)))
+    assert top < max(tok.encode(plain).count(t) for t in set(tok.encode(plain)))
 
 
 def test_json_schema_response_parses_and_validates(server):
@@ -384,6 +398,48 @@ def test_api_key_required(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").models.list()
     assert server.health()["status"] == "ok"  # /health needs no key
+
+
+def test_request_body_cap_and_cors(server):
+    # a body over the cap (16 MiB) is refused with 413 before it is parsed, declared or streamed, and the server
+    # goes on
+    def post_big(chunked: bool) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        head = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        if chunked:  # no Content-Length: the server counts what it reads
+            body = iter([b'{"messages": "'] + [b"x" * (1 << 20)] * 16 + [b'"}'])
+            conn.request("POST", "/v1/chat/completions", body, head, encode_chunked=True)
+        else:  # declared: refused before the body is sent
+            conn.putrequest("POST", "/v1/chat/completions")
+            for k, v in {**head, "Content-Length": str((16 << 20) + 1)}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    for chunked in (False, True):
+        status, doc = post_big(chunked)
+        assert status == 413 and doc["error"]["code"] == "request_too_large", (chunked, doc)
+    assert server.health()["status"] == "ok"
+    # CORS: the allowed origin gets its preflight answered and the header on replies; another origin does not
+    def preflight(origin: str) -> tuple[int, str | None]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status, r.getheader("access-control-allow-origin")
+
+    assert preflight(ORIGIN) == (200, ORIGIN)
+    assert preflight("http://evil.example")[1] is None
+    req = urllib.request.Request(server.base + "/v1/models", headers={"Origin": ORIGIN,
+                                                                      "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["access-control-allow-origin"] == ORIGIN
 
 
 def _open_stream(server, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:

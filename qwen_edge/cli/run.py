@@ -19,7 +19,8 @@ Add = Callable[..., argparse.ArgumentParser]
 def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_greedy: bool) -> Sampling:
     """Greedy unless --temperature (or, for chat, the model's generation config) asks for sampling."""
     flags = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+             "frequency_penalty": args.frequency_penalty, "seed": args.seed}
     # Validate every flag even when decoding is greedy: a bad value is an error, never silently ignored.
     Sampling(temperature=1.0, **{k: v for k, v in flags.items() if v is not None})
     if args.temperature is None and default_greedy:
@@ -28,7 +29,9 @@ def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_
             from ..log import logger
 
             logger.warning(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature")
-        return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0, seed=args.seed)
+        return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0,
+                        presence_penalty=args.presence_penalty or 0.0, frequency_penalty=args.frequency_penalty or 0.0,
+                        seed=args.seed)
     return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
 
 
@@ -203,6 +206,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's: lowers every token already generated once")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's: lowers a token once per time it was generated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="extra stop string (repeatable)")
 

@@ -17,6 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_context=args.max_context,
                  threads=args.threads, queue=args.queue, target=args.target, device=args.device,
+                 allow_origins=args.allow_origin or (),
                  verbose=bool(getattr(args, "verbose", False)), announce=say)
 
 
@@ -31,7 +32,11 @@ def add_verbs(add: Add) -> None:
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health "
+                   "(default: $QWEN_EDGE_API_KEY when set; the variable keeps the key out of the process list)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="a browser origin allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any "
+                   "(repeatable; default none)")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait while one generates (default 8; more get 503)")
     _add_runtime_args(p)
