@@ -269,9 +269,11 @@ def test_bad_adapters_exit_2(cli, base, adapter, work):
         assert r.returncode == 2, (case, r.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (case, r.stderr)
         assert "Traceback" not in r.stderr
-    r = cli("export", str(base), "--adapter", str(adapter), "--adapter-mode", "separate", "--format", "onnx",
-            "--quant", "fp32", "-o", str(work / "bad-out"), "--no-verify")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    from qwen_edge.errors import QwenEdgeError
+    from qwen_edge.export import export
+
+    with pytest.raises(QwenEdgeError, match="adapter mode 'fold'"):
+        export(base, "onnx", "fp32", work / "bad-out", adapters=[adapter], adapter_mode="fold")
 
 
 def test_adapter_for_another_hub_base(base, adapter, work):
