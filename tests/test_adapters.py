@@ -38,7 +38,7 @@ def _make_adapter(base, out, **lora):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(target_modules=PROJECTIONS, init_lora_weights=False, **lora)
+    cfg = LoraConfig(init_lora_weights=False, **{"target_modules": PROJECTIONS, **lora})
     peft_model = get_peft_model(model, cfg)
     b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert float(b.detach().abs().sum()) > 0  # non-zero B: the adapter changes the outputs
