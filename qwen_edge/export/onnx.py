@@ -151,7 +151,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     for i, ad in enumerate(adapters):
         file = ADAPTER_FILE if len(adapters) == 1 else ADAPTER_FILE.replace(".onnx_adapter", f"-{i + 1}.onnx_adapter")
         write_adapter_file(adapter_tensors(ad, lora or {}, plan.float_dtype), out / file)
-        extra_adapters.append(ad.record("separate", file))
+        extra_adapters.append({**ad.record("separate", file), "scale_in_lora_b": True})
     params = a.parameter_count()
     quantization = {
         "requested": quant,

@@ -1,4 +1,4 @@
-"""Run-time LoRA for the ONNX decoder: graph inputs per adapted projection and onnxruntime `.onnx_adapter` files.
+"""Run-time LoRA for the ONNX decoder: graph inputs per adapted projection, and the tensors an adapter feeds them.
 
 With `--adapter-mode separate`, each projection an adapter touches gets a LoRA branch beside its (possibly
 MatMulNBits) product: `y += (x @ A) @ B`, where A `[in, r]` and B `[r, out]` are graph inputs whose defaults are
@@ -11,7 +11,8 @@ A is the adapters' `lora_A`s stacked along the rank (`[in, r_q + r_k + r_v]`), B
 times its scale, in its own rank rows and output columns). One pair of inputs per fused projection keeps the graph
 at two small MatMuls and an Add per projection (splitting would need three pairs plus a Concat) and one adapter
 entry per input; the zero blocks of B cost rank x out multiply-adds per token, small next to the projection.
-Stacking along the rank also sums adapters exactly, so several adapters combine into one feed (`combine`).
+Stacking along the rank also sums adapters exactly, so several adapters combine into one feed
+(`qwen_edge.formats.onnx_adapter`: the `.onnx_adapter` files, `combine`).
 """
 
 from __future__ import annotations
