@@ -41,7 +41,12 @@ def test_separate_onnx_matches_merged(base, adapter, arts):
     which are transformers + PEFT's; scale 0 gives the base export's; only the separate graph has LoRA inputs."""
     sep = arts["separate"]
     rec = json.loads((sep / "manifest.json").read_text())["adapters"][0]
-    assert (rec["mode"], rec["file"], rec["rank"]) == ("separate", "adapter.onnx_adapter", 4)
+    assert (rec["mode"], rec["file"], rec["rank"], rec["scale_in_lora_b"]) == ("separate", "adapter.onnx_adapter", 4,
+                                                                              True)
+    from qwen_edge.inspect import inspect, render_inspect
+
+    assert "· separate adapter.onnx_adapter" in render_inspect(inspect(sep))
+    assert "adapter.onnx_adapter" in [f["path"] for f in json.loads((sep / "manifest.json").read_text())["files"]]
     lora = [n for n in _graph_inputs(sep) if ".lora_" in n]
     # tiny-qwen3: 2 layers x (qkv, o, gate_up, down), an A and a B each
     assert len(lora) == 16 and "model.layers.0.attn.qkv_proj.lora_A.weight" in lora
@@ -142,3 +147,15 @@ def test_bad_onnx_adapters_exit_2(cli, arts, work):
     r = cli("generate", str(arts["separate"]), "--adapter", str(other), *args)
     assert r.returncode == 2 and "is not a LoRA input of this graph" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_recipe_onnx_separate(base, adapter, work, tmp_path):
+    """A recipe with `format: onnx` and `adapter_mode: separate` passes validation and ships the .onnx_adapter."""
+    from qwen_edge.recipe import load_recipe
+    from qwen_edge.recipe_run import export_recipe
+
+    y = tmp_path / "r.yaml"
+    y.write_text(f"source: {base}\nformat: onnx\nquant: fp32\nadapter: {adapter}\nadapter_mode: separate\n")
+    art = export_recipe(load_recipe(y), work / "recipe-out", verify=False).path
+    assert (art / "adapter.onnx_adapter").is_file()
+    assert json.loads((art / "manifest.json").read_text())["adapters"][0]["mode"] == "separate"
