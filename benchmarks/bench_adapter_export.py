@@ -1,11 +1,11 @@
-"""Export time and peak RSS with and without a LoRA adapter (merged, and separate for GGUF), each in a fresh process.
+"""Export time and peak RSS with and without a LoRA adapter (merged, and separate), each in a fresh process.
 
 Usage:
   python benchmarks/bench_adapter_export.py [--ckpt /tmp/shared/ck05] [--rank 16] \\
       [--exports gguf:q8_0,onnx:int4] [--repeat 2] [--threads N] [--out DIR] [--label L] [--note TEXT]
 
 The adapter is made first with PEFT (in a child process: torch stays out of the measuring one): rank `--rank` on
-every attention and MLP projection, non-zero B. Then, per repeat and in alternation (none, merge, separate for GGUF),
+every attention and MLP projection, non-zero B. Then, per repeat and in alternation (none, merge, separate),
 each export runs in a fresh process; peak RSS is the child's VmHWM read just after the export (resident
 memory-mapped checkpoint pages included), CPU s its user + system time. The record keeps every run; the report shows
 medians. Artifacts are removed after each export.
@@ -108,7 +108,7 @@ def main() -> None:
     runs: list[dict] = []
     for rep in range(a.repeat):
         for fmt, quant in exports:
-            for mode in ("none", "merge", "separate") if fmt == "gguf" else ("none", "merge"):
+            for mode in ("none", "merge", "separate"):
                 r = {"format": fmt, "quant": quant, "mode": mode, "repeat": rep,
                      **run_one(a.ckpt, fmt, quant, a.out, a.threads, mode, adapter)}
                 runs.append(r)

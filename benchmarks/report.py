@@ -369,8 +369,9 @@ def render_adapter_export(recs: list[Record], root: Path) -> list[str]:
            "`benchmarks/bench_adapter_export.py`)", "",
            "A PEFT LoRA adapter (non-zero B) on every attention and MLP projection; each export in a fresh process, "
            "the modes alternated within each repeat. `none`: the plain export; `merge`: W + scale*B@A folded in "
-           "float32 per tensor before quantization; `separate`: the unmodified base GGUF plus a llama.cpp LoRA "
-           "GGUF. Peak RSS is the child's VmHWM, CPU s its user + system time; medians over the runs.", ""]
+           "float32 per tensor before quantization; `separate`: the unmodified base weights plus the adapter "
+           "beside them (GGUF: a llama.cpp LoRA GGUF; ONNX: LoRA graph inputs and an "
+           ".onnx_adapter). Peak RSS is the child's VmHWM, CPU s its user + system time; medians over the runs.", ""]
     for r in recs:
         st = r["settings"]
         out += header(r)

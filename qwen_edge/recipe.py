@@ -105,8 +105,9 @@ class Recipe:
     """PEFT LoRA adapters (directories or hub ids), applied in order; one string is a list of one. Relative paths
     are relative to the current directory. The manifest records each (source, sha256, rank, alpha, targets)."""
     adapter_mode: str = "merge"
-    """`merge`: folded into the weights in float32 before quantization (GGUF and ONNX); `separate` (GGUF): the base
-    exported unmodified, each adapter a llama.cpp LoRA GGUF beside it."""
+    """`merge`: folded into the weights in float32 before quantization (GGUF and ONNX); `separate`: the base
+    exported unmodified, each adapter beside it (GGUF: a llama.cpp LoRA GGUF; ONNX: an onnxruntime `.onnx_adapter`
+    fed to the LoRA inputs the graph then carries)."""
 
     @property
     def effective_source(self) -> str:
@@ -371,8 +372,8 @@ def validate_recipe(r: Recipe, src: str) -> None:
         check_output_name(r.output, src)
     if r.adapter_mode not in ("merge", "separate"):
         raise QwenEdgeError(f"{src}: 'adapter_mode' must be merge or separate, not {r.adapter_mode!r:.40}")
-    if r.adapter_mode == "separate" and r.format != "gguf":
-        raise QwenEdgeError(f"{src}: adapter_mode separate writes a llama.cpp LoRA GGUF (format gguf); ONNX merges")
+    if r.adapter_mode == "separate" and r.format not in ("gguf", "onnx"):
+        raise QwenEdgeError(f"{src}: adapter_mode separate needs format gguf or onnx, not {r.format!r:.40}")
     if any(not a.strip() for a in r.adapter):
         raise QwenEdgeError(f"{src}: 'adapter' entries must not be empty")
     from .verify import METRICS

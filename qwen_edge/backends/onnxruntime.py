@@ -13,7 +13,8 @@ from ..errors import NotAvailable, QwenEdgeError, first_line
 from ..targets import Target, check_spin, load_target
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
-OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile")
+OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile", "adapter",
+           "adapter_scale")
 DEFAULT_PREFILL_CHUNK = 1024
 """Tokens per pass for long prompts: attention scratch grows with chunk x cache length, so very long prompts split."""
 
@@ -103,7 +104,8 @@ class OrtRuntime(Runtime):
 
     def __init__(self, path: Path, *, device: str, target: Target, max_context: int | None, threads: int | None,
                  allow_spinning: bool | int | str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 check_hashes: bool = False, optimized_model_path: str | None = None, profile: bool = False):
+                 check_hashes: bool = False, optimized_model_path: str | None = None, profile: bool = False,
+                 adapter: Any = None, adapter_scale: float = 1.0):
         from ..artifact import Artifact
         from ..formats.onnx import check_external_data, load_onnx_proto, weight_uses
 
@@ -131,6 +133,7 @@ class OrtRuntime(Runtime):
         self.kv_dtype = np.float16 if kv_elem == 10 else np.float32
         # logits_to_keep (an overridable initializer) limits the LM head to the rows we read
         self._keep = "logits_to_keep" in {t.name for t in proto.graph.initializer} and "logits_to_keep" in inputs
+        lora_feed, adapter_files, adapter_scale = _lora_feed(art, proto, adapter, adapter_scale)
         model_bytes = _prepack_largest_first(proto)
         uses = weight_uses(proto)
         # at run time (after packing) a range is random-access if a Gather reads it, idle if only packing read it
@@ -199,6 +202,8 @@ class OrtRuntime(Runtime):
         self._mask = np.ones((1, ctx), dtype=np.int64)
         self._last_np = np.zeros((1, 1, self.vocab), dtype=np.float32)
         self._last_val = ort.OrtValue.ortvalue_from_numpy(self._last_np)
+        # LoRA inputs (a separate-adapter export): OrtValues bound in every binding; unfed ones stay empty (base)
+        self._lora = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in lora_feed.items()}
         self._run_opts = ort.RunOptions()
         self._run_opts.only_execute_path_to_fetches = True
         self._bind_last = self._make_binding()
@@ -219,7 +224,9 @@ class OrtRuntime(Runtime):
                                                                                   * np.dtype(self.kv_dtype).itemsize),
                    "kv_dtype": np.dtype(self.kv_dtype).name, "allow_spinning": allow_spinning,
                    "bits_per_weight": art.bits_per_weight, "mapped_weights": trimmed,
-                   "accuracy_level": (art.manifest.get("quantization") or {}).get("accuracy_level")},
+                   "accuracy_level": (art.manifest.get("quantization") or {}).get("accuracy_level"),
+                   "adapters": [str(p) for p in adapter_files],
+                   "adapter_scale": adapter_scale if adapter_files else None},
         )
 
     def _make_binding(self):
@@ -229,6 +236,8 @@ class OrtRuntime(Runtime):
                 val = self._kv[2 * i + j]
                 b.bind_ortvalue_input(f"past_key_values.{i}.{kv}", val)
                 b.bind_ortvalue_output(f"present.{i}.{kv}", val)
+        for name, val in self._lora.items():
+            b.bind_ortvalue_input(name, val)
         return b
 
     # --- running ---------------------------------------------------------------------------------------------
@@ -313,8 +322,43 @@ class OrtRuntime(Runtime):
         self._bind_last = None
         self._kv = []
         self._kv_np = []
+        self._lora = {}
         self._have_logits = False
         self.n_cached = 0
+
+
+def _lora_feed(art: Any, proto: Any, adapter: Any, scale: Any) -> tuple[dict[str, np.ndarray], list[Path], float]:
+    """(LoRA input tensors, adapter files, scale): the `adapter` option (an `.onnx_adapter` path or a list of them)
+    replaces the artifact's recorded adapters; several are summed (stacked along the rank); `adapter_scale` (default
+    1.0) multiplies each update, 0 runs the bare base (nothing fed: the graph's empty defaults)."""
+    from ..formats.onnx_adapter import LORA_SUFFIXES, combine, read_adapter_file
+
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise QwenEdgeError(f"onnxruntime option adapter_scale must be a number, not {scale!r:.40}")
+    if adapter is None:
+        files = [art.file(a["file"]) for a in art.manifest.get("adapters") or []
+                 if isinstance(a, dict) and isinstance(a.get("file"), str)]
+    else:
+        items = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+        if not all(isinstance(x, (str, os.PathLike)) for x in items):
+            raise QwenEdgeError("onnxruntime option adapter: a path or a list of paths to .onnx_adapter files")
+        files = [Path(x) for x in items]
+    if not files:
+        return {}, [], float(scale)
+    import onnx
+
+    inits = {t.name for t in proto.graph.initializer}
+    graph: dict[str, tuple[Any, ...]] = {}
+    for i in proto.graph.input:
+        if i.name.endswith(LORA_SUFFIXES) and i.name in inits:
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+            graph[i.name] = (onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), dims)
+    if not graph:
+        raise QwenEdgeError(f"{art.model_file.name}: this graph has no LoRA inputs (export it with --adapter "
+                            "ADAPTER --adapter-mode separate to run adapters on it)")
+    tensors = [read_adapter_file(f) for f in files]
+    feed = combine(tensors, float(scale), graph, [str(f) for f in files]) if scale != 0 else {}
+    return feed, files, float(scale)
 
 
 @register_backend("onnxruntime")
@@ -322,7 +366,8 @@ def load_onnxruntime(path: str | os.PathLike, *, device: str = "cpu", target: Ta
                      max_context: int | None = None, threads: int | None = None, **options: Any) -> OrtRuntime:
     """Factory for `qwen_edge.load(onnx_artifact)`; options: allow_spinning, prefill_chunk, check_hashes (default
     off: sizes and the graph's external data ranges are checked, sha256 only on request), optimized_model_path,
-    profile."""
+    profile, adapter (`.onnx_adapter` file(s) replacing the artifact's own; needs an export with
+    `--adapter-mode separate`), adapter_scale (default 1; 0 runs the base)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise QwenEdgeError(f"onnxruntime backend: unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")

@@ -118,7 +118,8 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--adapter", action="append", metavar="ADAPTER", help="PEFT LoRA adapter directory or hub id "
                    "(repeatable, applied in order; replaces the recipe's)")
     p.add_argument("--adapter-mode", choices=["merge", "separate"], help="merge (default): fold the adapter into the "
-                   "weights before quantization; separate (gguf): base GGUF unmodified + a llama.cpp LoRA GGUF")
+                   "weights before quantization; separate: base weights unmodified + the adapter beside them (gguf: a llama.cpp "
+                   "LoRA GGUF; onnx: an .onnx_adapter for the graph's LoRA inputs, onnxruntime-genai multi-LoRA)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check after export")
     p.add_argument("--force", action="store_true", help="re-export even when an identical artifact exists")
     p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")

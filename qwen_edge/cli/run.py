@@ -179,7 +179,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def adapter_options(args: Any) -> dict[str, Any]:
-    """The llama.cpp backend's LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
+    """The backends' LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
     out: dict[str, Any] = {}
     if getattr(args, "adapter", None):
         out["adapter"] = list(args.adapter)
@@ -189,10 +189,10 @@ def adapter_options(args: Any) -> dict[str, Any]:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", action="append", metavar="LORA_GGUF", help="GGUF only: run with this llama.cpp LoRA "
-                   "adapter (repeatable; replaces the adapters the artifact ships)")
-    p.add_argument("--adapter-scale", type=float, help="GGUF only: scale of the LoRA adapters (default 1; 0 runs the "
-                   "base)")
+    p.add_argument("--adapter", action="append", metavar="LORA_FILE", help="run with this LoRA adapter: a llama.cpp "
+                   "LoRA GGUF (gguf) or an .onnx_adapter (onnx, an export with --adapter-mode separate); repeatable, "
+                   "replaces the adapters the artifact ships")
+    p.add_argument("--adapter-scale", type=float, help="scale of the LoRA adapters (default 1; 0 runs the base)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
     p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")

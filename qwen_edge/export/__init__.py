@@ -18,6 +18,8 @@ from ..errors import QwenEdgeError
 log = logging.getLogger(__name__)
 
 RUN_ONLY_OPTIONS = ("threads",)
+SEPARATE_FORMATS = ("gguf", "onnx")
+"""Formats that can ship an adapter beside unmodified base weights (`adapter_mode="separate"`)."""
 """Exporter options that change how fast an export runs, not the bytes it writes (left out of the build record)."""
 
 
@@ -90,8 +92,10 @@ def export(source: str | os.PathLike[str] | Source, fmt: str, quant: str, out_di
     `force=True` rebuilds it.
 
     `adapters` are PEFT LoRA adapters (directories or hub ids), applied in order: `adapter_mode="merge"` folds
-    `W + scale * B @ A` into the weights in float32 before quantization (GGUF and ONNX); `"separate"` (GGUF) writes
-    the base unmodified plus each adapter as a llama.cpp LoRA GGUF beside it. The manifest records each adapter."""
+    `W + scale * B @ A` into the weights in float32 before quantization (GGUF and ONNX); `"separate"` writes the
+    base weights unmodified plus each adapter beside them: for GGUF a llama.cpp LoRA GGUF, for ONNX an onnxruntime
+    `.onnx_adapter` file fed to LoRA inputs the graph then carries (onnxruntime-genai's multi-LoRA layout). The
+    manifest records each adapter."""
     return export_artifact(source, fmt, quant, out_dir, name=name, target=target, options=options,
                            context_length=context_length, revision=revision, force=force, adapters=adapters,
                            adapter_mode=adapter_mode).path
@@ -110,9 +114,9 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
     exporter = get_exporter(fmt)
     if adapter_mode not in MODES:
         raise QwenEdgeError(f"adapter mode {adapter_mode!r}: expected {' or '.join(MODES)}")
-    if adapter_mode == "separate" and fmt != "gguf":
-        raise QwenEdgeError(f"--adapter-mode separate writes a llama.cpp LoRA GGUF; {fmt} exports merge adapters "
-                            "into the weights (--adapter-mode merge)")
+    if adapter_mode == "separate" and fmt not in SEPARATE_FORMATS:
+        raise QwenEdgeError(f"--adapter-mode separate: {fmt} exports merge adapters into the weights "
+                            f"(--adapter-mode merge); separate adapters: {', '.join(SEPARATE_FORMATS)}")
     if quant not in exporter.quants:
         raise QwenEdgeError(f"format {fmt} has no quantization {quant!r} (available: {', '.join(exporter.quants)})")
     profile: Any
@@ -178,8 +182,10 @@ def _export_into(exporter: Exporter, src: Source, fmt: str, quant: str, out_dir:
     try:
         with ArtifactWriter(final) as w:
             tok = write_tokenizer_files(ckpt, w.dir)
-            res = exporter(ckpt, w.dir, quant, target=profile, options=opts, tokenizer=tok)
-            if adapters:
+            runtime_adapters = {"adapters": adapters} if adapters and adapter_mode == "separate" and fmt == "onnx" \
+                else {}  # the ONNX graph itself changes: LoRA inputs, and the exporter writes .onnx_adapter files
+            res = exporter(ckpt, w.dir, quant, target=profile, options=opts, tokenizer=tok, **runtime_adapters)
+            if adapters and not runtime_adapters:
                 res.extra = {**res.extra, "adapters": _adapter_records(adapters, adapter_mode, ckpt, w.dir)}
             manifest = base_manifest(
                 ckpt, name=name, fmt=fmt, quant=quant, model_file=res.model_file, source=src.hub_id or src.spec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from ..errors import QwenEdgeError
 from . import ExportResult, register_exporter
 from .onnx_decoder import DecoderBuilder, QuantPlan
 from .onnx_genai import genai_config
+from .onnx_lora import adapter_tensors, lora_linears
+from ..formats.onnx_adapter import ADAPTER_FILE, write_adapter_file
 from ..formats.onnx import DATA_FILE, MODEL_FILE
 from ..formats.onnx_graph import DataFile, GraphBuilder
 from ..formats.quants import quants_of
@@ -112,8 +114,12 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
 
 @register_exporter("onnx", quants=QUANTS)
 def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, options: dict[str, Any],
-                tokenizer: dict[str, Any]) -> ExportResult:
-    """Write model.onnx + model.onnx.data + genai_config.json into `out` (the artifact's temporary directory)."""
+                tokenizer: dict[str, Any], adapters: Sequence[Any] = ()) -> ExportResult:
+    """Write model.onnx + model.onnx.data + genai_config.json into `out` (the artifact's temporary directory).
+
+    `adapters` (bound PEFT adapters, `--adapter-mode separate`): the graph gets LoRA inputs on every linear they
+    touch (onnx_lora) and each adapter is written beside it as an onnxruntime `.onnx_adapter` file; the base
+    weights stay as they are. Without adapters the graph is the plain one, byte for byte."""
     if quant not in QUANTS:
         raise QwenEdgeError(f"onnx has no quantization {quant!r} (available: {', '.join(QUANTS)})")
     options = dict(options or {})
@@ -128,7 +134,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     data = DataFile(out / DATA_FILE)
     try:
         g = GraphBuilder(data)
-        rec = DecoderBuilder(ckpt, g, plan, ctx).build()
+        lora = lora_linears(ckpt, adapters) if adapters else None
+        rec = DecoderBuilder(ckpt, g, plan, ctx, lora).build()
     finally:
         data.close()
     model = g.model(f"qwen-edge {a.family} decoder ({quant})")
@@ -140,6 +147,11 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         ckpt, model_file=MODEL_FILE, context_length=ctx, tokenizer=tokenizer, device=device,
         max_length=options.get("genai_max_length") or (target.get("max_context") if target is not None else None),
         spin=target.get("spin", "auto") if target is not None else "auto"))
+    extra_adapters = []
+    for i, ad in enumerate(adapters):
+        file = ADAPTER_FILE if len(adapters) == 1 else ADAPTER_FILE.replace(".onnx_adapter", f"-{i + 1}.onnx_adapter")
+        write_adapter_file(adapter_tensors(ad, lora or {}, plan.float_dtype), out / file)
+        extra_adapters.append({**ad.record("separate", file), "scale_in_lora_b": True})
     params = a.parameter_count()
     quantization = {
         "requested": quant,
@@ -155,8 +167,12 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         "lm_head_block_size": plan.lm_head_block_size if plan.lm_head_bits else None,
         "embedding": rec.embedding,
     }
-    extra = {"onnx": {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
-                      "kv_dtype": np.dtype(plan.kv).name,
-                      "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],
-                      "ops": dict(Counter(n.op_type for n in model.graph.node))}}
+    facts: dict[str, Any] = {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
+                             "kv_dtype": np.dtype(plan.kv).name,
+                             "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],
+                             "ops": dict(Counter(n.op_type for n in model.graph.node))}
+    extra: dict[str, Any] = {"onnx": facts}
+    if adapters:
+        facts["lora_linears"] = len(lora or {})  # each with optional inputs <linear>.lora_A/B.weight
+        extra["adapters"] = extra_adapters
     return ExportResult(model_file=MODEL_FILE, quantization=quantization, context_length=ctx, extra=extra)

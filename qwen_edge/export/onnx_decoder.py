@@ -10,6 +10,7 @@ from onnx import TensorProto
 from ..checkpoint import Checkpoint
 from ..families import family_of
 from ..formats.onnx_graph import MS, GraphBuilder
+from .onnx_lora import LoraLinear
 from .onnx_quant import QuantLayout, quantize_rows
 from .onnx_source import Source
 
@@ -72,8 +73,11 @@ class DecoderBuilder:
     """Emits the decoder into a GraphBuilder, streaming each weight from the checkpoint to the data file in row
     chunks: memory stays bounded by a chunk (and a quantized tensor's scales), not by the largest tensor."""
 
-    def __init__(self, ckpt: Checkpoint, g: GraphBuilder, plan: QuantPlan, context_length: int):
+    def __init__(self, ckpt: Checkpoint, g: GraphBuilder, plan: QuantPlan, context_length: int,
+                 lora: dict[str, LoraLinear] | None = None):
         self.ckpt, self.g, self.plan, self.ctx = ckpt, g, plan, context_length
+        self.lora = lora or {}
+        """Linears that get a LoRA branch fed from graph inputs (onnx_lora; only a separate-adapter export)."""
         self.a = ckpt.arch
         self.fam = family_of(ckpt.arch)
         self.src = Source(ckpt)
@@ -146,13 +150,29 @@ class DecoderBuilder:
                 inputs.append(self._float(f"{name}.bias", b_arr))
             while inputs and inputs[-1] == "":
                 inputs.pop()
-            return self.g.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits,
-                             block_size=self.plan.block_size, accuracy_level=self.plan.accuracy_level)
-        wt = self._float_stream(f"{name}.weight", (k, n), self.src.columns_t(w))
-        y = self.g.op("MatMul", [x, wt], f"/{name}/MatMul")
-        if b_arr is not None:
-            y = self.g.op("Add", [y, self._float(f"{name}.bias", b_arr)], f"/{name}/Add")
-        return y
+            y = self.g.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, K=k, N=n, bits=bits,
+                          block_size=self.plan.block_size, accuracy_level=self.plan.accuracy_level)
+        else:
+            wt = self._float_stream(f"{name}.weight", (k, n), self.src.columns_t(w))
+            y = self.g.op("MatMul", [x, wt], f"/{name}/MatMul")
+            if b_arr is not None:
+                y = self.g.op("Add", [y, self._float(f"{name}.bias", b_arr)], f"/{name}/Add")
+        return self.lora_branch(x, y, name)
+
+    def lora_branch(self, x: str, y: str, name: str) -> str:
+        """y + (x @ A) @ B for a linear with LoRA inputs (A [in, r], B [r, out]; empty by default), else y."""
+        lin = self.lora.get(name)
+        if lin is None:
+            return y
+        g, dt = self.g, self.plan.float_dtype
+        n = sum(lin.out_features)
+        a = g.init(lin.a, np.zeros((lin.in_features, 0), dtype=dt))  # overridable: fed, or empty (no adapter)
+        g.add_input(lin.a, self.plan.elem, [lin.in_features, lin.rank_dim])
+        b = g.init(lin.b, np.zeros((0, n), dtype=dt))
+        g.add_input(lin.b, self.plan.elem, [lin.rank_dim, n])
+        xa = g.op("MatMul", [x, a], f"/{name}/lora_A/MatMul")
+        xab = g.op("MatMul", [xa, b], f"/{name}/lora_B/MatMul")
+        return g.op("Add", [y, xab], f"/{name}/lora/Add")
 
     def names(self, role: str, i: int | None = None) -> list[str]:
         """Checkpoint names of an ONNX role of block `i`, from the family's tensor map."""
