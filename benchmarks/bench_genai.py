@@ -124,6 +124,8 @@ def main() -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--onnx-options", default="{}", help="JSON exporter options for our int4 artifact")
+    ap.add_argument("--target", default="cpu-x86_64",
+                    help="target profile of our ONNX exports (its block size and LM head bits are their defaults)")
     ap.add_argument("--variant-options", help="JSON exporter options of a second int4 export, timed under both engines "
                     "as two more rows (e.g. a block size or LM head a target profile might pick)")
     ap.add_argument("--keep", action="store_true", help="keep the exports and the builder's graph in --workdir")
@@ -134,7 +136,7 @@ def main() -> int:
     work = Path(a.workdir)
     src = source_checkpoint(a.source, work)
 
-    onnx_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4", a.onnx_options)
+    onnx_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4", a.onnx_options, a.target)
     gguf_exp = child(EXPORT, str(src), "gguf", "q4_0", str(work), "gguf-q4_0", "{}")
     anchor = build_anchor(src, work / "genai-builder-int4", work / "builder-cache")
     ours_art, gguf_art, builder_art = Path(onnx_exp["path"]), Path(gguf_exp["path"]), Path(anchor["path"])
@@ -148,7 +150,8 @@ def main() -> int:
     rows, ratios_of, cleanup = list(ROWS), dict(RATIOS), [ours_art, gguf_art, builder_art, control_art]
     exports, graphs = {"onnx int4": onnx_exp, "gguf q4_0": gguf_exp}, {"genai/builder": builder_art, "ours": ours_art}
     if a.variant_options:
-        var_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4-variant", a.variant_options)
+        var_exp = child(EXPORT, str(src), "onnx", "int4", str(work), "onnx-int4-variant", a.variant_options,
+                        a.target)
         var_art = Path(var_exp["path"])
         pairs += [(var_art, "onnxruntime-genai"), (var_art, "qwen-edge")]
         rows += ["genai/ours variant", "ours/onnx variant"]
@@ -178,6 +181,7 @@ def main() -> int:
     }
     settings = {"threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
                 "repeats": a.repeats, "source": str(src), "onnx_options": json.loads(a.onnx_options),
+                "export_target": a.target,
                 "variant_options": json.loads(a.variant_options) if a.variant_options else None,
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in load_after], **report["config"]}

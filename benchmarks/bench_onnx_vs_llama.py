@@ -40,8 +40,9 @@ EXPORT = """
 import json, resource, sys, time
 from qwen_edge.export import export
 src, fmt, quant, out, name, opts = sys.argv[1:7]
+target = sys.argv[7] if len(sys.argv) > 7 else None  # a target profile's export defaults (block size, LM head)
 t = time.perf_counter()
-path = export(src, fmt, quant, out, name=name, options=json.loads(opts), force=True)  # timed: never reuse
+path = export(src, fmt, quant, out, name=name, options=json.loads(opts), target=target, force=True)  # never reuse
 dt = time.perf_counter() - t
 print(json.dumps({"path": str(path), "seconds": dt, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

@@ -35,7 +35,8 @@ class Target:
     """How idle compute threads wait for work: false = sleep at once, true = the engine's own spinning (busy-wait),
     N = spin up to N microseconds, then sleep (onnxruntime's `session.intra_op.spin_duration_us`; llama.cpp's OpenMP
     has no time bound: PASSIVE there), `auto` = what measured best per engine (benchmarks/RESULTS.md, "Busy machine"):
-    onnxruntime does not spin, llama.cpp keeps OpenMP's default (spin a while, then sleep)."""
+    onnxruntime spins when its threads have cores to themselves at load and sleeps at once when not, llama.cpp keeps
+    OpenMP's default (spin a while, then sleep)."""
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     """onnxruntime providers, in order of preference."""
     gpu_layers: int = 0

@@ -453,6 +453,6 @@ def test_target_profile_picks_block_size_and_lm_head_bits(synth_ckpt, tmp_path):
                          options={"block_size": 32}))["quantization"]
     assert (q["block_size"], q["lm_head"]) == (32, "int4")
     q = _manifest(export(src, "onnx", "int4", tmp_path, name="d", target="cpu-x86_64"))["quantization"]
-    assert (q["block_size"], q["lm_head"]) == (32, "int8")  # the shipped x86-64 profile keeps the exporter's
+    assert (q["block_size"], q["lm_head"]) == (128, "int8")  # the shipped x86-64 profile: block 128, int8 head
     with pytest.raises(QwenEdgeError, match="onnx_block_size must be one of"):
         load_target({"name": "x", "onnx_block_size": 48})

@@ -104,20 +104,24 @@ def _ort_spin(rt) -> tuple[str, str]:
     return so.get_session_config_entry("session.intra_op.allow_spinning"), duration
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({}, ("0", "")),                                                     # the packaged default (auto)
-    ({"allow_spinning": "auto"}, ("0", "")),
-    ({"allow_spinning": True}, ("1", "")),                               # load() override: onnxruntime's own spin
-    ({"allow_spinning": 30}, ("1", "30")),                               # bounded spin
-    ({"target": {"name": "mine", "spin": True}}, ("1", "")),             # profile override
-    ({"target": {"name": "mine", "spin": 50}, "allow_spinning": False}, ("0", "")),  # load() beats the profile
+@pytest.mark.parametrize("busy, kwargs, expected", [
+    (0.0, {}, ("1", "")),                       # the packaged default (auto): both threads have a core: spin
+    (1.0, {}, ("0", "")),                       # auto beside a busy core: sleep
+    (0.3, {"allow_spinning": "auto"}, ("1", "")),
+    (1.0, {"allow_spinning": True}, ("1", "")),                               # load() override: onnxruntime's own spin
+    (0.0, {"allow_spinning": 30}, ("1", "30")),                           # bounded spin
+    (1.0, {"target": {"name": "mine", "spin": True}}, ("1", "")),         # profile override
+    (0.0, {"target": {"name": "mine", "spin": 50}, "allow_spinning": False}, ("0", "")),  # load() beats the profile
 ])
-def test_onnx_spin_reaches_the_session(onnx_art, kwargs, expected):
+def test_onnx_spin_reaches_the_session(onnx_art, busy, kwargs, expected, monkeypatch):
     from qwen_edge.backends import load
+    from qwen_edge.backends import onnxruntime as ort_backend
 
+    monkeypatch.setattr(ort_backend, "busy_cores", lambda: busy)  # what other processes keep busy at load
+    monkeypatch.setattr(ort_backend, "physical_cores", lambda: 2)
     kwargs = dict(kwargs)
     target = kwargs.pop("target", None)
-    with load(onnx_art, target=target, max_context=64, **kwargs) as rt:
+    with load(onnx_art, target=target, max_context=64, threads=2, **kwargs) as rt:
         assert _ort_spin(rt) == expected
         assert rt.info.extra["allow_spinning"] == {"0": False}.get(expected[0], int(expected[1]) if expected[1]
                                                                           else True)
