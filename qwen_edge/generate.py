@@ -206,7 +206,8 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
     `constraint` (qwen_edge.constrain): the output must match it; its mask applies to the logits before sampling
     (greedy or not), and a stop id is allowed exactly when the grammar accepts. On a thinking model the constraint
     starts after the `<think>` block. `thinking_budget`: after that many thinking tokens the loop itself closes the
-    block (`</think>` and the newlines the template puts after it) and the answer follows.
+    block (`</think>` and the newlines the template puts after it) and the answer follows; with a constraint and no
+    budget the budget is 0, so the constrained answer always gets the tokens.
     """
     from .tokenizer import StreamDecoder
 
@@ -227,6 +228,10 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
         raise QwenEdgeError("constrained decoding and a thinking budget need a tokenizer")
     if thinking_budget is not None and int(thinking_budget) < 0:
         raise QwenEdgeError(f"thinking_budget must be >= 0, not {thinking_budget}")
+    if constraint is not None and thinking_budget is None:
+        # The output must match the constraint, and a thinking block with no end could take every token first (a
+        # weak or random model never closes it): unless a budget says how long to think, the block closes at once.
+        thinking_budget = 0
     think = _ThinkState(tokenizer, prompt, constraint, stops, thinking_budget) if tokenizer is not None else None
     sampler = sampling.sampler()
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
