@@ -12,7 +12,6 @@ import re
 import resource
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bench_report import markdown_table, plot  # noqa: F401  (re-exported)
-from .errors import GateFailed, QwenEdgeError
+from .errors import NativeCrash, QwenEdgeError
 from .reports import BenchReport, BenchResult, Log, Stat
 
 BUDGET_METRICS = {
@@ -229,6 +228,48 @@ def read_bandwidth_gbps(threads: int, size_mb: int = 256, repeats: int = 5) -> f
 
 
 # --- one measurement, in a fresh process ------------------------------------------------------------------------
+def _child_call(fn: Any, arg: Any, conn: Any) -> None:
+    try:
+        out: tuple[bool, Any] = (True, fn(arg))
+    except BaseException as e:  # sent back and raised in the parent
+        out = (False, e)
+    try:
+        conn.send(out)
+    except Exception as e:  # an exception that does not pickle
+        conn.send((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]}; and it could not be sent back ({e})")))
+    finally:
+        conn.close()
+
+
+def in_child(ctx: Any, fn: Any, arg: Any, what: str) -> Any:
+    """`fn(arg)` in a fresh process of multiprocessing context `ctx`: its result, or its exception raised here; a
+    child killed by a signal (a native crash in the engine) raises NativeCrash naming `what` and the signal."""
+    from .supervisor import signal_name
+
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_call, args=(fn, arg, send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        got = recv.recv()
+    except EOFError:
+        got = None
+    finally:
+        recv.close()
+        proc.join()
+    if got is None:
+        code = proc.exitcode
+        if code is not None and code < 0:
+            raise NativeCrash(f"{what}: the engine crashed with {signal_name(-code)} in native code (the bench "
+                              "worker died; re-run with -v and report it; for llama.cpp, "
+                              "QWEN_EDGE_LLAMA_EXTRA_BUFFERS=none runs its plain CPU kernels)")
+        raise NativeCrash(f"{what}: the bench worker exited with code {code} without a result")
+    ok, value = got
+    if not ok:
+        raise value
+    return value
+
+
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Child process: load, warm up, then time prefill + a greedy decode loop once; peak RSS of this process."""
     from .backends import load
@@ -465,8 +506,7 @@ def bench(artifacts: Sequence[str | os.PathLike | tuple[str | os.PathLike, str]]
                 "max_context": e["max_context"], "prompt": e["prompt"], "gen_tokens": gen_tokens, "warmup": warmup,
                 "arch": e["arch"], "kv_itemsize": _kv_itemsize(e["path"], e["format"])}
         measure = _measure_genai if e["engine"] == "onnxruntime-genai" else _measure
-        with ProcessPoolExecutor(1, mp_context=ctx_mp) as ex:
-            res = ex.submit(measure, spec).result()
+        res = in_child(ctx_mp, measure, spec, f"{e['path']} ({e['engine']}, {th} threads)")
         runs.setdefault((i, th), []).append(res)
         if log:
             log(f"repeat {r + 1}/{repeat} {e['name']} @{th}t: decode "

@@ -15,6 +15,13 @@ class GateFailed(Exception):
     exit_code = 1
 
 
+class NativeCrash(Exception):
+    """A native library (llama.cpp, onnxruntime) killed a worker process with a signal: the run failed (exit 1), the
+    input was not bad. The message names the artifact and the signal."""
+
+    exit_code = 1
+
+
 class NotAvailable(QwenEdgeError):
     """A capability that needs an optional dependency or hardware that is not present."""
 

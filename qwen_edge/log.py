@@ -8,6 +8,7 @@ is a terminal and only at the default or verbose level, so piped output, `--json
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Iterable, Iterator, TypeVar
 
@@ -113,3 +114,19 @@ class ByteProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CRASH_NOTE_ENV = "QWEN_EDGE_CRASH_NOTE"
+
+
+def crash_note(text: str) -> None:
+    """Say what this process is about to run in native code (e.g. "llama.cpp running <file>"): the `qwen-edge`
+    command's supervisor names it if the process dies of a signal there. A no-op outside the supervised CLI."""
+    path = os.environ.get(CRASH_NOTE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text[:1000])
+    except OSError:
+        pass

@@ -48,6 +48,10 @@ class Target:
     option or recipe still overrides it. Fewer scale bytes per weight: a memory-bound CPU decodes faster."""
     onnx_lm_head_bits: int | None = None
     """Default LM head bits of this target's int4/int8 ONNX exports: 4, 8 or 16 (None: the exporter's, 8)."""
+    llama_extra_buffers: str = "auto"
+    """Which of llama.cpp's extra CPU buffer types (AMX, CPU_REPACK) may hold GGUF weights: `auto` (llama.cpp's
+    choice unless AMX is present, then a cached probe decides), `all`, `repack` (all but AMX) or `none`
+    (qwen_edge/llama_bufts.py; $QWEN_EDGE_LLAMA_EXTRA_BUFFERS overrides)."""
     max_context: int = 4096
     """KV cache tokens a runtime preallocates by default."""
     memory_cap_mb: int | None = None
@@ -173,6 +177,11 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         t.spin = check_spin(t.spin)
     except QwenEdgeError as e:
         raise QwenEdgeError(f"{src}: {e}") from None
+    from .llama_bufts import POLICIES
+
+    if t.llama_extra_buffers not in POLICIES:
+        raise QwenEdgeError(f"{src}: llama_extra_buffers must be one of {', '.join(POLICIES)}, "
+                            f"not {t.llama_extra_buffers!r:.60}")
     for key, allowed in (("onnx_block_size", (16, 32, 64, 128, 256)), ("onnx_lm_head_bits", (4, 8, 16))):
         v = getattr(t, key)
         if v is not None and (isinstance(v, bool) or v not in allowed):

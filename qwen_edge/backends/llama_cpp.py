@@ -12,19 +12,27 @@ import numpy as np
 from ..errors import NotAvailable, QwenEdgeError
 from ..formats.gguf import check_gguf_file
 from ..llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
-from ..log import logger
+from ..log import crash_note, logger
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 N_BATCH = 512
 """Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
 ALL_LOGITS_CHUNK = 128
 """Tokens per call when every position's logits are wanted (bounds llama.cpp's output buffer)."""
-KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning", "adapter", "adapter_scale")
+KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning", "adapter", "adapter_scale", "extra_buffers")
 
 _backend_ready = False
 _wait_policy: str | None = None
 """OMP_WAIT_POLICY as OpenMP read it when this process first loaded llama.cpp ("" = unset: libgomp spins a while,
 then sleeps); OpenMP reads it once per process, so the first load decides."""
+
+
+def _init_backend(L: Any) -> None:
+    global _backend_ready
+    silence_llama_log(L)
+    if not _backend_ready:
+        L.llama_backend_init()
+        _backend_ready = True
 
 
 def _gomp_loaded() -> bool:
@@ -128,7 +136,12 @@ class LlamaCppRuntime(Runtime):
         n_batch = int(options.get("n_batch") or N_BATCH)
         n_batch = max(1, min(n_batch, n_ctx))
         adapters, adapter_scale = _adapter_options(options, facts.get("adapters") or [])
-        self._load(model_path, gpu_layers, n_ctx, n_batch, n_threads)
+        from .. import llama_bufts
+
+        _init_backend(L)  # before the decision: the CPU device's extra buffer types are known once it is loaded
+        policy = llama_bufts.policy_for(options.get("extra_buffers"), target)
+        decision = llama_bufts.decide(L, policy)
+        buffers = self._load(model_path, gpu_layers, n_ctx, n_batch, n_threads, decision)
         if adapters:
             self._set_adapters(adapters, adapter_scale)
         self._n_batch = n_batch
@@ -142,20 +155,27 @@ class LlamaCppRuntime(Runtime):
             extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
                    "llama_cpp": getattr(L, "__version__", ""), "allow_spinning": spin,
                    "omp_wait_policy": wait_policy, "adapters": [str(a) for a in adapters],
-                   "adapter_scale": adapter_scale if adapters else None},
+                   "adapter_scale": adapter_scale if adapters else None,
+                   "extra_buffers": {"policy": decision.policy, "mode": self._extra_mode,
+                                     "available": decision.available, "reason": decision.reason,
+                                     "weights": buffers}},
         )
+        logger.debug("%s: %s", model_path.name, llama_bufts.describe(decision, buffers))
 
-    def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int) -> None:
-        global _backend_ready
+    def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int,
+              decision: Any) -> dict[str, float]:
+        """Load the model and a context; returns {buffer type: MiB} of the weights (llama.cpp's load log)."""
+        from ..llama_bufts import applied, weight_buffers
+
         L = self._L
-        silence_llama_log(L)
-        if not _backend_ready:
-            L.llama_backend_init()
-            _backend_ready = True
+        _init_backend(L)
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers
-        with llama_log_capture() as log:
+        crash_note(f"llama.cpp running {model_path}")
+        with llama_log_capture() as log, applied(L, decision, mp) as how:
             self._model = L.llama_model_load_from_file(str(model_path).encode(), mp)
+        self._extra_mode = how.effective
+        buffers = weight_buffers("".join(log))
         if not self._model:
             raise QwenEdgeError(f"{model_path}: llama.cpp could not load the model ({last_log_line(log)})")
         cp = L.llama_context_default_params()
@@ -172,6 +192,7 @@ class LlamaCppRuntime(Runtime):
         self._vocab = L.llama_model_get_vocab(self._model)
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(n_batch, 0, 1)
+        return buffers
 
     def _set_adapters(self, paths: list[Path], scale: float) -> None:
         """Load llama.cpp LoRA GGUFs and set them on the context, each at `scale`."""

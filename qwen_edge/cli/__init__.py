@@ -9,7 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from .. import __version__
-from ..errors import GateFailed, QwenEdgeError, first_line
+from ..errors import GateFailed, NativeCrash, QwenEdgeError, first_line
 from ..log import NORMAL, QUIET, VERBOSE, configure
 from . import artifacts, run, serve
 
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except GateFailed as e:
         print(f"failed: {e}", file=sys.stderr)
+        return 1
+    except NativeCrash as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

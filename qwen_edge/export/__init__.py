@@ -162,7 +162,7 @@ def _export_into(exporter: Exporter, src: Source, fmt: str, quant: str, out_dir:
                  adapters: list[Any], adapter_mode: str) -> Exported:
     final = out_dir / name
     if not force and up_to_date(final, src, recipe):
-        log.info("%s: up to date, export skipped (same source and settings; force=True rebuilds)", final)
+        log.info("%s: up to date, export skipped (same source and settings; --force, or force=True, rebuilds it)", final)
         return Exported(final, True)
     ckpt = Checkpoint(src.path)
     if adapters:
