@@ -555,11 +555,36 @@ def render_constrained(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
+    out = ["## Every CPU: llama.cpp's extra buffer types (issue 24; `benchmarks/bench_extra_buffers.py`)", "",
+           "GGUF decode and prefill of the synthesized Qwen2.5-0.5B under each `llama_extra_buffers` policy: auto "
+           "(qwen-edge's guard), all (llama.cpp's default, what ran before the guard), repack (all but AMX), none "
+           "(`use_extra_bufts = false`). One fresh process per run, modes alternated per repeat; `x all` is the "
+           "median of per-repeat ratios to `all`. Where the weights went comes from llama.cpp's load log.", ""]
+    for r in recs:
+        f, s = r["figures"], r["settings"]
+        out += header(r)
+        out.append(f"{s['threads']} threads, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated tokens, "
+                   f"{s['repeats']} repeats; extra buffer types here: {', '.join(f['available']) or 'none'}.")
+        out.append("")
+        rows = []
+        for x in f["rows"]:
+            held = ", ".join(f"{k} {v:.0f}" for k, v in x["weights"].items())
+            rows.append([x["quant"], x["mode"], f"{x['decode_tokens_per_s']:.1f}", f"{x['prefill_tokens_per_s']:.1f}",
+                         f"{x['decode_paired_ratio_to_all']:.3f}" if "decode_paired_ratio_to_all" in x else "-",
+                         f"{x['prefill_paired_ratio_to_all']:.3f}" if "prefill_paired_ratio_to_all" in x else "-",
+                         held])
+        out += table(["quant", "policy", "decode tok/s", "prefill tok/s", "decode x all", "prefill x all",
+                      "weights (MiB)"], rows, "  rrrr ")
+    return out
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
+    "extra_buffers": render_extra_buffers,
 }
 
 

@@ -103,6 +103,7 @@ class LlamaCppRuntime(Runtime):
         self._adapters: list[Any] = []
         self._batch = None
         self._has_logits = False
+        self._extra_mode = ""
         self.n_cached = 0
         if target is None:
             from ..targets import default_target_name, load_target
