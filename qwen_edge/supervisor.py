@@ -68,13 +68,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the supervisor dies, even of SIGKILL, so no CLI is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _supervise(args: list[str], note_path: str, note_env: str, command: list[str] | None = None) -> int:
     """Run the CLI with `args` in a child (`command` replaces its command line: tests) and report how it ended."""
     early: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in FORWARDED}
     try:
         child = subprocess.Popen(command or [sys.executable, "-m", "qwen_edge.cli", *args],
-                                 env={**os.environ, note_env: note_path})
+                                 env={**os.environ, note_env: note_path}, preexec_fn=_die_with_parent)
     except OSError as e:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -110,6 +121,10 @@ def _supervise(args: list[str], note_path: str, note_env: str, command: list[str
             note = ""
         sys.stderr.flush()
         print(crash_message(signum, note), file=sys.stderr)
+        return 1
+    if signum == signal.SIGKILL:
+        print("error: qwen-edge was killed with SIGKILL (the kernel's out-of-memory killer sends it when memory runs "
+              "out; a smaller --max-context or model needs less)", file=sys.stderr)
         return 1
     return 128 + signum  # stopped by SIGINT, SIGTERM, ...: the shell's convention
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -248,6 +250,8 @@ def test_the_cli_crashing_in_native_code_is_one_line_and_exit_1(tmp_path):
     assert last.startswith("error: qwen-edge crashed with SIGSEGV in native code while llama.cpp running "
                            "/a/model.gguf") and "QWEN_EDGE_LLAMA_EXTRA_BUFFERS=none" in last, r.stderr
     assert _supervise([], str(note), "QWEN_EDGE_CRASH_NOTE", [sys.executable, "-c", "exit(3)"]) == 3
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert _supervise([], str(note), "QWEN_EDGE_CRASH_NOTE", killed) == 1  # the OOM killer's signal: a failed run
 
 
 def test_the_llama_backend_says_what_it_runs_for_the_crash_line(q4_0, tmp_path, monkeypatch):
@@ -290,3 +294,27 @@ def test_an_artifact_whose_verify_never_finished_is_verified_by_the_next_export(
     assert "export skipped" in again.stderr and "verify passed" in again.stderr, again.stderr
     assert "recorded" not in again.stderr and json.loads((art / "manifest.json").read_text())["parity"]["passed"]
     assert "--force" in cli(*base, "-v").stderr  # the skip names the CLI flag that rebuilds
+
+
+def test_the_cli_dies_with_its_supervisor(tmp_path):
+    """SIGKILL to the command (which it cannot forward) still ends the CLI: no orphan holds the model or the port."""
+    pid_file = tmp_path / "pid"
+    child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import sys; from qwen_edge.supervisor import _supervise; "
+                          f"sys.exit(_supervise([], {str(tmp_path / 'n')!r}, 'QWEN_EDGE_CRASH_NOTE', "
+                          f"[sys.executable, '-c', {child!r}]))"])
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    p.kill()
+    p.wait(30)
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the CLI outlived its supervisor"
+        time.sleep(0.05)
