@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,38 +29,6 @@ psutil = pytest.importorskip("psutil")
 KEY = "sk-test-key"
 ORIGIN = "http://localhost:5173"
 CONTEXT = 4096
-
-
-# --- a tiny Qwen3 whose template opens the think block when thinking is on (as thinking-only releases do) ---------
-def _thinking_opening_checkpoint(src: Path, dest: Path) -> Path:
-    """A copy of a synthesized tiny Qwen3 whose generation prompt ends inside <think> unless enable_thinking is
-    false: random weights never write <think> themselves, so this is how a real server run shows the split."""
-    if not dest.exists():
-        shutil.copytree(src, dest)
-        cfg_path = dest / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        old = "{{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}"
-        assert old in cfg["chat_template"]
-        cfg["chat_template"] = cfg["chat_template"].replace(
-            old, "{{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n    {%- endif %}")
-        cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
-    return dest
-
-
-@pytest.fixture(scope="module")
-def thinking_artifact(workdir, synth_ckpt):
-    from qwen_edge.export import export
-
-    ckpt = _thinking_opening_checkpoint(synth_ckpt("tiny-qwen3"), workdir / "ckpt" / "tiny-qwen3-opens-think")
-    cache: dict[str, Path] = {}
-
-    def make(fmt: str) -> Path:
-        if fmt not in cache:
-            quant = {"gguf": "f16", "onnx": "fp32"}[fmt]
-            cache[fmt] = export(ckpt, fmt, quant, workdir / "artifacts", name=f"tiny-qwen3-think-{fmt}")
-        return cache[fmt]
-
-    return make
 
 
 # --- a server subprocess -------------------------------------------------------------------------------------------
