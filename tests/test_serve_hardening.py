@@ -249,3 +249,25 @@ def test_prefill_stops_between_chunks(engine):
     finally:
         del inner.prefill
         rt.stopped = lambda: False
+
+
+def test_api_key_compared_in_constant_time(engine, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from qwen_edge import serve
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = serve.hmac.compare_digest
+    monkeypatch.setattr(serve.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    with TestClient(serve.create_app(engine, api_key="s3cret"), base_url="http://127.0.0.1") as client:
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert compared == [(b"s3cre", b"s3cret"), (b"s3cret", b"s3cret")]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--max-tokens", "0"], "--max-tokens"), (["--max-stop", "0"], "--max-stop"),
+                                           (["--timeout", "nan"], "--timeout"), (["--timeout", "-1"], "--timeout")])
+def test_bad_caps_are_one_line_exit_2(cli, thinking_artifact, flags, needle):
+    r = cli("serve", str(thinking_artifact("gguf")), "--port", "0", *flags, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
