@@ -41,21 +41,29 @@ def close_objects(schema: Any) -> Any:
     (any further key allowed), the grammar lets a weak model append keys until the token limit. llama.cpp's
     schema converter and xgrammar's strict mode read a missing `additionalProperties` as closed; so do we. A schema
     that wants extra keys says `"additionalProperties": true` (or a schema for them). The members of an `allOf` are
-    left open at their own level (closing each would refuse the keys the others declare)."""
+    left open at their own level (closing each would refuse the keys the others declare). A schema nested too deep
+    to walk is a ConstraintError."""
+    try:
+        return _close(schema)
+    except RecursionError:
+        raise ConstraintError("json_schema: the schema is nested too deeply") from None
+
+
+def _close(schema: Any) -> Any:
     if isinstance(schema, list):
-        return [close_objects(s) for s in schema]
+        return [_close(s) for s in schema]
     if not isinstance(schema, Mapping):
         return schema
     out = dict(schema)
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), Mapping):
-            out[k] = {name: close_objects(sub) for name, sub in out[k].items()}
+            out[k] = {name: _close(sub) for name, sub in out[k].items()}
     for k in _SUBSCHEMA_LISTS:
         if isinstance(out.get(k), list):
-            out[k] = [close_objects(sub) for sub in out[k]]
+            out[k] = [_close(sub) for sub in out[k]]
     for k in _SUBSCHEMA_ONE:
         if k in out:
-            out[k] = close_objects(out[k])
+            out[k] = _close(out[k])
     if isinstance(out.get("allOf"), list):
         out["allOf"] = [_close_inside(sub) for sub in out["allOf"]]
     kind = out.get("type")
@@ -71,7 +79,7 @@ def _close_inside(schema: Any) -> Any:
     if not isinstance(schema, Mapping):
         return schema
     had = "additionalProperties" in schema
-    out = close_objects(schema)
+    out = _close(schema)
     if not had:
         out.pop("additionalProperties", None)
     return out
@@ -128,14 +136,14 @@ def json_schema(schema: Mapping[str, Any] | str | bool, *, closed: bool = True) 
             raise ConstraintError(f"json_schema: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(schema, (Mapping, bool)):
         raise ConstraintError(f"json_schema: a schema is a JSON object, not {type(schema).__name__}")
-    if closed and isinstance(schema, Mapping):
-        schema = close_objects(schema)
+    doc = close_objects(schema) if closed and isinstance(schema, Mapping) else schema
     try:
-        grammar = _llg().LLMatcher.grammar_from_json_schema(schema if isinstance(schema, bool) else dict(schema),
+        grammar = _llg().LLMatcher.grammar_from_json_schema(doc if isinstance(doc, bool) else dict(doc),
                                                             overrides=JSON_OPTIONS)
-    except (ValueError, TypeError) as e:
-        raise ConstraintError(f"json_schema: {first_line(e)}") from None
-    return _validated("json_schema", grammar, json.dumps(schema))
+        source = json.dumps(doc)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ConstraintError(f"json_schema: {first_line(e) or 'nested too deeply'}") from None
+    return _validated("json_schema", grammar, source)
 
 
 def json_object() -> Constraint:

@@ -59,6 +59,8 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]]:
         params = fn.get("parameters")
         if params is not None and not isinstance(params, Mapping):
             raise QwenEdgeError(f"{where}: tool {name!r}: parameters must be a JSON Schema object")
+        if params is not None and _depth_of(params) > MAX_JSON_DEPTH:
+            raise QwenEdgeError(f"{where}: tool {name!r}: parameters nested deeper than {MAX_JSON_DEPTH}")
         if fn.get("description") is not None and not isinstance(fn.get("description"), str):
             raise QwenEdgeError(f"{where}: tool {name!r}: description must be a string")
         out.append({"type": "function", "function": dict(fn)})
@@ -107,6 +109,14 @@ def json_depth(text: str) -> int:
     b = np.frombuffer(bare.encode("utf-8", "replace"), dtype=np.uint8)
     steps = np.isin(b, (ord("["), ord("{"))).astype(np.int32) - np.isin(b, (ord("]"), ord("}"))).astype(np.int32)
     return int(np.cumsum(steps).max())
+
+
+def _depth_of(doc: Any) -> int:
+    """json_depth of a parsed document (any too deep or odd to serialize counts as too deep)."""
+    try:
+        return json_depth(json.dumps(doc))
+    except (RecursionError, ValueError, TypeError):
+        return MAX_JSON_DEPTH + 1
 
 
 def _loads_shallow(text: str) -> Any:
@@ -290,9 +300,5 @@ def _check_call(call: Any, n: int) -> None:
     args = fn.get("arguments", "{}")
     if not isinstance(args, (str, Mapping)):
         raise QwenEdgeError(f"messages[{n}]: a tool call's function.arguments must be JSON text or an object")
-    try:
-        depth = json_depth(args if isinstance(args, str) else json.dumps(args))
-    except (RecursionError, ValueError, TypeError):
-        depth = MAX_JSON_DEPTH + 1
-    if depth > MAX_JSON_DEPTH:
+    if (json_depth(args) if isinstance(args, str) else _depth_of(args)) > MAX_JSON_DEPTH:
         raise QwenEdgeError(f"messages[{n}]: tool call arguments nested deeper than {MAX_JSON_DEPTH}")

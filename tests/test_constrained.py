@@ -290,6 +290,11 @@ def test_objects_without_additional_properties_are_closed():
     # allOf members stay open at their level (closing each would refuse the other's key)
     assert all("additionalProperties" not in m for m in closed["properties"]["both"]["allOf"])
     assert "additionalProperties" not in pydantic_style  # the caller's schema is not changed
+    deep: dict = {"type": "object"}
+    for _ in range(5000):  # too deep to walk: a ConstraintError (400 in the server), not a RecursionError
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(ConstraintError, match="nested too deeply"):
+        constrain.close_objects(deep)
     tok = Tokenizer.for_family("qwen2_5")
     for c, extra_ok in ((constrain.json_schema(OPEN_CITY), False),
                         (constrain.json_schema({**OPEN_CITY, "additionalProperties": True}), True),

@@ -95,6 +95,9 @@ def test_operator_caps(server):
         server.client().completions.create(model="m", prompt="x", max_tokens=CAP + 1)
 
 
+# a schema nested 480 levels (960 JSON levels: the server's parser still reads it; walking it recursively would not)
+DEEP = '{"type": "object", "properties": {"a": ' * 480 + '{"type": "object"}' + "}}" * 480
+
 HOSTILE = [
     # (raw body, status, param)
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", 400, "max_tokens"),
@@ -114,6 +117,10 @@ HOSTILE = [
     (json.dumps({"messages": [HI[0], {"role": "assistant", "content": None, "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 900 + "]" * 900}}]}]}).encode(),
      400, "messages[1]"),
+    (('{"messages": %s, "tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]}'
+      % (json.dumps(HI), DEEP)).encode(), 400, "tools"),
+    (('{"messages": %s, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}}'
+      % (json.dumps(HI), DEEP)).encode(), 400, "response_format"),
     (json.dumps({"messages": HI, "tool_choice": "required", "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}]}).encode(),
      400, "tools"),
