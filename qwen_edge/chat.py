@@ -13,7 +13,6 @@ from .sampling import Sampling
 from .streaming import THINK_END, THINK_START, ThinkingSplitter, split_thinking
 from .tokenizer import Tokenizer
 from .tools import ToolCall, ToolChoice
-from .tools import ToolCall, ToolChoice
 
 if TYPE_CHECKING:
     from .backends.base import Runtime
@@ -229,12 +228,12 @@ class ChatSession:
         self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
         thought, answer = split_thinking(res.text, opened=self._opens_thinking(ids) or None)  # as streamed
         calls: list[ToolCall] = []
-        if calls_possible:
-            answer, calls = parse_tool_calls(answer)
+        if calls_possible:  # only the tools offered: a call to any other is dropped, as OpenAI never returns one
+            answer, calls = parse_tool_calls(answer, [t["function"]["name"] for t in tools or []])
         try:
             splitter.finish()
             if held is not None:
-                held.finish(release=not calls)
+                held.finish(answer)
         except KeyboardInterrupt:  # Ctrl-C while printing the tail: the reply is over anyway
             pass
         finish = "tool_calls" if calls and res.finish_reason != "cancelled" else res.finish_reason

@@ -27,6 +27,63 @@ separators (so a reply re-rendered by a chat template's `tojson` matches the tok
 
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "tool_call")
 
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+                  "additionalProperties", "unevaluatedItems")
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that does not say `"additionalProperties"` (or
+    `unevaluatedProperties`) gets `"additionalProperties": false`: only its declared properties.
+
+    LangChain, instructor and Pydantic send object schemas without `additionalProperties`; read as JSON Schema says
+    (any further key allowed), the grammar lets a weak model append keys until the token limit. llama.cpp's
+    schema converter and xgrammar's strict mode read a missing `additionalProperties` as closed; so do we. A schema
+    that wants extra keys says `"additionalProperties": true` (or a schema for them). The members of an `allOf` are
+    left open at their own level (closing each would refuse the keys the others declare). A schema nested too deep
+    to walk is a ConstraintError."""
+    try:
+        return _close(schema)
+    except RecursionError:
+        raise ConstraintError("json_schema: the schema is nested too deeply") from None
+
+
+def _close(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_close(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for k in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(k), Mapping):
+            out[k] = {name: _close(sub) for name, sub in out[k].items()}
+    for k in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [_close(sub) for sub in out[k]]
+    for k in _SUBSCHEMA_ONE:
+        if k in out:
+            out[k] = _close(out[k])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_close_inside(sub) for sub in out["allOf"]]
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or (
+        kind is None and any(k in out for k in ("properties", "required", "patternProperties")))
+    if is_object and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _close_inside(schema: Any) -> Any:
+    """An allOf member: closed below, left as it is at its own level."""
+    if not isinstance(schema, Mapping):
+        return schema
+    had = "additionalProperties" in schema
+    out = _close(schema)
+    if not had:
+        out.pop("additionalProperties", None)
+    return out
+
 
 class ConstraintError(QwenEdgeError, ValueError):
     """A schema, regex or grammar that the engine cannot compile (bad input: exit 2, HTTP 400)."""
@@ -69,8 +126,9 @@ def _validated(kind: str, grammar: str, source: str) -> Constraint:
     return Constraint(kind, grammar, source)
 
 
-def json_schema(schema: Mapping[str, Any] | str | bool) -> Constraint:
-    """Output is one JSON value valid under `schema` (a dict or its JSON text)."""
+def json_schema(schema: Mapping[str, Any] | str | bool, *, closed: bool = True) -> Constraint:
+    """Output is one JSON value valid under `schema` (a dict or its JSON text). `closed`: object schemas without
+    `additionalProperties` take no undeclared keys (`close_objects`)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -78,17 +136,19 @@ def json_schema(schema: Mapping[str, Any] | str | bool) -> Constraint:
             raise ConstraintError(f"json_schema: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(schema, (Mapping, bool)):
         raise ConstraintError(f"json_schema: a schema is a JSON object, not {type(schema).__name__}")
+    doc = close_objects(schema) if closed and isinstance(schema, Mapping) else schema
     try:
-        grammar = _llg().LLMatcher.grammar_from_json_schema(schema if isinstance(schema, bool) else dict(schema),
+        grammar = _llg().LLMatcher.grammar_from_json_schema(doc if isinstance(doc, bool) else dict(doc),
                                                             overrides=JSON_OPTIONS)
-    except (ValueError, TypeError) as e:
-        raise ConstraintError(f"json_schema: {first_line(e)}") from None
-    return _validated("json_schema", grammar, json.dumps(schema))
+        source = json.dumps(doc)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ConstraintError(f"json_schema: {first_line(e) or 'nested too deeply'}") from None
+    return _validated("json_schema", grammar, source)
 
 
 def json_object() -> Constraint:
     """Output is one JSON object (any keys and values)."""
-    c = json_schema({"type": "object"})
+    c = json_schema({"type": "object"}, closed=False)
     return Constraint("json_object", c.grammar, c.source)
 
 
@@ -109,13 +169,13 @@ def grammar(lark: str) -> Constraint:
 def tool_call(tools: Sequence[Mapping[str, Any]], name: str | None = None) -> Constraint:
     """Output is one or more Qwen tool calls, `<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>`, each
     naming one of `tools` (OpenAI tool dicts, already checked) or only `name`, its arguments valid under the tool's
-    `parameters` schema. `<tool_call>` and `</tool_call>` are single added tokens of the Qwen vocabulary."""
+    `parameters` schema (closed: `close_objects`). `<tool_call>` and `</tool_call>` are single added tokens of the Qwen vocabulary."""
     options = []
     for t in tools:
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
-        params = fn.get("parameters") or {"type": "object"}
+        params = close_objects(fn.get("parameters") or {"type": "object", "properties": {}})
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
     if not options:

@@ -382,9 +382,6 @@ def runtime_stop_ids(runtime: Runtime, tokenizer: Tokenizer | None = None) -> li
 
 
 # --- the `generate` verb ---------------------------------------------------------------------------------------
-VALID_ROLES = ("system", "user", "assistant", "tool")
-
-
 def read_json(path: str | Path) -> Any:
     """A JSON document from a UTF-8 file (messages, schema, tools), or a one-line QwenEdgeError naming the file."""
     p = Path(path)
@@ -408,14 +405,13 @@ def read_text(path: str | Path) -> str:
 
 
 def read_messages(path: str | Path) -> list[dict[str, Any]]:
-    """A messages file: a JSON list of {"role", "content"} objects (UTF-8)."""
+    """A messages file: a JSON list of OpenAI-shaped messages (UTF-8), checked by the same rules as the library's
+    and the server's (`tools.check_messages`); errors name the file."""
+    from .tools import check_messages
+
     p = Path(path)
     data = read_json(p)
-    if not isinstance(data, list) or not data:
-        raise QwenEdgeError(f"{p}: expected a non-empty JSON list of {{role, content}} messages")
-    for n, m in enumerate(data):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise QwenEdgeError(f"{p}: message {n} must be an object with string 'role' and 'content'")
-        if m["role"] not in VALID_ROLES:
-            raise QwenEdgeError(f"{p}: message {n} has role {m['role']!r} (expected {', '.join(VALID_ROLES)})")
-    return data
+    try:
+        return check_messages(data)
+    except QwenEdgeError as e:
+        raise QwenEdgeError(f"{p}: {e}") from None

@@ -89,7 +89,9 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids: Iterable[int], pen
 
 def candidate_probs(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, probabilities summing to 1) that survive temperature, top-k, top-p and min-p, most likely first."""
-    x = np.asarray(logits, dtype=np.float64) / s.temperature
+    x = np.asarray(logits, dtype=np.float64)
+    with np.errstate(over="ignore"):  # relative to the best logit: a tiny temperature gives -inf, never inf - inf
+        x = (x - x.max()) / s.temperature
     n = x.shape[-1]
     total: float | None = None  # the full softmax's normalizer, when only a probe of candidates is kept
     if 0 < s.top_k < n:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
+import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -73,13 +76,48 @@ def _bad(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+# --- operator caps ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (the `serve` flags in brackets): a request over a cap gets 400 naming the field."""
+
+    max_tokens: int = 4096
+    """[--max-tokens] The most tokens one request may generate; a request without max_tokens gets this many (or what
+    the context has left)."""
+    deadline_s: float = 300.0
+    """[--timeout] Seconds one generation may run (prefill included); past it the reply ends as it is, finish_reason
+    "length"."""
+    max_stop: int = 16
+    """[--max-stop] Stop strings per request (OpenAI takes 4)."""
+    max_stop_chars: int = 256
+    """The longest stop string, in characters."""
+    parse_timeout_s: float = 10.0
+    """Seconds a request's schema may take to compile (off the event loop); longer is 400."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_stop", "max_stop_chars"):
+            if getattr(self, name) < 1:
+                raise QwenEdgeError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+        if not (self.deadline_s > 0 and math.isfinite(self.deadline_s)):
+            raise QwenEdgeError(f"--timeout must be a positive number of seconds, not {self.deadline_s}")
+
+
+DEFAULT_LIMITS = Limits()
+PREFILL_CHUNK = 256
+"""Prompt tokens prefilled between two looks at the request's cancel flag and deadline."""
+
+
 # --- request parsing ----------------------------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SEED_RANGE = (-(2**63), 2**64)
+"""Seeds taken: any int64 or uint64 (a negative one is read as its two's complement, as a C client's would be)."""
 
 
 def _opt(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str) -> Any:
@@ -108,15 +146,19 @@ def parse_messages(raw: Any) -> list[dict[str, Any]]:
     return cast("list[dict[str, Any]]", _checked("messages", lambda: check_messages(raw)))
 
 
-def _parse_stop(body: Mapping[str, Any]) -> list[str]:
+def _parse_stop(body: Mapping[str, Any], limits: Limits) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop] if stop else []
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return [s for s in stop if s]
-    raise _bad("stop", "'stop' must be a string or a list of strings")
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _bad("stop", "'stop' must be a string or a list of strings")
+    if len(stop) > limits.max_stop:
+        raise _bad("stop", f"'stop' has {len(stop)} strings; at most {limits.max_stop} (--max-stop)")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise _bad("stop", f"'stop' strings are at most {limits.max_stop_chars} characters")
+    return [s for s in stop if s]
 
 
 def _parse_sampling(body: Mapping[str, Any], generation_config: Mapping[str, Any]) -> Sampling:
@@ -126,7 +168,7 @@ def _parse_sampling(body: Mapping[str, Any], generation_config: Mapping[str, Any
     top_k = _opt(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     min_p = _opt(body, "min_p", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     rep = _opt(body, "repetition_penalty", lambda v: _is_num(v) and v > 0, "a number > 0")
-    seed = _opt(body, "seed", _is_int, "an integer")
+    seed = _opt(body, "seed", lambda v: _is_int(v) and SEED_RANGE[0] <= v < SEED_RANGE[1], "a 64-bit integer")
     presence, frequency = (_opt(body, name, lambda v: _is_num(v) and -2 <= v <= 2, "a number in [-2, 2]")
                            for name in ("presence_penalty", "frequency_penalty"))
     try:
@@ -136,7 +178,7 @@ def _parse_sampling(body: Mapping[str, Any], generation_config: Mapping[str, Any
     except QwenEdgeError as e:
         raise _bad("temperature", first_line(e)) from None
     # An unseeded sampled request differs run to run, as OpenAI's do; a seed makes it repeatable.
-    return dataclasses.replace(s, seed=seed)
+    return dataclasses.replace(s, seed=None if seed is None else seed % 2**64)
 
 
 def _parse_n(body: Mapping[str, Any]) -> None:
@@ -145,10 +187,13 @@ def _parse_n(body: Mapping[str, Any]) -> None:
         raise _bad("n", f"'n' must be 1 (one choice per request), not {json.dumps(n)[:20]}")
 
 
-def _parse_max_tokens(body: Mapping[str, Any], *names: str) -> int | None:
+def _parse_max_tokens(body: Mapping[str, Any], limits: Limits, *names: str) -> int | None:
     out = None
     for name in names:
         v = _opt(body, name, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        if v is not None and v > limits.max_tokens:
+            raise _bad(name, f"'{name}' is {v}; this server generates at most {limits.max_tokens} tokens per "
+                       "request (--max-tokens)")
         out = v if v is not None else out
     return out
 
@@ -180,6 +225,8 @@ class ChatRequest:
 
 
 def _parse_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The tools and tool_choice; a forced choice's grammar is compiled now (a bad parameters schema is a 400)."""
+    from .constrain import tool_call
     from .tools import check_tools, choice_name
 
     tools = body.get("tools")
@@ -187,7 +234,9 @@ def _parse_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, 
     choice = body.get("tool_choice")
     if choice is None:
         return checked or None, "auto"
-    _checked("tool_choice", lambda: choice_name(choice, checked or []))
+    mode, name = _checked("tool_choice", lambda: choice_name(choice, checked or []))
+    if mode in ("required", "named") and checked:
+        _checked("tools", lambda: tool_call(checked, name))
     return checked or None, choice
 
 
@@ -201,7 +250,8 @@ def _parse_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return None if _checked("response_format", lambda: from_response_format(rf)) is None else dict(rf)
 
 
-def parse_chat_request(body: Any, generation_config: Mapping[str, Any]) -> ChatRequest:
+def parse_chat_request(body: Any, generation_config: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
+                       ) -> ChatRequest:
     """Validate a /v1/chat/completions body (ApiError 400 naming the bad field)."""
     if not isinstance(body, dict):
         raise _bad(None, "the request body must be a JSON object")
@@ -215,8 +265,8 @@ def parse_chat_request(body: Any, generation_config: Mapping[str, Any]) -> ChatR
     budget = _opt(body, THINKING_BUDGET_FIELD, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     stream, usage = _parse_stream(body)
     return ChatRequest(messages=messages, sampling=_parse_sampling(body, generation_config),
-                       max_tokens=_parse_max_tokens(body, "max_tokens", "max_completion_tokens"),
-                       stop=_parse_stop(body), tools=tools, tool_choice=choice,
+                       max_tokens=_parse_max_tokens(body, limits, "max_tokens", "max_completion_tokens"),
+                       stop=_parse_stop(body, limits), tools=tools, tool_choice=choice,
                        response_format=_parse_response_format(body), thinking=thinking, thinking_budget=budget,
                        stream=stream, include_usage=usage)
 
@@ -233,7 +283,8 @@ class CompletionRequest:
     include_usage: bool = False
 
 
-def parse_completion_request(body: Any, generation_config: Mapping[str, Any]) -> CompletionRequest:
+def parse_completion_request(body: Any, generation_config: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
+                             ) -> CompletionRequest:
     """Validate a /v1/completions body: one prompt (a string, a one-string list, or token ids)."""
     if not isinstance(body, dict):
         raise _bad(None, "the request body must be a JSON object")
@@ -247,9 +298,10 @@ def parse_completion_request(body: Any, generation_config: Mapping[str, Any]) ->
     if body.get("echo"):
         raise _bad("echo", "'echo' is not supported")
     stream, usage = _parse_stream(body)
-    max_tokens = _parse_max_tokens(body, "max_tokens")
+    max_tokens = _parse_max_tokens(body, limits, "max_tokens")
     return CompletionRequest(prompt=cast("str | list[int]", prompt), sampling=_parse_sampling(body, generation_config),
-                             max_tokens=16 if max_tokens is None else max_tokens, stop=_parse_stop(body),
+                             max_tokens=min(16, limits.max_tokens) if max_tokens is None else max_tokens,
+                             stop=_parse_stop(body, limits),
                              stream=stream, include_usage=usage)
 
 
@@ -266,6 +318,9 @@ class Job:
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.cancel = threading.Event()
+        self.deadline: float | None = None
+        """time.monotonic() past which the generation stops (set when it starts)."""
+        self.timed_out = False
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
     def put(self, kind: str, value: Any) -> None:
@@ -281,13 +336,37 @@ class EngineStats:
     rejected: int = 0
 
 
+class _CancellablePrefill:
+    """The session's runtime, its prefill run PREFILL_CHUNK tokens at a time with a look at `stopped()` between
+    chunks: a request cancelled (its client gone) or past its deadline frees the model within one chunk, not after
+    the whole prompt. It stops the way Ctrl-C does (KeyboardInterrupt), which `generate` turns into a "cancelled"
+    result with the KV cache rewound to what it held before."""
+
+    def __init__(self, runtime: Any):
+        self._runtime = runtime
+        self.stopped: Callable[[], bool] = lambda: False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+    def prefill(self, ids: Sequence[int]) -> None:
+        ids = list(ids)
+        for at in range(0, len(ids), PREFILL_CHUNK):
+            if self.stopped():
+                raise KeyboardInterrupt
+            self._runtime.prefill(ids[at: at + PREFILL_CHUNK])
+
+
 class Engine:
     """One loaded model behind a single worker thread: `queue` requests may wait while one generates."""
 
     def __init__(self, session: ChatSession, model_id: str, *, queue: int = 8,
-                 generation_config: Mapping[str, Any] | None = None):
+                 generation_config: Mapping[str, Any] | None = None, limits: Limits = DEFAULT_LIMITS):
         if queue < 0:
             raise QwenEdgeError(f"--queue must be >= 0, not {queue}")
+        self.limits = limits
+        self.prefill = _CancellablePrefill(session.runtime)
+        session.runtime = cast("Any", self.prefill)
         self.session = session
         self.model_id = model_id
         self.queue = int(queue)
@@ -332,6 +411,8 @@ class Engine:
             self.stats.cancelled += 1
             logger.info(f"{job.id}: cancelled before it started")
             return "error", ApiError(499, "cancelled before it started", type="cancelled")
+        job.deadline = time.monotonic() + self.limits.deadline_s
+        self.prefill.stopped = self.cancelled_now(job)
         try:
             result = work(job)
         except ApiError as e:
@@ -344,7 +425,14 @@ class Engine:
             self.stats.errors += 1
             logger.exception(f"{job.id}: internal error")
             return "error", ApiError(500, f"internal error: {type(e).__name__}: {first_line(e)}", type="server_error")
-        if result.finish_reason == "cancelled" or job.cancel.is_set():
+        finally:
+            self.prefill.stopped = lambda: False
+        if job.timed_out and not job.cancel.is_set():
+            logger.warning(f"{job.id}: stopped at its deadline ({self.limits.deadline_s:g} s, --timeout) after "
+                           f"{len(result.output_ids)} generated tokens")
+            result.finish_reason = "length"  # cut short, as by max_tokens: the reply is what was generated
+            self.stats.served += 1
+        elif result.finish_reason == "cancelled" or job.cancel.is_set():
             self.stats.cancelled += 1
             logger.info(f"{job.id}: cancelled after {len(result.output_ids)} generated tokens")
         else:
@@ -354,7 +442,14 @@ class Engine:
         return "done", result
 
     def cancelled_now(self, job: Job) -> Callable[[], bool]:
-        return lambda: job.cancel.is_set() or self.shutdown.is_set()
+        """The job's stop signal: its client left, the server is stopping, or its deadline passed."""
+        def stop() -> bool:
+            if job.cancel.is_set() or self.shutdown.is_set():
+                return True
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                job.timed_out = True
+            return job.timed_out
+        return stop
 
     def close(self) -> None:
         self.shutdown.set()
@@ -366,11 +461,12 @@ class Engine:
         def work(job: Job) -> Any:
             on_text = (lambda s: job.put("text", s)) if req.stream else None
             on_thinking = (lambda s: job.put("thinking", s)) if req.stream else None
+            max_tokens = self.limits.max_tokens if req.max_tokens is None else req.max_tokens
             return self.session.complete(req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                             response_format=req.response_format, thinking=req.thinking,
-                             thinking_budget=req.thinking_budget, sampling=req.sampling,
-                             max_new_tokens=req.max_tokens, stop=req.stop, on_text=on_text,
-                             on_thinking=on_thinking, cancel=self.cancelled_now(job))
+                                         response_format=req.response_format, thinking=req.thinking,
+                                         thinking_budget=req.thinking_budget, sampling=req.sampling,
+                                         max_new_tokens=max_tokens, stop=req.stop, on_text=on_text,
+                                         on_thinking=on_thinking, cancel=self.cancelled_now(job))
         return work
 
     def completion_work(self, req: CompletionRequest) -> Callable[[Job], Any]:
@@ -379,6 +475,8 @@ class Engine:
 
             s = self.session
             ids = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt)
+            if max(ids, default=0) >= s.tokenizer.vocab_size:
+                raise _bad("prompt", f"'prompt' token ids must be below {s.tokenizer.vocab_size}")
             try:
                 return generate(s.runtime, ids, sampling=req.sampling, max_new_tokens=req.max_tokens,
                                 stop_ids=s.stop_ids, stop_strings=req.stop, tokenizer=s.tokenizer,
@@ -429,6 +527,10 @@ def _sse(doc: Any) -> str:
     return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
 
+TOOL_ARGUMENT_PIECE = 8
+"""Characters of a tool call's arguments per streamed chunk."""
+
+
 class _Chunks:
     """The SSE chunks of one streamed response (chat.completion.chunk or text_completion)."""
 
@@ -458,8 +560,14 @@ class _Chunks:
     def end(self, result: Any) -> list[str]:
         out = []
         calls = _tool_calls(result) if self.chat else []
-        if calls:
-            out.append(self.chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}))
+        for i, c in enumerate(calls):  # as OpenAI streams them: id, type and name first, then the arguments in pieces
+            fn = c["function"]
+            out.append(self.chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                                   "function": {"name": fn["name"], "arguments": ""}}]}))
+            args = fn["arguments"]
+            for at in range(0, len(args), TOOL_ARGUMENT_PIECE):
+                out.append(self.chunk({"tool_calls": [{"index": i, "function": {
+                    "arguments": args[at: at + TOOL_ARGUMENT_PIECE]}}]}))
         finish = _finish(result) if self.chat else FINISH_TO_OPENAI.get(result.finish_reason, "stop")
         out.append(self.chunk(finish=finish))
         if self.include_usage:
@@ -475,14 +583,71 @@ MAX_BODY_BYTES = 16 << 20
 """The largest request body read (16 MiB: far above any conversation a small model's context holds); more is 413."""
 API_KEY_ENV = "QWEN_EDGE_API_KEY"
 """Where `serve` takes its API key when --api-key is not given (a key on the command line shows in `ps`)."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""The Host names a loopback-bound server answers (plus --allow-host): a DNS-rebinding page sends its own name."""
+MAX_INT_DIGITS = 100
+"""Longer JSON integers are read as infinity, so the field they are in is refused by name (Python refuses to read
+integers over 4,300 digits at all)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` listens on this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header, without its port: "[::1]:8080" -> "::1", "LocalHost:80" -> "localhost"."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1: h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def _parse_int(digits: str) -> int | float:
+    return int(digits) if len(digits.lstrip("-")) <= MAX_INT_DIGITS else math.inf
+
+
+class _Guard:
+    """ASGI middleware in front of every route: on a loopback bind, only loopback Host names (and `allowed_hosts`)
+    are answered (403 otherwise: DNS rebinding); a POST must send `Content-Type: application/json` (415 otherwise: a
+    web page can POST text/plain cross-origin with no CORS preflight)."""
+
+    def __init__(self, app: Any, hosts: Sequence[str] | None):
+        self.app = app
+        self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        err = None
+        if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
+            err = ApiError(403, f"Host {headers.get('host', '')!r} is not served: this server answers "
+                           f"{', '.join(sorted(self.hosts))} (--allow-host NAME adds one)", code="host_not_allowed")
+        elif scope["method"] == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                err = ApiError(415, f"Content-Type must be application/json, not {kind or 'none'!r}",
+                               code="unsupported_media_type")
+        if err is None:
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Sequence[str] = (),
-               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+               max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None) -> Starlette:
     """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     `allow_origins`: browser origins allowed to call it (CORS; "*" for any); none by default, so a web page on
-    another origin cannot drive a local model unless the user says so.
+    another origin cannot drive a local model unless the user says so. `allowed_hosts`: the Host names answered
+    (None: any; `serve` gives LOOPBACK_HOSTS and --allow-host on a loopback bind).
     """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -501,10 +666,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         too_big = ApiError(413, f"the request body is over {max_body_bytes} bytes", code="request_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
@@ -515,11 +680,35 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
             if size > max_body_bytes:
                 raise too_big
             chunks.append(chunk)
-        raw = b"".join(chunks)
+        return b"".join(chunks)
+
+    def parse_body(raw: bytes, parse: Callable[..., Any]) -> Any:
+        """JSON and the request's checks (a response_format or tool schema compiles here), on a parser thread."""
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            body = json.loads(raw, parse_int=_parse_int)
+        except (ValueError, RecursionError) as e:
             raise _bad(None, f"the request body is not valid JSON ({first_line(e)})") from None
+        return parse(body, engine.generation_config, engine.limits)
+
+    parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-edge-parse")
+    parsing = [0]
+
+    async def parsed(request: Request, parse: Callable[..., Any]) -> Any:
+        """The request, parsed off the event loop (a heavy schema stalls no stream nor /health); as many may wait
+        as the model's queue holds (503 beyond), each at most Limits.parse_timeout_s (400 beyond)."""
+        raw = await read_body(request)
+        if parsing[0] >= 1 + engine.queue:
+            raise ApiError(503, "the server is busy checking other requests; retry later", type="server_error",
+                           code="server_busy")
+        parsing[0] += 1
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(parser, parse_body, raw, parse)
+            return await asyncio.wait_for(fut, engine.limits.parse_timeout_s)
+        except asyncio.TimeoutError:
+            raise _bad("response_format", f"the request's schemas did not compile within "
+                       f"{engine.limits.parse_timeout_s:g} s") from None
+        finally:
+            parsing[0] -= 1
 
     async def next_event(job: Job, request: Request) -> tuple[str, Any] | None:
         """The job's next event, or None when the client went away (the job is then cancelled)."""
@@ -541,7 +730,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
                   ) -> Response:
         try:
             check_key(request)
-            req = parse(await read_json(request), engine.generation_config)
+            req = await parsed(request, parse)
             job = engine.submit(kind, work(req))
         except ApiError as e:
             return error(e)
@@ -608,8 +797,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         return error(ApiError(status, f"{request.method} {request.url.path}: {detail}",
                               code="not_found" if status == 404 else None))
 
-    middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
-                             allow_headers=["Authorization", "Content-Type"])] if allow_origins else []
+    middleware = [Middleware(_Guard, hosts=allowed_hosts)]
+    if allow_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -640,11 +831,14 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_context: int | None = None, threads: int | None = None,
           queue: int = 8, target: str | None = None, device: str = "cpu", verbose: bool = False,
-          allow_origins: Sequence[str] = (), announce: Callable[[str], None] | None = None) -> int:
+          allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (), limits: Limits = DEFAULT_LIMITS,
+          announce: Callable[[str], None] | None = None) -> int:
     """Load `artifact`, bind host:port (port 0: any free one) and serve until SIGINT/SIGTERM; returns 0.
 
     A bad artifact or a port that cannot be bound is a QwenEdgeError before anything listens. `announce` gets the
-    one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set.
+    one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set. On a
+    loopback `host` only loopback Host names and `allow_hosts` are answered; beyond loopback without a key, a
+    warning says that anyone who reaches the port can use the model.
     """
     require_extra()
     import uvicorn
@@ -662,13 +856,18 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     session = ChatSession.load(artifact, device=device, target=target, max_context=max_context, threads=threads)
     session.max_new_tokens = session.context_length  # no max_tokens: until a stop or the context is full
     model_id = os.path.basename(os.path.normpath(str(artifact)))
-    engine = Engine(session, model_id, queue=queue, generation_config=meta.generation_config)
+    engine = Engine(session, model_id, queue=queue, generation_config=meta.generation_config, limits=limits)
     try:
         sock = _bind(host, port)
     except BaseException:
         engine.close()
         raise
-    app = create_app(engine, api_key=api_key, allow_origins=allow_origins)
+    loopback = is_loopback(host)
+    if not loopback and api_key is None:
+        logger.warning(f"warning: serving on {host} without an API key: anyone who can reach this port can use the "
+                       f"model (--api-key or ${API_KEY_ENV} to require one)")
+    app = create_app(engine, api_key=api_key, allow_origins=allow_origins,
+                     allowed_hosts=[*LOOPBACK_HOSTS, *allow_hosts] if loopback else None)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _server(config, engine)

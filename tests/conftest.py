@@ -54,6 +54,25 @@ def exported(workdir, synth_ckpt):
     return make
 
 
+@pytest.fixture(scope="session")
+def thinking_artifact(workdir, synth_ckpt):
+    """thinking_artifact("gguf" | "onnx") -> a tiny Qwen3 artifact (f16 / fp32) whose template opens the think block
+    when thinking is on (tests/thinking_ckpt.py), cached per session."""
+    from qwen_edge.export import export
+    from thinking_ckpt import thinking_opening_checkpoint
+
+    ckpt = thinking_opening_checkpoint(synth_ckpt("tiny-qwen3"), workdir / "ckpt" / "tiny-qwen3-opens-think")
+    cache: dict[str, Path] = {}
+
+    def make(fmt: str) -> Path:
+        if fmt not in cache:
+            quant = {"gguf": "f16", "onnx": "fp32"}[fmt]
+            cache[fmt] = export(ckpt, fmt, quant, workdir / "artifacts", name=f"tiny-qwen3-think-{fmt}")
+        return cache[fmt]
+
+    return make
+
+
 def run_cli(*args: str, input: str | None = None, timeout: float = 600, env: dict | None = None):
     """Run the real console entry point in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ)

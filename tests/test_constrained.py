@@ -51,11 +51,14 @@ def test_schema_output_parses_and_validates(session, sampling):
 def test_json_object_and_regex_and_grammar(session):
     r = session.complete([{"role": "user", "content": "JSON please"}], response_format={"type": "json_object"},
                          sampling=Sampling(temperature=1.0, top_k=40, seed=1), thinking=False, max_new_tokens=400)
-    if r.finish_reason == "stop":  # a free object may not close within the budget on random weights
-        assert isinstance(json.loads(r.text), dict)
-    else:
-        assert r.finish_reason == "length" and r.text.startswith("{")
+    # a free object may not close within the budget on random weights: every token is one the grammar takes, and the
+    # reply stops exactly when the object is complete (then it parses), else it runs to the limit
     tok, rt = session.tokenizer, session.runtime
+    m = constrain.json_object().matcher(tok, rt.info.vocab_size, session.stop_ids)
+    for t in r.output_ids:
+        m.advance(t)
+    assert r.finish_reason == ("stop" if m.accepting else "length") and r.text.startswith("{")
+    assert isinstance(json.loads(r.text), dict) if m.accepting else len(r.output_ids) == 400
     ids = tok.encode_chat([{"role": "user", "content": "a code"}], enable_thinking=False)
     out = generate(rt, ids, tokenizer=tok, stop_ids=session.stop_ids, max_new_tokens=40,
                    sampling=Sampling(temperature=1.0, seed=5), constraint=constrain.regex(r"[A-C]{3}-\d{2,4}"))
@@ -89,7 +92,7 @@ def test_stop_ids_allowed_exactly_when_the_grammar_accepts():
     assert m.accepting and not m.allowed()[[IM_END, ENDOFTEXT]].any()
 
 
-def test_thinking_budget_closes_the_block_at_n_tokens(exported):
+def test_thinking_budget_closes_the_block_at_n_tokens(exported, thinking_artifact):
     for arch, fmt, quant in [("tiny-qwen3", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]:
         s = ChatSession.load(exported(arch, fmt, quant), max_context=512)
         tok = s.tokenizer
@@ -100,17 +103,21 @@ def test_thinking_budget_closes_the_block_at_n_tokens(exported):
                            stop_ids=[], sampling=Sampling())
             assert tok.token_to_id("</think>") not in out.output_ids[:n]
             assert out.output_ids[n: n + len(close)] == close, out.text
-        # through the session: the thinking comes back apart, the answer follows the forced close
-        s.runtime.reset()
-        thought: list[str] = []
-        r = s.complete([{"role": "user", "content": "think"}], thinking=True, thinking_budget=5, max_new_tokens=30,
-                       on_thinking=thought.append, response_format={"type": "json_schema", "json_schema": {
-                           "name": "n", "schema": {"type": "integer", "minimum": 0, "maximum": 99}}})
-        if r.thinking is not None:  # the model opened a block: it was cut at 5 tokens
-            think_ids = r.output_ids[1: r.output_ids.index(tok.token_to_id("</think>"))]
-            assert len(think_ids) <= 6 and "".join(thought) == r.thinking
-        assert 0 <= json.loads(r.text) <= 99 and r.finish_reason == "stop"
         s.close()
+    # through the session, on a template that opens the block (every run thinks): the thinking comes back apart, cut
+    # at exactly 5 tokens, and the constrained answer follows the forced close
+    for fmt in ("gguf", "onnx"):
+        with ChatSession.load(thinking_artifact(fmt), max_context=512) as s:
+            tok = s.tokenizer
+            close = tok.encode("\n</think>\n\n")
+            thought: list[str] = []
+            r = s.complete([{"role": "user", "content": "think"}], thinking=True, thinking_budget=5,
+                           max_new_tokens=30, on_thinking=thought.append, sampling=Sampling(temperature=1.0, seed=2),
+                           response_format={"type": "json_schema", "json_schema": {
+                               "name": "n", "schema": {"type": "integer", "minimum": 0, "maximum": 99}}})
+            assert r.output_ids[5: 5 + len(close)] == close, r.raw_text
+            assert r.thinking == tok.decode(r.output_ids[:5]).strip("\n") == "".join(thought)
+            assert 0 <= json.loads(r.text) <= 99 and r.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -261,3 +268,56 @@ def test_constraint_with_thinking_on_and_no_budget_still_holds(exported, fmt, qu
             assert r.tool_calls and all(c.name == "get_time" for c in r.tool_calls)
             for c in r.tool_calls:
                 json.loads(c.arguments)
+
+
+# --- schemas as the frameworks send them: no additionalProperties means closed -------------------------------------
+OPEN_CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                              "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+             "required": ["city", "days"]}  # no additionalProperties: what LangChain, instructor and Pydantic send
+
+
+def test_objects_without_additional_properties_are_closed():
+    pydantic_style = {"$defs": {"Pet": {"properties": {"kind": {"type": "string"}}, "required": ["kind"],
+                                        "title": "Pet", "type": "object"}},
+                      "properties": {"pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]},
+                                     "meta": {"type": "object", "additionalProperties": True},
+                                     "both": {"allOf": [{"properties": {"a": {"type": "integer"}}},
+                                                        {"properties": {"b": {"type": "integer"}}}]}},
+                      "type": "object"}
+    closed = constrain.close_objects(pydantic_style)
+    assert closed["additionalProperties"] is False and closed["$defs"]["Pet"]["additionalProperties"] is False
+    assert closed["properties"]["meta"]["additionalProperties"] is True  # said open: stays open
+    # allOf members stay open at their level (closing each would refuse the other's key)
+    assert all("additionalProperties" not in m for m in closed["properties"]["both"]["allOf"])
+    assert "additionalProperties" not in pydantic_style  # the caller's schema is not changed
+    deep: dict = {"type": "object"}
+    for _ in range(5000):  # too deep to walk: a ConstraintError (400 in the server), not a RecursionError
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(ConstraintError, match="nested too deeply"):
+        constrain.close_objects(deep)
+    tok = Tokenizer.for_family("qwen2_5")
+    for c, extra_ok in ((constrain.json_schema(OPEN_CITY), False),
+                        (constrain.json_schema({**OPEN_CITY, "additionalProperties": True}), True),
+                        (constrain.json_object(), True)):
+        m = c.matcher(tok, 151936, [IM_END])
+        for t in tok.encode('{"city": "Rome", "days": 3'):
+            m.advance(t)
+        assert m.allowed()[tok.encode(",")[0]] == extra_ok  # a further key may follow only where the schema says so
+
+
+@pytest.mark.parametrize("kind", ["tool_call", "json_schema"])
+def test_framework_schemas_always_close_on_random_weights(session, kind):
+    """20 sampled replies in a row: a tool call (tool_choice required) and a json_schema answer whose object schema has
+    no additionalProperties always complete, with the declared keys only (before: about one in three ran to the
+    token limit appending keys, the call's markup left in the text)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": OPEN_CITY}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": OPEN_CITY}}
+    for seed in range(20):
+        kw = dict(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}) \
+            if kind == "tool_call" else dict(response_format=fmt)
+        r = session.complete([{"role": "user", "content": "Weather?"}], thinking=False, max_new_tokens=60,
+                             sampling=Sampling(temperature=1.0, seed=seed), **kw)
+        doc = json.loads(r.tool_calls[0].arguments if kind == "tool_call" else r.text)
+        assert set(doc) == {"city", "days"}, (seed, r.raw_text)
+        assert r.finish_reason == ("tool_calls" if kind == "tool_call" else "stop"), (seed, r.raw_text)
+        assert "<tool_call>" not in r.text

@@ -83,12 +83,19 @@ def test_tool_round_trip_reuses_the_kv_prefix(session):
     assert third.reused_tokens >= len(second.prompt_ids) - 4 and session.history == before
 
 
-def test_auto_without_a_call_streams_text(session):
-    streamed: list[str] = []
-    r = session.complete([{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto", max_new_tokens=12,
-                         on_text=streamed.append)
-    if not r.tool_calls:
-        assert "".join(streamed) == r.text
+def test_auto_streams_exactly_the_content(session):
+    """Under "auto" the reply may or may not call a tool: either way the streamed text is exactly the content and
+    carries no markup; a call that was made is one of the offered tools, with arguments that parse."""
+    for seed in range(6):
+        streamed: list[str] = []
+        r = session.complete([{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto", max_new_tokens=12,
+                             sampling=Sampling(temperature=1.0, seed=seed), on_text=streamed.append)
+        assert "".join(streamed) == r.text and "<tool_call>" not in r.text
+        assert (r.finish_reason == "tool_calls") == bool(r.tool_calls)
+        assert r.finish_reason in ("stop", "length", "tool_calls")
+        for c in r.tool_calls:
+            assert c.name in {t["function"]["name"] for t in TOOLS}
+            assert isinstance(json.loads(c.arguments), dict)
 
 
 def test_parse_tool_calls():
@@ -98,25 +105,83 @@ def test_parse_tool_calls():
     assert rest == "Let me check." and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
                                                                                               ("b", {"y": [2]})]
     assert len({c.id for c in calls}) == 2
-    rest, calls = parse_tool_calls("<tool_call>\nnot json\n</tool_call>")
-    assert calls == [] and rest == "<tool_call>\nnot json\n</tool_call>"
+    # a block that is not a call is dropped (OpenAI never returns markup as content)
+    assert parse_tool_calls("<tool_call>\nnot json\n</tool_call>") == ("", [])
     _, calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {}}')  # stopped before the closing tag
     assert [c.name for c in calls] == ["a"]
+
+
+GOOD = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text, content, names", [
+    # a malformed first block (never closed) does not swallow the valid one after it
+    ('<tool_call>\n{"name": "get_weather", "argu\n' + GOOD, "", ["get_time"]),
+    # a call to a tool that was not offered is no call, and its markup is no content
+    ('Sure.\n<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>\n' + GOOD, "Sure.", ["get_time"]),
+    # arguments nested past MAX_JSON_DEPTH: not a call, no RecursionError
+    ('<tool_call>\n{"name": "get_time", "arguments": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}\n</tool_call>\n"
+     + GOOD + "\nbye", "bye", ["get_time"]),
+    # text, a call, truncated markup at the end
+    ("a\n" + GOOD + '\n<tool_call>\n{"name": "get_', "a", ["get_time"]),
+])
+def test_each_block_parses_on_its_own_and_streams_as_it_returns(text, content, names):
+    rest, calls = parse_tool_calls(text, names)
+    assert rest == content and [c.name for c in calls] == names and json.loads(calls[0].arguments) == {"tz": "UTC"}
+    for size in (1, 3, 7, 50):  # streamed in pieces of any size: the stream adds up to the content
+        out: list[str] = []
+        f = ToolCallFilter(out.append)
+        for i in range(0, len(text), size):
+            f.feed(text[i: i + size])
+        f.finish(rest)
+        assert "".join(out) == rest and not any("<tool" in p for p in out), (size, out)
 
 
 def test_tool_call_markup_never_streams():
     out: list[str] = []
     f = ToolCallFilter(out.append)
+    text = "".join(["Sure", ", <to", "ol_c", "all>\n{\"name\"", ": \"a\"}\n</tool_call>"])
     for piece in ["Sure", ", <to", "ol_c", "all>\n{\"name\"", ": \"a\"}\n</tool_call>"]:
         f.feed(piece)
-    f.finish(release=False)
-    assert "".join(out) == "Sure, "
+    assert "".join(out) == "Sure,"  # the space before the markup is held back too: it is not content
+    f.finish(parse_tool_calls(text)[0])
+    assert "".join(out) == "Sure,"
     out.clear()
     f = ToolCallFilter(out.append)
     for piece in ["a <to", "y> b"]:
         f.feed(piece)
-    f.finish(release=False)
+    f.finish()
     assert "".join(out) == "a <toy> b"
+
+
+def test_one_message_validator_for_cli_library_and_server(cli, exported, tmp_path):
+    """An assistant message with content null and tool_calls (what OpenAI's client sends back) is taken by the CLI's
+    --messages as by the library and the server; developer is a system message; deep arguments are refused."""
+    msgs = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "time?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    checked = check_messages(msgs)
+    assert checked[0]["role"] == "system" and checked[2]["content"] is None
+    f = tmp_path / "msgs.json"
+    f.write_text(json.dumps(msgs))
+    r = cli("generate", str(exported("tiny-qwen2", "gguf", "q8_0")), "--messages", str(f), "--max-new-tokens", "3",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    assert "<tool_response>\n12:00\n</tool_response>" in _prompt_text(exported, json.loads(r.stdout))
+    deep = [dict(msgs[2], tool_calls=[{"id": "c", "type": "function", "function": {
+        "name": "get_time", "arguments": "[" * 100 + "]" * 100}}])]
+    with pytest.raises(QwenEdgeError, match="deeper"):
+        check_messages(msgs[:2] + deep)
+    f.write_text(json.dumps(msgs[:2] + deep))
+    r = cli("generate", str(exported("tiny-qwen2", "gguf", "q8_0")), "--messages", str(f), "--max-new-tokens", "3")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "deeper" in r.stderr, r.stderr
+
+
+def _prompt_text(exported, doc: dict) -> str:
+    from qwen_edge.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(exported("tiny-qwen2", "gguf", "q8_0")).decode(doc["prompt_ids"])
 
 
 def test_bad_messages_and_tools_are_refused(session):

@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..backends import load
     from ..generate import generate, model_meta, read_messages
     from ..tokenizer import Tokenizer, split_thinking
-    from ..tools import ToolCallFilter, load_tools, parse_tool_calls
+    from ..tools import ToolCallFilter, load_tools, parse_tool_calls, template_messages
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)
@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if messages[0]["role"] == "system":
                 raise QwenEdgeError(f"{args.messages}: already has a system message; drop --system")
             messages.insert(0, {"role": "system", "content": args.system})
-        prompt_ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.think,
+        prompt_ids = tok.encode_chat(template_messages(messages), add_generation_prompt=True, enable_thinking=args.think,
                                      tools=tools if calls_possible else None)
     if not prompt_ids:
         raise QwenEdgeError("empty prompt: nothing to generate from")
@@ -112,7 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
-    answer, calls = parse_tool_calls(answer) if calls_possible else (answer, [])
+    names = [t["function"]["name"] for t in tools or []]
+    answer, calls = parse_tool_calls(answer, names) if calls_possible else (answer, [])
     finish = "tool_calls" if calls and result.finish_reason != "cancelled" else result.finish_reason
     if args.json:
         doc = {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": answer,
@@ -121,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
     else:
         if held is not None:
-            held.finish(release=not calls)
+            held.finish(answer)
         for c in calls:  # one JSON line per call: {"id", "type", "function": {"name", "arguments"}}
             sys.stdout.write("\n" + json.dumps(c.to_openai(), ensure_ascii=False))
         sys.stdout.write("\n")

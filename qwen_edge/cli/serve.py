@@ -13,15 +13,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_extra()  # one line and exit 2 without the extra, before loading anything
     from ..log import say
-    from ..serve import serve
+    from ..serve import Limits, serve
 
+    limits = Limits(max_tokens=args.max_tokens, deadline_s=args.timeout, max_stop=args.max_stop)
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_context=args.max_context,
                  threads=args.threads, queue=args.queue, target=args.target, device=args.device,
-                 allow_origins=args.allow_origin or (),
+                 allow_origins=args.allow_origin or (), allow_hosts=args.allow_host or (), limits=limits,
                  verbose=bool(getattr(args, "verbose", False)), announce=say)
 
 
 def add_verbs(add: Add) -> None:
+    from ..serve import DEFAULT_LIMITS as DEFAULTS
     from .run import _add_runtime_args
 
     p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",
@@ -37,7 +39,19 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                    help="a browser origin allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any "
                    "(repeatable; default none)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="on a loopback bind, a Host name answered besides localhost, 127.0.0.1 and ::1 (e.g. a name "
+                   "in /etc/hosts; repeatable). Other names get 403, so a DNS-rebinding web page cannot read replies")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait while one generates (default 8; more get 503)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens,
+                   help=f"the most tokens one request may generate (default {DEFAULTS.max_tokens}; a request's "
+                   "max_tokens above it is 400, a request without one gets it)")
+    p.add_argument("--timeout", type=float, default=DEFAULTS.deadline_s, metavar="SECONDS",
+                   help=f"how long one generation may run, prefill included (default {DEFAULTS.deadline_s:g}); "
+                   "then it ends as it is, finish_reason length")
+    p.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
+                   help=f"stop strings one request may send (default {DEFAULTS.max_stop}, each at most "
+                   f"{DEFAULTS.max_stop_chars} characters)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
