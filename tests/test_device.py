@@ -162,13 +162,29 @@ def test_on_device_verify_passes_faithful_fails_broken_without_torch(tmp_path, v
     # the same figures the torch verify recorded, where the compact record is exact
     for k in ("top1_agreement", "ppl_reference", "ppl_artifact"):
         assert m[k] == pytest.approx(report["recorded_metrics"][k], rel=1e-5), k
-    assert m["ppl_artifact"] != report["recorded_metrics"]["ppl_artifact"], "a bit-for-bit re-run proves less"
 
     r = run_cli("verify", str(verified_fidelity), "--on-device", "--threads", "1", env=env)
     assert r.returncode == 0, r.stderr
     for said in ("(lower bound)", "not covered: contexts beyond the evaluation windows, sampling",
                  "constrained decoding", "host verify (recorded)"):
         assert said in r.stdout, said
+
+    # not only a re-run of what the host ran: the GGUF f32 export of the same checkpoint, on llama.cpp, against the
+    # reference recorded while the ONNX export was verified (onnxruntime): a run the host never made
+    from fidelity import fidelity_checkpoint
+
+    from qwen_edge.export import export
+
+    gguf = export(fidelity_checkpoint(), "gguf", "f32", tmp_path, name="fid-gguf-f32")
+    mf = json.loads((gguf / "manifest.json").read_text())
+    mf["reference_logits"] = json.loads((verified_fidelity / "manifest.json").read_text())["reference_logits"]
+    (gguf / "manifest.json").write_text(json.dumps(mf))
+    r = run_cli("verify", str(gguf), "--on-device", "--threads", "1", "--json", env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    g = json.loads(r.stdout)
+    assert g["passed"] and g["backend"] == "llama_cpp" and g["metrics"]["top1_agreement"] == 1.0
+    assert g["metrics"]["ppl_artifact"] != pytest.approx(m["ppl_artifact"], rel=1e-9, abs=0)  # another run
+    assert 0 < g["metrics"]["kl_mean_bound"] < g["thresholds"]["kl_mean_bound"]
 
     broken = break_onnx_weights(verified_fidelity, tmp_path / "broken")
     r = run_cli("verify", str(broken), "--on-device", env=env)
