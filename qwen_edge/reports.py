@@ -28,6 +28,10 @@ class VerifyReport(TypedDict):
     vocab_compared: int
     greedy_tokens: int
     greedy_prefixes: list[int]
+    """Per greedy prompt: tokens the artifact follows the reference, near-ties passed over (verify.greedy_agreement)."""
+    greedy_ties: list[int]
+    """Per greedy prompt: near-ties met (the reference's top-2 margin < greedy_tie_margin, the artifact's pick other)."""
+    greedy_tie_margin: float
     quick: bool
     reference_weights_sha256: str
     reference_matches_source: bool | None

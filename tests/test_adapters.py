@@ -181,17 +181,34 @@ def test_llama_cpp_python_loads_the_pair(arts):
     assert np.abs(base_logits - want).max() > 0.1  # without the adapter it is the base
 
 
+PEFT_ATOL = 2e-3
+"""Logits of an f32/fp32 export with an adapter against transformers + PEFT's (float32 on both sides)."""
+
+
 def test_patterned_adapter(base, patterned, work):
-    """rsLoRA + rank/alpha patterns: merged and separate (scale folded into lora_b) both give PEFT's ids."""
+    """rsLoRA + rank/alpha patterns: merged and separate (scale folded into lora_b) both give PEFT's logits and ids.
+    Negative controls: the same tensors read without rsLoRA, or without the alpha pattern, give logits far outside
+    that tolerance (so a reader ignoring either could not pass); the rank pattern stated the other way round (r 2,
+    every other module 4) gives the same logits."""
     from qwen_edge.export import export
 
-    want = _ids(base, adapters=[patterned])
+    want, want_logits = _ids(base, adapters=[patterned]), _logits(base, adapters=[patterned])
     merged = export(base, "gguf", "f32", work / "arts-rs", name="merged", adapters=[patterned])
     sep = export(base, "gguf", "f32", work / "arts-rs", name="sep", adapters=[patterned], adapter_mode="separate")
     rec = json.loads((sep / "manifest.json").read_text())["adapters"][0]
     assert rec["use_rslora"] and rec["scale_in_lora_b"] and rec["rank_pattern"] == {"down_proj": 2}
+    np.testing.assert_allclose(_logits(merged), want_logits, atol=PEFT_ATOL)
+    np.testing.assert_allclose(_logits(sep), want_logits, atol=PEFT_ATOL)
     assert _ids(merged) == want
     assert _ids(sep) == want
+    others = {p: 4 for p in PROJECTIONS if p != "down_proj"}
+    for name, edit, same in (("no-rslora", {"use_rslora": False}, False),
+                             ("no-alpha-pattern", {"alpha_pattern": {}}, False),
+                             ("rank-other-way", {"r": 2, "rank_pattern": others}, True)):
+        ctl = export(base, "gguf", "f32", work / "arts-rs", name=name,
+                     adapters=[_bad(work, patterned, name, edit_config=edit)])
+        err = float(np.abs(_logits(ctl) - want_logits).max())
+        assert (err <= PEFT_ATOL) if same else (err > 20 * PEFT_ATOL), (name, err)
 
 
 def test_verify_uses_base_plus_adapter(cli, base, adapter, arts, work):

@@ -159,3 +159,24 @@ def test_recipe_onnx_separate(base, adapter, work, tmp_path):
     art = export_recipe(load_recipe(y), work / "recipe-out", verify=False).path
     assert (art / "adapter.onnx_adapter").is_file()
     assert json.loads((art / "manifest.json").read_text())["adapters"][0]["mode"] == "separate"
+
+
+def test_separate_onnx_patterned_ranks_inside_fused_projections(base, work):
+    """rsLoRA with q, k, v (one fused qkv input) at ranks 4, 2, 3 and gate, up (fused gate_up) at 4, 1, an alpha
+    pattern on k: the separate ONNX export (graph LoRA inputs + .onnx_adapter) gives transformers + PEFT's logits and
+    ids, as does the merged export; the base does not."""
+    from qwen_edge.export import export
+    from test_adapters import PEFT_ATOL
+
+    lora = _make_adapter(base, work / "lora-fused-ranks", r=4, lora_alpha=8, use_rslora=True,
+                         rank_pattern={"k_proj": 2, "v_proj": 3, "up_proj": 1}, alpha_pattern={"k_proj": 5})
+    want, want_logits = _ids(base, adapters=[lora]), _logits(base, adapters=[lora])
+    out = work / "arts-fused-ranks"
+    sep = export(base, "onnx", "fp32", out, name="separate", adapters=[lora], adapter_mode="separate")
+    merged = export(base, "onnx", "fp32", out, name="merged", adapters=[lora])
+    rec = json.loads((sep / "manifest.json").read_text())["adapters"][0]
+    assert rec["rank_pattern"] == {"k_proj": 2, "v_proj": 3, "up_proj": 1} and rec["mode"] == "separate"
+    np.testing.assert_allclose(_logits(sep), want_logits, atol=PEFT_ATOL)
+    np.testing.assert_allclose(_logits(merged), want_logits, atol=PEFT_ATOL)
+    assert _ids(sep) == want and _ids(merged) == want
+    assert float(np.abs(_logits(sep, adapter_scale=0.0) - want_logits).max()) > 20 * PEFT_ATOL
