@@ -398,11 +398,11 @@ class DecoderBuilder:
             k = self.head_norm(k, self.name("k_norm", i), a.num_kv_heads, f"/{pre}/attn/k_norm")
         if cast:
             q, k, v = (g.op("Cast", [x], f"/{pre}/attn/Cast_{j}", to=p.kv_elem) for j, x in enumerate((q, k, v)))
-        seqlens_k, total_len, bias, cos, sin, pos = attn_in
+        seqlens_k, total_len, attn_bias, cos, sin, pos = attn_in
         q, k = (g.op("RotaryEmbedding", [x, pos, cos, sin], f"/{pre}/attn/{n}_rotary", domain=MS, num_heads=heads,
                      interleaved=0) for x, n, heads in ((q, "q", a.num_heads), (k, "k", a.num_kv_heads)))
         present = [f"present.{i}.key", f"present.{i}.value"]
-        out = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len, "", "", "", bias],
+        out = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len, "", "", "", attn_bias],
                      f"/{pre}/attn/GQA", domain=MS, outputs=[f"/{pre}/attn/GQA/output_0"] + present,
                      num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(a.head_dim ** -0.5),
                      do_rotary=0, local_window_size=-1)[0]
