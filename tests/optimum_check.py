@@ -4,10 +4,11 @@ Face user does and prints what it saw as one JSON object on stdout.
     python optimum_check.py '{"artifacts": {"fp32": DIR, ...}, "prompt": [ids], "short": [ids], "new_tokens": N,
                               "text": "..."}'
 
-Per artifact: whether the Qwen3 head_dim fix was applied (see below), the log lines optimum wrote while loading (a "legacy" warning would be there), the graph's input
-names, greedy `generate` ids for `prompt`, the last-position logits of `prompt` and `short` run alone and as a
-left-padded batch of two (and greedy ids and every step's logits of that batch), full-sequence logits of a right-padded batch, and what
-`pipeline("text-generation")` returned for `text`. The pytest side compares these with qwen-edge's own runs."""
+Per artifact: whether the Qwen3 head_dim fix was applied (see below), the log lines optimum wrote while loading (a
+"legacy" warning would be there), the graph's input names, greedy `generate` ids for `prompt`, the last-position
+logits of `prompt` and `short` alone and as a left-padded batch of two (and that batch's greedy ids and every
+step's logits), full-sequence logits of a right-padded batch, what `pipeline("text-generation")` returned for
+`text`, and the chat template's ids for it as a user message. The pytest side compares these with qwen-edge's."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def main() -> None:
         logging.getLogger(name).addHandler(handler)
     from importlib.metadata import version
 
-    out: dict = {"versions": {p: version(p) for p in ("optimum-onnx", "optimum", "transformers", "torch", "onnxruntime")}}
+    out: dict = {"versions": {p: version(p) for p in ("optimum-onnx", "optimum", "transformers", "torch",
+                                                       "onnxruntime")}}
     prompt, short, n_new = req["prompt"], req["short"], req["new_tokens"]
     for label, path in req["artifacts"].items():
         log.seek(0), log.truncate()
@@ -48,9 +50,10 @@ def main() -> None:
             model.embed_size_per_head = head_dim
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         # greedy as qwen-edge decodes it: the artifact's generation_config.json (the source's) may sample or penalize
-        gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, repetition_penalty=1.0, pad_token_id=pad)
-        r["greedy"] = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     **gen)[0, len(prompt):].tolist()
+        gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, repetition_penalty=1.0,
+                   pad_token_id=pad)
+        ones = torch.ones(1, len(prompt), dtype=torch.long)
+        r["greedy"] = model.generate(torch.tensor([prompt]), attention_mask=ones, **gen)[0, len(prompt):].tolist()
 
         def last_logits(ids, mask):
             with torch.no_grad():
@@ -97,6 +100,8 @@ def main() -> None:
         r["pipeline_text"] = pipe(req["text"], **gen)[0]["generated_text"]
         r["pipeline_ids"] = list(pipe(req["text"], return_tensors=True, **gen)[0]["generated_token_ids"])
         r["text_ids"] = tok(req["text"], add_special_tokens=False)["input_ids"]
+        r["chat_ids"] = list(tok.apply_chat_template([{"role": "user", "content": req["text"]}], tokenize=True,
+                                                     add_generation_prompt=True))
         out[label] = r
     print(json.dumps(out))
 

@@ -24,7 +24,8 @@ PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "torch=
         "onnx==1.23.2")
 """optimum-onnx 0.1.0 wants optimum ~= 2.1.0 and transformers >= 4.36, < 4.58; torch 2.13.0 is the project's own
 pin (a CPU wheel; a looser spec can pull a multi-GB CUDA build); onnxruntime and onnx as the project pins them."""
-ARTIFACTS = {"qwen3-fp32": ("tiny-qwen3", "fp32"), "qwen3-int4": ("tiny-qwen3", "int4"), "qwen2-int4": ("tiny-qwen2", "int4")}
+ARTIFACTS = {"qwen3-fp32": ("tiny-qwen3", "fp32"), "qwen3-int4": ("tiny-qwen3", "int4"),
+             "qwen2-int4": ("tiny-qwen2", "int4")}
 SHORT = PROMPT[3:9]
 NEW_TOKENS = 8
 TEXT = "Hello, how are you?"
@@ -32,7 +33,8 @@ TEXT = "Hello, how are you?"
 
 def cache_root() -> Path:
     env = os.environ.get("QWEN_EDGE_OPTIMUM_CACHE")
-    for root in ([Path(env)] if env else [Path("/var/cache/qwen-edge-optimum"), Path.home() / ".cache/qwen-edge-optimum"]):
+    roots = [Path(env)] if env else [Path("/var/cache/qwen-edge-optimum"), Path.home() / ".cache/qwen-edge-optimum"]
+    for root in roots:
         try:
             root.mkdir(parents=True, exist_ok=True)
             if os.access(root, os.W_OK):
@@ -83,7 +85,8 @@ def optimum_report(exported):
 def test_optimum_loads_and_matches_qwen_edge(label, optimum_report):
     """ORTModelForCausalLM.from_pretrained(artifact) with no legacy warning; greedy ids are qwen-edge's; a
     left-padded batch of two gives each row its single-run logits and ids; a right-padded batch's full-sequence
-    logits (logits_to_keep = 0) are each row's own; pipeline("text-generation") generates qwen-edge's ids. Qwen3
+    logits (logits_to_keep = 0) are each row's own; pipeline("text-generation") generates qwen-edge's ids and
+    AutoTokenizer's chat template gives qwen-edge's ids. Qwen3
     needs the README's one-line fix for optimum-onnx 0.1.0 (its empty first cache is hidden/heads wide, not
     head_dim); Qwen2 runs as loaded."""
     arts, report = optimum_report
@@ -103,7 +106,8 @@ def test_optimum_loads_and_matches_qwen_edge(label, optimum_report):
     assert r["right_full_max_diff"] < tol
     from qwen_edge.tokenizer import Tokenizer
 
-    ids = r["text_ids"]
-    assert r["pipeline_text"].startswith(TEXT) and ids == Tokenizer.from_dir(arts[label]).encode(TEXT)
+    ids, tok = r["text_ids"], Tokenizer.from_dir(arts[label])
+    assert r["pipeline_text"].startswith(TEXT) and ids == tok.encode(TEXT)
+    assert r["chat_ids"] == tok.encode_chat([{"role": "user", "content": TEXT}])  # AutoTokenizer's template
     assert r["pipeline_ids"][:len(ids)] == ids
     assert r["pipeline_ids"][len(ids):] == greedy_run(arts[label], ids, NEW_TOKENS)[0]
