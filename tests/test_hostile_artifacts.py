@@ -184,13 +184,13 @@ def _onnx_copy(src: Path, dst: Path, *, model: bytes | None = None, data: bytes 
     if model is not None:
         m.write_bytes(model)
     if data is not None:
-        (dst / "model.onnx.data").write_bytes(data)
+        (dst / "model.onnx_data").write_bytes(data)
     return m
 
 
 @pytest.fixture(scope="module")
 def onnx_data(onnx_art) -> bytes:
-    return (onnx_art / "model.onnx.data").read_bytes()
+    return (onnx_art / "model.onnx_data").read_bytes()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -232,7 +232,7 @@ def _relocate(model_path: Path, key: str, value: str) -> None:
     model_path.write_bytes(m.SerializeToString())
 
 
-@pytest.mark.parametrize("key,value", [("location", "../model.onnx.data"), ("location", "/etc/passwd"),
+@pytest.mark.parametrize("key,value", [("location", "../model.onnx_data"), ("location", "/etc/passwd"),
                                        ("location", "missing.data"), ("offset", "-8"), ("length", "99999999999"),
                                        ("offset", "99999999999"), ("length", "abc"), ("location", "")])
 def test_onnx_external_data_lies_rejected(onnx_art, tmp_path, key, value):

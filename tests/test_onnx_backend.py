@@ -129,11 +129,11 @@ def _truncate(path, keep):
 ])
 def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
     d = _copy(art, tmp_path)
-    data = d / "model.onnx.data"
+    data = d / "model.onnx_data"
     if damage.startswith("truncate"):
         _truncate(data, data.stat().st_size // 2)
         if damage.endswith("rehashed"):
-            _rehash(d, "model.onnx.data")
+            _rehash(d, "model.onnx_data")
     elif damage == "missing_data":
         data.unlink()
     elif damage == "garbage_model_rehashed":
@@ -147,10 +147,10 @@ def test_damaged_artifacts_raise(art, tmp_path, damage, match, cli):
 
 
 def test_load_checks_sizes_and_graph_not_hashes(art, tmp_path, cli):
-    """load() reads no weights: a same-size altered byte in the middle of model.onnx.data passes it (only the sha256
+    """load() reads no weights: a same-size altered byte in the middle of model.onnx_data passes it (only the sha256
     can tell), and load(check_hashes=True) and `inspect` catch it."""
     d = _copy(art, tmp_path)
-    data = d / "model.onnx.data"
+    data = d / "model.onnx_data"
     with open(data, "r+b") as f:
         f.seek(data.stat().st_size // 2)
         b = f.read(1)
@@ -170,7 +170,7 @@ def test_cli_inspect_onnx(art, cli, tmp_path):
     info = json.loads(r.stdout)
     assert info["format"] == "onnx" and info["ops"]["GroupQueryAttention"] == 2
     d = _copy(art, tmp_path)
-    _truncate(d / "model.onnx.data", 100)
+    _truncate(d / "model.onnx_data", 100)
     r = cli("inspect", str(d / "model.onnx"))
     assert r.returncode == 2 and "truncated" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("inspect", str(d))
@@ -197,7 +197,7 @@ def test_int4_loads_lm_head_first_and_matches_plain_session(exported):
     assert sorted(n.name for n in reordered.graph.node) == sorted(n.name for n in proto.graph.node)
 
     ids = np.array([A], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.size)[None]}
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     plain = ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])

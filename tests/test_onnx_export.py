@@ -84,13 +84,14 @@ def _initializers(art):
 def test_artifact_layout_and_manifest(quant, exported):
     art = exported("tiny-qwen3", "onnx", quant)
     names = sorted(p.name for p in art.iterdir())
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "manifest.json"} <= set(names)
+    assert {"model.onnx", "model.onnx_data", "genai_config.json", "config.json", "tokenizer.json",
+            "manifest.json"} <= set(names)
     assert not [n for n in names if n.endswith((".bin", ".weight")) or n.startswith("onnx__")]
     m = _manifest(art)
     q = m["quantization"]
     assert m["format"] == "onnx" and m["quant"] == quant and m["model_file"] == "model.onnx"
     assert sum(q["type_counts"].values()) == len(q["tensor_types"])
-    assert sum(f["bytes"] for f in m["files"] if f["path"] == "model.onnx.data") > 0
+    assert sum(f["bytes"] for f in m["files"] if f["path"] == "model.onnx_data") > 0
     bpw = q["bits_per_weight"]
     if quant == "fp32":
         assert bpw == pytest.approx(32, rel=0.01) and set(q["type_counts"]) == {"fp32"}
@@ -103,7 +104,82 @@ def test_artifact_layout_and_manifest(quant, exported):
     # every external tensor lies inside the one data file
     model, inits = _initializers(art)
     locs = {e.value for t in inits.values() for e in t.external_data if e.key == "location"}
-    assert locs == {"model.onnx.data"}
+    assert locs == {"model.onnx_data"}
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-qwen3"])
+def test_config_json_is_the_source_config_for_hf_tools(arch, exported, synth_ckpt):
+    """config.json beside the graph (optimum infers the model class from it): the source's, listed in the manifest,
+    with use_cache on, rope_theta spelled out and max_position_embeddings the rotary cache's length."""
+    src = json.loads((synth_ckpt(arch) / "config.json").read_text())
+    art = exported(arch, "onnx", "int4", context_length=2048)
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["model_type"] == src["model_type"] and cfg["architectures"] == src["architectures"]
+    assert cfg["use_cache"] is True and cfg["max_position_embeddings"] == 2048 and cfg["rope_theta"] > 0
+    assert cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == {"tiny-qwen2": 16, "tiny-qwen3": 32}[arch]
+    assert {k: v for k, v in cfg.items() if k not in ("use_cache", "max_position_embeddings", "rope_theta",
+                                                      "head_dim")} == \
+        {k: v for k, v in src.items() if k not in ("use_cache", "max_position_embeddings", "rope_theta", "head_dim")}
+    assert "config.json" in {f["path"] for f in _manifest(art)["files"]}
+
+
+def _session(art):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # logits_to_keep = 0 returns more rows than the declared [batch, 1, vocab]: a warning
+    return ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def _run_rows(sess, rows: list[list[int]], mask: list[list[int]], past=None, keep: int = 0):
+    """One run of the bare session, as optimum and onnxruntime-genai drive it: (logits, the cache for the next run)."""
+    feeds = {"input_ids": np.array(rows), "attention_mask": np.array(mask),
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)[:, -len(rows[0]):], "logits_to_keep": np.array([keep])}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = past[i.name] if past else np.zeros((len(rows), i.shape[1], 0, i.shape[3]),
+                                                                dtype=np.float16 if "16" in i.type else np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(names, feeds)))
+    return outs["logits"], {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n != "logits"}
+
+
+@pytest.mark.parametrize("arch,quant,options", [("tiny-qwen3", "fp32", {}), ("tiny-qwen2", "int4", {}),
+                                                ("tiny-qwen3", "int4", {"kv_dtype": "float16"})])
+def test_padded_batch_rows_equal_their_single_runs(arch, quant, options, exported):
+    """A batch of two prompts of different lengths, left-padded (as transformers' generate pads) and right-padded:
+    every real position's logits (logits_to_keep = 0) equal that prompt's own run, and so do three greedy decode
+    steps after the left-padded prompt (the cache then holds the padding too). Before issue 28 the graph took each
+    row's length from the mask sum, and the padded row's logits were off by up to 0.44."""
+    sess = _session(exported(arch, "onnx", quant, **options))
+    prompts = (PROMPT, PROMPT[3:9])
+    w, pad = len(PROMPT), [0] * (len(PROMPT) - 6)
+    tol = 2e-2 if options else 1e-4  # an fp16 cache rounds differently at different cache slots
+    alone = [_run_rows(sess, [p], [[1] * len(p)])[0][0] for p in prompts]
+    mask = [[1] * w, [0] * len(pad) + [1] * 6]
+    left, past = _run_rows(sess, [PROMPT, pad + prompts[1]], mask)
+    right, _ = _run_rows(sess, [PROMPT, prompts[1] + pad], [[1] * w, [1] * 6 + [0] * len(pad)])
+    assert left.shape == right.shape == (2, w, 151936)
+    for batch, where in ((left, slice(len(pad), w)), (right, slice(0, 6))):
+        assert np.abs(batch[0] - alone[0]).max() < tol
+        assert np.abs(batch[1, where] - alone[1]).max() < tol
+    # the default (one row each): each prompt's last real token, the right-padded row's too (not its last pad's)
+    last, _ = _run_rows(sess, [PROMPT, prompts[1] + pad], [[1] * w, [1] * 6 + [0] * len(pad)], keep=1)
+    assert last.shape == (2, 1, 151936)
+    assert max(np.abs(last[i, 0] - alone[i][-1]).max() for i in range(2)) < tol
+    # three greedy steps of the left-padded batch, then each prompt continued alone with the same tokens
+    fed, steps, last = [], [], left[:, -1]
+    for _ in range(3):
+        fed.append([int(row.argmax()) for row in last])
+        mask = [m + [1] for m in mask]
+        logits, past = _run_rows(sess, [[t] for t in fed[-1]], mask, past, keep=1)
+        steps.append(logits[:, -1])
+        last = logits[:, -1]
+    for i, p in enumerate(prompts):
+        _, own = _run_rows(sess, [p], [[1] * len(p)])
+        for k, toks in enumerate(fed):
+            ol, own = _run_rows(sess, [[toks[i]]], [[1] * (len(p) + k + 1)], own, keep=1)
+            assert np.abs(steps[k][i] - ol[0, -1]).max() < tol, (i, k)
 
 
 def test_fused_ops_in_graph(exported):
@@ -115,7 +191,7 @@ def test_fused_ops_in_graph(exported):
     assert ops["MatMulNBits"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + one LM head
     assert ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
     assert info["opsets"]["com.microsoft"] == 1
-    assert [i["name"] for i in info["inputs"]][:2] == ["input_ids", "attention_mask"]
+    assert [i["name"] for i in info["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert info["outputs"][0]["name"] == "logits" and "present.1.value" in {o["name"] for o in info["outputs"]}
     assert "logits_last" not in {o["name"] for o in info["outputs"]}
     assert {"name": "logits_to_keep", "type": "int64", "shape": [1]} in info["inputs"]
@@ -136,7 +212,8 @@ def test_logits_to_keep_defaults_to_the_last_position(quant, exported):
     assert "logits_to_keep" not in {i.name for i in sess.get_inputs()}
     assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
     assert sess.get_outputs()[0].name == "logits" and sess.get_outputs()[0].shape == ["batch_size", 1, 151936]
-    feeds = {"input_ids": np.array([PROMPT[:6]]), "attention_mask": np.ones((1, 6), dtype=np.int64)}
+    feeds = {"input_ids": np.array([PROMPT[:6]]), "attention_mask": np.ones((1, 6), dtype=np.int64),
+             "position_ids": np.arange(6)[None]}
     feeds.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), dtype=np.float32)
                   for i in range(2) for kv in ("key", "value")})
     full = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([0])})[0]
@@ -253,7 +330,7 @@ def test_kv_cache_dtype_default_and_option(quant, target, options, kv, synth_ckp
         assert rt.info.extra["kv_cache_bytes"] == 2 * 2 * 2 * 64 * 32 * np.dtype(kv).itemsize
         rt.prefill(PROMPT)
         assert np.isfinite(rt.logits()).all()
-    base = 2 + (quant == "fp16")  # seqlens_k, total_seq_len (and an fp16 graph's logits)
+    base = 3 + (quant == "fp16")  # seqlens_k, total_seq_len, the kept rows' ArgMax (and an fp16 graph's logits)
     io = "float16" if quant == "fp16" else "float32"
     # q, k, v in and the output back, per layer (tiny-qwen3 has q/k norms: three GQA inputs)
     assert _manifest(art)["onnx"]["ops"].get("Cast", 0) - base == (0 if io == kv else 2 * 4)
@@ -342,6 +419,32 @@ def test_onnxruntime_genai_greedy_matches_ours(arch, quant, options, exported):
     assert theirs == ours[:cut]
 
 
+@pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")
+@pytest.mark.parametrize("arch,quant", [("tiny-qwen3", "fp32"), ("tiny-qwen2", "int4")])
+def test_onnxruntime_genai_batch_of_two_equals_single_runs(arch, quant, exported):
+    """onnxruntime-genai on a batch of two prompts of different lengths, the shorter right-padded with the pad id
+    (0.18 masks trailing pad ids only, and feeds position_ids; then each row's new tokens go after the padding):
+    each row's greedy tokens are qwen-edge's for that prompt alone."""
+    import onnxruntime_genai as og
+
+    art = exported(arch, "onnx", quant)
+    m = _manifest(art)
+    stop, pad_id = set(m["tokenizer"]["stop_ids"]), json.loads((art / "genai_config.json").read_text())["model"]["pad_token_id"]
+    prompts = (PROMPT, PROMPT[3:9])
+    model = og.Model(str(art))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + DECODE_STEPS, do_sample=False, batch_size=2)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([list(p) + [pad_id] * (len(PROMPT) - len(p)) for p in prompts], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    for i, p in enumerate(prompts):
+        theirs = list(gen.get_sequence(i))[len(PROMPT):]
+        ours, _ = greedy_run(art, list(p), DECODE_STEPS)
+        cut = next((j + 1 for j, t in enumerate(ours) if t in stop), len(ours))
+        assert theirs[:cut] == ours[:cut][:len(theirs)] and len(theirs) >= min(cut, DECODE_STEPS), (i, theirs, ours)
+
+
 @pytest.mark.slow
 @requires_torch
 def test_full_size_fp32_matches_reference(synth_ckpt, exported):
@@ -353,7 +456,7 @@ def test_full_size_fp32_matches_reference(synth_ckpt, exported):
 
 # --- streaming export (issue 12): bounded memory, same bytes ------------------------------------------------------
 def _model_bytes(art) -> tuple[bytes, bytes]:
-    return (art / "model.onnx").read_bytes(), (art / "model.onnx.data").read_bytes()
+    return (art / "model.onnx").read_bytes(), (art / "model.onnx_data").read_bytes()
 
 
 def test_data_file_streams_chunks_with_the_same_layout(tmp_path):

@@ -131,6 +131,7 @@ class OrtRuntime(Runtime):
             raise QwenEdgeError(f"{model_path.name}: graph lacks {missing[0]!r} (not a qwen-edge decoder)")
         kv_elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
         self.kv_dtype = np.float16 if kv_elem == 10 else np.float32
+        has_pos = "position_ids" in inputs  # exports since issue 28 (earlier graphs took positions from the mask)
         # logits_to_keep (an overridable initializer) limits the LM head to the rows we read
         self._keep = "logits_to_keep" in {t.name for t in proto.graph.initializer} and "logits_to_keep" in inputs
         lora_feed, adapter_files, adapter_scale = _lora_feed(art, proto, adapter, adapter_scale)
@@ -203,6 +204,7 @@ class OrtRuntime(Runtime):
             else:
                 self._kv.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0))
         self._mask = np.ones((1, ctx), dtype=np.int64)
+        self._pos = np.arange(ctx, dtype=np.int64).reshape(1, -1) if has_pos else None  # fed as views, as the mask
         self._last_np = np.zeros((1, 1, self.vocab), dtype=np.float32)
         self._last_val = ort.OrtValue.ortvalue_from_numpy(self._last_np)
         # LoRA inputs (a separate-adapter export): OrtValues bound in every binding; unfed ones stay empty (base)
@@ -261,6 +263,8 @@ class OrtRuntime(Runtime):
         total = start + chunk.size
         binding.bind_cpu_input("input_ids", chunk.reshape(1, -1))
         binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+        if self._pos is not None:
+            binding.bind_cpu_input("position_ids", self._pos[:, start:total])
         self._have_logits = False  # until this run completes (an interrupt leaves no stale logits behind)
         try:
             self._sess.run_with_iobinding(binding, self._run_opts)

@@ -112,10 +112,27 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     return plan
 
 
+HF_CONFIG = "config.json"
+
+
+def hf_config(ckpt: Checkpoint, context_length: int) -> dict[str, Any]:
+    """The source's config.json for Hugging Face tools (optimum's ORTModelForCausalLM, transformers' generate and
+    pipeline): what identifies the model (model_type, architectures, heads, head_dim, layers), with use_cache on (the
+    graph has a KV cache), `rope_theta` spelled out (transformers 5 writes it inside rope_parameters only, which
+    transformers 4.x, optimum's pin, does not read), max_position_embeddings capped at the rotary cache the graph
+    holds, and no quantization_config (the graph's own quantization is not one transformers would load)."""
+    a = ckpt.arch
+    cfg = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    cfg.update(use_cache=True, rope_theta=a.rope_theta, head_dim=a.head_dim, num_key_value_heads=a.num_kv_heads,
+               max_position_embeddings=context_length)
+    return cfg
+
+
 @register_exporter("onnx", quants=QUANTS)
 def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, options: dict[str, Any],
                 tokenizer: dict[str, Any], adapters: Sequence[Any] = ()) -> ExportResult:
-    """Write model.onnx + model.onnx.data + genai_config.json into `out` (the artifact's temporary directory).
+    """Write model.onnx + model.onnx_data + genai_config.json + config.json into `out` (the artifact's temporary
+    directory).
 
     `adapters` (bound PEFT adapters, `--adapter-mode separate`): the graph gets LoRA inputs on every linear they
     touch (onnx_lora) and each adapter is written beside it as an onnxruntime `.onnx_adapter` file; the base
@@ -147,6 +164,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         ckpt, model_file=MODEL_FILE, context_length=ctx, tokenizer=tokenizer, device=device,
         max_length=options.get("genai_max_length") or (target.get("max_context") if target is not None else None),
         spin=target.get("spin", "auto") if target is not None else "auto"))
+    write_json(out / HF_CONFIG, hf_config(ckpt, ctx))
     extra_adapters = []
     for i, ad in enumerate(adapters):
         file = ADAPTER_FILE if len(adapters) == 1 else ADAPTER_FILE.replace(".onnx_adapter", f"-{i + 1}.onnx_adapter")

@@ -18,6 +18,15 @@ INT64_MAX = np.iinfo(np.int64).max
 LM_HEAD_INT8_BLOCK = 128
 """Default block of an int8 LM head: verify KL on qwen2.5-0.5b is the same as at 32 (0.0428), and fp32 scales
 drop from 1 to 0.25 bit/weight, about 25% less LM head time per token."""
+POSITION_IDS = "position_ids"
+"""int64 [batch, sequence_length]: each token's rotary position, fed by every caller (qwen-edge's backend,
+onnxruntime-genai, optimum; optimum treats a Qwen graph without it as legacy and says so). In a padded batch it is
+the count of real tokens before the token (transformers: `attention_mask.cumsum(-1) - 1`), whichever side the
+padding is on: transformers pads on the left, onnxruntime-genai 0.18 on the right (it masks trailing pad ids only).
+Rotary runs as its own node (RotaryEmbedding) on these positions, not inside GroupQueryAttention: onnxruntime
+1.32's GroupQueryAttention reads only the first element of position_ids on a prompt (every row offset alike) but
+each row's own on a decode step, so no one feeding makes both paddings exact there (a left-padded row was 0.54 off
+on its second token in a unit test of the op; a right-padded row's decode would see its pads' slots as distance)."""
 LOGITS_TO_KEEP = "logits_to_keep"
 """Optional int64 [1] input: how many trailing positions get logits (default 1: the last; 0 or more than the chunk:
 all). The `logits` output is declared [batch, 1, vocab], the default's shape: onnxruntime-genai, which does not feed
@@ -191,13 +200,8 @@ class DecoderBuilder:
         a, g, p = self.a, self.g, self.plan
         ids = g.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         mask = g.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
-        rs = g.op("ReduceSum", [mask, g.const_i64([1])], "/model/attn_mask/ReduceSum", keepdims=0)
-        sub = g.op("Sub", [rs, g.const_i64(1)], "/model/attn_mask/Sub")
-        seqlens_k = g.op("Cast", [sub], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)
-        shape = g.op("Shape", [mask], "/model/attn_mask/Shape")
-        total = g.op("Gather", [shape, g.const_i64(1)], "/model/attn_mask/Gather", axis=0)
-        total_len = g.op("Cast", [total], "/model/attn_mask/total_seq_len", to=TensorProto.INT32)
-        cos, sin = self.rotary_caches()
+        pos = g.add_input(POSITION_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
+        attn_in = self.attention_inputs(ids, mask) + self.rotary_caches() + (pos,)
 
         x = self.embedding(ids)
         resid = x
@@ -215,7 +219,7 @@ class DecoderBuilder:
                                         f"/{pre}/input_layernorm/SkipSLN", domain=MS,
                                         outputs=[f"/{pre}/input_layernorm/output_0", "", "",
                                                  f"/{pre}/input_layernorm/output_3"], epsilon=a.rms_norm_eps)
-            attn = self.attention(i, h, seqlens_k, total_len, cos, sin)
+            attn = self.attention(i, h, attn_in)
             h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization",
                                      [attn, resid, self._float(self.name("post_attention_layernorm", i),
                                                                self.t(self.name("post_attention_layernorm", i)))],
@@ -231,15 +235,74 @@ class DecoderBuilder:
         # LOGITS_TO_KEEP); our backend feeds 1, or S for every position.
         keep = g.init(LOGITS_TO_KEEP, np.array([1], dtype=np.int64))
         g.add_input(LOGITS_TO_KEEP, TensorProto.INT64, [1])
-        start = g.op("Neg", [keep], "/lm_head/keep/Neg")
-        kept = g.op("Slice", [final, start, g.const_i64([int(INT64_MAX)]), g.const_i64([1])], "/lm_head/keep/Slice")
-        y = self.lm_head(kept, self.lm_head_weights(), "kept")
+        y = self.lm_head(self.kept_rows(final, ids, mask, keep), self.lm_head_weights(), "kept")
         if p.float_dtype != np.float32:
             y = g.op("Cast", [y], "/lm_head/Cast", to=TensorProto.FLOAT)
         g.node("Identity", [y], "/lm_head/Identity", outputs=["logits"])
         g.add_output("logits", TensorProto.FLOAT, ["batch_size", 1, a.vocab_size])
         g.outputs.insert(0, g.outputs.pop())  # logits first, as in onnxruntime-genai's own models
         return self.rec
+
+    def attention_inputs(self, ids: str, mask: str) -> tuple[str, str, str]:
+        """(seqlens_k, total_sequence_length, attention_bias) for every GroupQueryAttention, from the mask.
+
+        Each row's cache holds all `total_sequence_length` positions, padding included (the KV layout of a padded
+        batch in transformers and optimum), so seqlens_k is total - 1 for every row; the mask's zeros become an
+        additive bias on those keys, and the rotary angle of each token comes from `position_ids`. That makes a
+        left- or right-padded row exact: GroupQueryAttention alone takes a row's length from seqlens_k and assumes
+        its tokens start at cache slot 0, which left padding breaks (the mask-sum seqlens_k, this graph's
+        earlier form, was off by up to 0.44 on the tiny model's padded row). Rotary positions follow the same
+        layout (see POSITION_IDS). The bias is [batch, 1, S, total]: GroupQueryAttention broadcasts batch and heads
+        but not the query positions."""
+        g = self.g
+        dt = self.plan.kv
+        shape = g.op("Shape", [mask], "/model/attn_mask/Shape")
+        total = g.op("Gather", [shape, g.const_i64(1)], "/model/attn_mask/Gather", axis=0)
+        total_len = g.op("Cast", [total], "/model/attn_mask/total_seq_len", to=TensorProto.INT32)
+        last = g.op("Cast", [g.op("Sub", [total, g.const_i64(1)], "/model/attn_mask/Sub")],
+                    "/model/attn_mask/last", to=TensorProto.INT32)
+        batch = g.op("Shape", [mask], "/model/attn_mask/batch", start=0, end=1)
+        seqlens_k = g.op("Expand", [last, batch], "/model/attn_mask/seqlens_k")
+        # half the dtype's lowest value: a score plus it stays finite, so a row with every key masked (a left pad's
+        # own query) averages instead of dividing 0 by 0, and no NaN reaches the cache
+        masked = g.init("/model/attn_mask/masked_value", np.array(np.finfo(dt).min / 2, dtype=dt))
+        zero = g.init("/model/attn_mask/zero", np.array(0, dtype=dt))
+        pad = g.op("Equal", [mask, g.const_i64(0)], "/model/attn_mask/Equal")
+        bias = g.op("Where", [pad, masked, zero], "/model/attn_mask/Where")
+        bias = g.op("Unsqueeze", [bias, g.const_i64([1, 2])], "/model/attn_mask/Unsqueeze")
+        seq = g.op("Shape", [ids], "/model/attn_mask/seq", start=1, end=2)
+        full = g.op("Concat", [batch, g.const_i64([1]), seq, g.op("Shape", [mask], "/model/attn_mask/total", start=1)],
+                    "/model/attn_mask/bias_shape", axis=0)
+        return seqlens_k, total_len, g.op("Expand", [bias, full], "/model/attn_mask/attention_bias")
+
+    def kept_rows(self, final: str, ids: str, mask: str, keep: str) -> str:
+        """The hidden states the LM head runs on: per row, the last n = logits_to_keep positions of this run (0, or
+        more than the run's S: all S), ending at the row's last real token as far as the run allows. A run without
+        trailing padding (any left-padded or unpadded row) ends at slot S - 1; a right-padded row (onnxruntime-genai
+        pads a batch on the right) ends at its last real token, so the default n = 1 is that row's next-token
+        logits and not its last pad's. Rows move by min(trailing pads, S - n): with n = S every slot, in order."""
+        g = self.g
+        seq = g.op("Shape", [ids], "/lm_head/keep/S", start=1, end=2)  # [1]
+        n = g.op("Where", [g.op("Greater", [keep, g.const_i64([0])], "/lm_head/keep/Positive"),
+                           g.op("Min", [keep, seq], "/lm_head/keep/Min"), seq], "/lm_head/keep/n")
+        chunk = g.op("Slice", [mask, g.op("Neg", [seq], "/lm_head/keep/NegS"), g.const_i64([int(INT64_MAX)]),
+                               g.const_i64([1])], "/lm_head/keep/chunk_mask")  # [B, S]: this run's columns
+        s0 = g.op("Squeeze", [seq], "/lm_head/keep/S0")
+        slots = g.op("Range", [g.const_i64(1), g.op("Add", [s0, g.const_i64(1)], "/lm_head/keep/S1"), g.const_i64(1)],
+                     "/lm_head/keep/slots")  # 1..S: the last real slot scores highest
+        last = g.op("ArgMax", [g.op("Cast", [g.op("Mul", [chunk, slots], "/lm_head/keep/Mul")], "/lm_head/keep/Cast",
+                                    to=TensorProto.FLOAT)], "/lm_head/keep/last", axis=1, keepdims=1)  # [B, 1]
+        s_minus_1 = g.op("Sub", [seq, g.const_i64([1])], "/lm_head/keep/Sm1")
+        trailing = g.op("Sub", [s_minus_1, last], "/lm_head/keep/trailing")
+        shift = g.op("Min", [trailing, g.op("Sub", [seq, n], "/lm_head/keep/room")], "/lm_head/keep/shift")
+        j = g.op("Range", [g.op("Sub", [s0, g.op("Squeeze", [n], "/lm_head/keep/n0")], "/lm_head/keep/first"), s0,
+                           g.const_i64(1)], "/lm_head/keep/j")  # S - n .. S - 1
+        idx = g.op("Sub", [j, shift], "/lm_head/keep/idx")  # [B, n]
+        full = g.op("Concat", [g.op("Shape", [idx], "/lm_head/keep/idx_shape"), g.const_i64([self.a.hidden_size])],
+                    "/lm_head/keep/gather_shape", axis=0)
+        idx3 = g.op("Expand", [g.op("Unsqueeze", [idx, g.const_i64([2])], "/lm_head/keep/Unsqueeze"), full],
+                    "/lm_head/keep/Expand")
+        return g.op("GatherElements", [final, idx3], "/lm_head/keep/Gather", axis=1)
 
     def rotary_caches(self) -> tuple[str, str]:
         a = self.a
@@ -315,7 +378,10 @@ class DecoderBuilder:
                    f"/lm_head/{tag}/Concat", axis=0)
         return g.op("Reshape", [y, shp], f"/lm_head/{tag}/Reshape2")
 
-    def attention(self, i: int, h: str, seqlens_k: str, total_len: str, cos: str, sin: str) -> str:
+    def attention(self, i: int, h: str, attn_in: tuple[str, ...]) -> str:
+        """One layer's attention; `attn_in`: seqlens_k, total_sequence_length, attention_bias, cos and sin caches,
+        position_ids. Rotary runs before the attention (com.microsoft RotaryEmbedding at the fed positions), not
+        inside it (see POSITION_IDS)."""
         a, g, p = self.a, self.g, self.plan
         pre = f"model.layers.{i}"
         w = self.names("qkv_proj", i)
@@ -325,22 +391,21 @@ class DecoderBuilder:
         past_k = g.add_input(f"past_key_values.{i}.key", p.kv_elem, kv_shape)
         past_v = g.add_input(f"past_key_values.{i}.value", p.kv_elem, kv_shape)
         cast = p.kv_elem != p.elem  # attention runs in the cache's dtype, between two Casts
+        q, k, v = g.node("Split", [qkv, g.const_i64([a.q_size, a.kv_size, a.kv_size])], f"/{pre}/attn/qkv_split",
+                         n_out=3, axis=-1)
         if a.qk_norm:
-            q, k, v = g.node("Split", [qkv, g.const_i64([a.q_size, a.kv_size, a.kv_size])], f"/{pre}/attn/qkv_split",
-                             n_out=3, axis=-1)
             q = self.head_norm(q, self.name("q_norm", i), a.num_heads, f"/{pre}/attn/q_norm")
             k = self.head_norm(k, self.name("k_norm", i), a.num_kv_heads, f"/{pre}/attn/k_norm")
-            qkv_in = [q, k, v]
-        else:
-            qkv_in = [qkv, "", ""]
         if cast:
-            qkv_in = [g.op("Cast", [x], f"/{pre}/attn/Cast_{j}", to=p.kv_elem) if x else x
-                      for j, x in enumerate(qkv_in)]
+            q, k, v = (g.op("Cast", [x], f"/{pre}/attn/Cast_{j}", to=p.kv_elem) for j, x in enumerate((q, k, v)))
+        seqlens_k, total_len, attn_bias, cos, sin, pos = attn_in
+        q, k = (g.op("RotaryEmbedding", [x, pos, cos, sin], f"/{pre}/attn/{n}_rotary", domain=MS, num_heads=heads,
+                     interleaved=0) for x, n, heads in ((q, "q", a.num_heads), (k, "k", a.num_kv_heads)))
         present = [f"present.{i}.key", f"present.{i}.value"]
-        out = g.node("GroupQueryAttention", qkv_in + [past_k, past_v, seqlens_k, total_len, cos, sin],
+        out = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len, "", "", "", attn_bias],
                      f"/{pre}/attn/GQA", domain=MS, outputs=[f"/{pre}/attn/GQA/output_0"] + present,
                      num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(a.head_dim ** -0.5),
-                     do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+                     do_rotary=0, local_window_size=-1)[0]
         if cast:
             out = g.op("Cast", [out], f"/{pre}/attn/Cast_out", to=p.elem)
         for name in present:

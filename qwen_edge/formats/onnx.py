@@ -12,7 +12,9 @@ import numpy as np
 from ..errors import QwenEdgeError, first_line
 
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+DATA_FILE = "model.onnx_data"
+"""The weights beside model.onnx: `<model file>_data`, the name optimum fetches with a hub-hosted model.onnx (the
+graph records it, so onnxruntime and onnxruntime-genai read any name)."""
 ROTARY_CACHES = ("cos_cache", "sin_cache")
 
 _ELEM = {1: "float32", 10: "float16", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 16: "bfloat16", 9: "bool"}
