@@ -555,6 +555,28 @@ def render_constrained(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_graph_ab(recs: list[Record], root: Path) -> list[str]:
+    out = ["## An ONNX graph change A/B in one process (issue 28; `benchmarks/bench_graph_ab.py`)", "",
+           "Two int4 artifacts of one checkpoint, the graph before a change and after it, loaded in one process with "
+           "qwen-edge's onnxruntime backend and run alternately (A B, then B A): decode = 32 `decode` calls after a "
+           "128-token prefix per block, prefill = one 512-token `prefill` per block. `after / before` is the median "
+           "of per-block ratios (range), so the drift of a shared machine hits both sides.", ""]
+    for r in recs:
+        f, s = r["figures"], r["settings"]
+        out += header(r)
+        out += [f"before: `{s['before']}`; after: `{s['after']}`.", ""]
+        rows = []
+        for th, runs in f["threads"].items():
+            for kind, x in runs.items():
+                blocks = s[f"{kind}_blocks"]
+                rows.append([f"{kind}, {th} thread{'s' if th != '1' else ''}, {blocks} blocks",
+                             f"{x['before']['median']:.2f} ({x['before']['min']:.2f}-{x['before']['max']:.2f})",
+                             f"{x['after']['median']:.2f} ({x['after']['min']:.2f}-{x['after']['max']:.2f})",
+                             f"{x['paired']['median']:.3f} ({x['paired']['min']:.3f}-{x['paired']['max']:.3f})"])
+        out += table(["run", "before tok/s", "after tok/s", "after / before"], rows, " rrr")
+    return out
+
+
 def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
     out = ["## Every CPU: llama.cpp's extra buffer types (issue 24; `benchmarks/bench_extra_buffers.py`)", "",
            "GGUF decode and prefill of the synthesized Qwen2.5-0.5B under each `llama_extra_buffers` policy: auto "
@@ -584,7 +606,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
-    "extra_buffers": render_extra_buffers,
+    "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
 }
 
 
