@@ -316,6 +316,13 @@ def render_load(recs: list[Record], root: Path) -> list[str]:
         out += header(r)
         out.append(f"n_ctx {s['n_ctx']}, {s['threads']} threads, {s['repeats']} repeats"
                    + (f"; before: {s.get('before_tree') or s['before']}" if s.get("before") else "") + ".")
+        if s.get("imports_timed"):
+            out.append("This run's clock starts before the imports (`--imports`): bare = `import llama_cpp` / "
+                       "`import onnxruntime` + the engine's load; `load()` = `import qwen_edge` + `load()`.")
+        if f.get("onnx_imported"):
+            out.append("`onnx` package imported by the load: " + "; ".join(
+                f"{fmt} {LOAD_VARIANTS.get(v, v)}: {'yes' if yes else 'no'}"
+                for fmt, d in f["onnx_imported"].items() for v, yes in d.items() if v != "bare") + ".")
         out.append("")
         rows = []
         for fmt, times in f["load_and_cpu_s"].items():
