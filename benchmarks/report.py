@@ -313,11 +313,8 @@ def render_genai_threads(recs: list[Record], root: Path) -> list[str]:
         out += [f"{s['threads']} threads (qwen-edge rows), {s['prompt_tokens']} prompt tokens, {s['gen_tokens']} "
                 f"generated, {s['repeats']} repeats; genai session options as exported: "
                 f"`{json.dumps(f['session_options_as_exported'])}`.", ""]
-        rows = []
-        for row, v in f["results"].items():
-            d, p = v["decode_tokens_per_s"], v["prefill_tokens_per_s"]
-            rows.append([row, f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})",
-                         f"{p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f})", v.get("os_threads_started", "-")])
+        rows = [[row, mm(v["decode_tokens_per_s"]), mm(v["prefill_tokens_per_s"]), v.get("os_threads_started", "-")]
+                for row, v in f["results"].items()]
         out += table(["row", "decode tok/s", "prefill tok/s", "threads started"], rows, " rrr")
         rows = [[name, f"{v['decode_tokens_per_s']['medians']:.2f}x", f"{v['decode_tokens_per_s']['paired_median']:.2f}x",
                  f"{v['prefill_tokens_per_s']['medians']:.2f}x", f"{v['prefill_tokens_per_s']['paired_median']:.2f}x"]
