@@ -30,7 +30,9 @@ def intra_op_threads(threads: Any) -> int:
     - a count (arm64-mobile's 4: a phone's big cores; onnxruntime's own default counts every core, the LITTLE ones
       too, and each parallel op waits for its slowest thread) as it is;
     - `auto` as 0: onnxruntime's own default when the app loads it, the physical cores of the machine the app runs
-      on, which the export cannot see (qwen-edge's backend uses the same count, less cores that are busy at load)."""
+      on, which the export cannot see (qwen-edge's backend uses the same count, less cores that are busy at load).
+      onnxruntime counts the machine's cores, not the process's CPU affinity (measured: 2 threads under `taskset -c
+      0`), so a device that pins the app to fewer CPUs needs a profile with a count."""
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else 0
 
 
