@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_load.py [--ckpt /tmp/ck/q05] [--out /tmp/art] [--repeats 7] [--threads N]
                                        [--n-ctx 4096] [--before DIR] [--variants bare,load,load+hash] [--json FILE]
+                                       [--imports]
 
 The artifacts are made once if missing (`qwen-edge synth qwen2.5-0.5b -o CKPT`, then `qwen-edge export CKPT
 --format gguf --quant f16 -o OUT --no-verify` and `--format onnx --quant int4`). Every load runs in a fresh process
@@ -11,6 +12,8 @@ already imported on both sides (qwen-edge's lazy imports of its own backend modu
   `onnxruntime.InferenceSession(model.onnx, SessionOptions(intra_op_num_threads=T), CPU provider)`;
 - load: `qwen_edge.load(artifact, max_context=N, threads=T)`;
 - load+hash: the same with `check_hashes=True` (sha256 of every file, the opt-in).
+`--imports`: the clock starts before the imports instead (bare: `import llama_cpp` / `import onnxruntime`; load:
+`import qwen_edge`, which imports its engine when it loads), what an app pays from a fresh interpreter.
 Variants alternate order per repeat (forward, then reversed), after one untimed warm-up of each; before every load
 the parent reads the artifact's files, so each starts with them in the page cache.
 Reported: the median (min-max) wall seconds of each and median(load) / median(bare) (target <= 1.3x); also the
@@ -41,33 +44,32 @@ spec = json.loads(sys.argv[1])
 if spec["code"]:
     sys.path.insert(0, spec["code"])
 fmt, variant, n_ctx, threads = spec["format"], spec["variant"], spec["n_ctx"], spec["threads"]
-if fmt == "gguf":
-    import llama_cpp
-else:
-    import onnxruntime as ort
-import qwen_edge
-c = time.process_time()
+t, c = time.perf_counter(), time.process_time()
+# --imports: the clock covers the imports too: the engine module for bare, the qwen_edge package for load (which
+# imports its engine itself); otherwise both are imported before the clock starts
+if variant == "bare" or not spec["imports"]:
+    engine = __import__("llama_cpp" if fmt == "gguf" else "onnxruntime")
+if variant != "bare" or not spec["imports"]:
+    import qwen_edge
+if not spec["imports"]:
+    t, c = time.perf_counter(), time.process_time()
 if variant == "bare" and fmt == "gguf":
-    t = time.perf_counter()
-    engine = llama_cpp.Llama(model_path=spec["model"], n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                             verbose=False)
-    dt = time.perf_counter() - t
+    model = engine.Llama(model_path=spec["model"], n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
 elif variant == "bare":
-    so = ort.SessionOptions()
+    so = engine.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    t = time.perf_counter()
-    engine = ort.InferenceSession(spec["model"], so, providers=["CPUExecutionProvider"])
-    dt = time.perf_counter() - t
+    model = engine.InferenceSession(spec["model"], so, providers=["CPUExecutionProvider"])
 else:
     opts = {"check_hashes": True} if variant == "load+hash" else {}
-    t = time.perf_counter()
-    engine = qwen_edge.load(spec["artifact"], max_context=n_ctx, threads=threads, **opts)
-    dt = time.perf_counter() - t
-    assert engine.info.context_length == n_ctx, engine.info
-cpu = time.process_time() - c
-print(json.dumps({"load_s": dt, "cpu_s": cpu, "qwen_edge": qwen_edge.__file__}))
+    model = qwen_edge.load(spec["artifact"], max_context=n_ctx, threads=threads, **opts)
+    assert model.info.context_length == n_ctx, model.info
+dt, cpu = time.perf_counter() - t, time.process_time() - c
+import qwen_edge
+print(json.dumps({"load_s": dt, "cpu_s": cpu, "qwen_edge": qwen_edge.__file__,
+                  "onnx_imported": "onnx" in sys.modules}))
 """
 
 
@@ -114,6 +116,11 @@ def warm_page_cache(folder: Path) -> None:
                     pass
 
 
+ONNX_IMPORTED: dict[str, dict[str, bool]] = {}
+"""Per format and variant: whether the `onnx` package was in sys.modules after the load (issue 24: load should not
+import it)."""
+
+
 def run_one(spec: dict, env: dict[str, str]) -> tuple[float, float]:
     warm_page_cache(Path(spec["artifact"]))
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env,
@@ -124,6 +131,8 @@ def run_one(spec: dict, env: dict[str, str]) -> tuple[float, float]:
     want = Path(spec["code"] or ROOT) / "qwen_edge"
     if Path(out["qwen_edge"]).resolve().parent != want.resolve():
         raise SystemExit(f"the child imported qwen_edge from {out['qwen_edge']}, not {want}")
+    ONNX_IMPORTED.setdefault(spec["format"], {})[spec["variant"] + ("@before" if spec["code"] else "")] = \
+        bool(out["onnx_imported"])
     return float(out["load_s"]), float(out["cpu_s"])
 
 
@@ -136,6 +145,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--before", type=Path, default=None, help="also time load() from this source tree")
     ap.add_argument("--variants", default="bare,load,load+hash")
+    ap.add_argument("--imports", action="store_true", help="the clock covers the imports too (see above)")
     ap.add_argument("--formats", default="gguf,onnx")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     ap.add_argument("--label", default="", help="suffix of the record's file name under benchmarks/results/")
@@ -153,7 +163,8 @@ def main() -> None:
         art = arts[fmt]
         model = art / ("model.gguf" if fmt == "gguf" else "model.onnx")
         specs = {v: {"format": fmt, "variant": v.split("@")[0], "artifact": str(art), "model": str(model),
-                     "n_ctx": a.n_ctx, "threads": threads, "code": before if v.endswith("@before") else ""}
+                     "n_ctx": a.n_ctx, "threads": threads, "code": before if v.endswith("@before") else "",
+                     "imports": a.imports}
                  for v in variants}
         for v in variants:  # warm-up: page cache, pyc files
             run_one(specs[v], env)
@@ -164,7 +175,7 @@ def main() -> None:
         results[fmt] = times
     m = machine()
     print(f"load time, synthesized Qwen2.5-0.5B, {a.repeats} repeats per variant, alternating order, fresh process "
-          f"each; n_ctx {a.n_ctx}, {threads} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"each; n_ctx {a.n_ctx}, {threads} threads; clock {'from before the imports' if a.imports else 'after the imports'}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"machine: {m['cpu']}, {m['cores']} logical cores, {m['isa']}; Python {m['python']}")
     print(f"qwen_edge from: {ROOT}" + (f"; load@before from {before}" if before else "") + "\n")
     print("| file | variant | load s median (min-max) | x bare | CPU s median (min-max) | CPU x bare |")
@@ -186,8 +197,9 @@ def main() -> None:
                                       "before": before, "results": results}, indent=2))
     files = {fmt: {"name": arts[fmt].name, "bytes": sum(p.stat().st_size for p in arts[fmt].iterdir() if p.is_file())}
              for fmt in results}
-    write_record("load", {"load_and_cpu_s": results, "artifacts": files},
+    write_record("load", {"load_and_cpu_s": results, "artifacts": files, "onnx_imported": ONNX_IMPORTED},
                  settings={"n_ctx": a.n_ctx, "threads": threads, "repeats": a.repeats, "variants": variants,
+                           "imports_timed": a.imports,
                            "checkpoint": str(a.ckpt), "before": before},
                  notes=a.note, label=a.label)
 

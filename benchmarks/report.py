@@ -299,6 +299,30 @@ def render_llama_overhead(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_genai_threads(recs: list[Record], root: Path) -> list[str]:
+    out = ["## The app path's thread count: onnxruntime-genai with genai_config.json as an app gets it (issue 24; "
+           "`benchmarks/bench_genai_threads.py`)", "",
+           "onnxruntime-genai loads our int4 artifact as it is (no thread overlay, unlike `qwen-edge bench`'s genai "
+           "rows): with `intra_op_num_threads` removed from genai_config.json (as exported before issue 24: genai's "
+           "default, one compute thread) and as exported now, beside qwen-edge's ONNX backend and llama.cpp q4_0 at "
+           "the run's thread count. Fresh process per run, order alternating per repeat; medians (min-max), paired = "
+           "median of the per-repeat ratios. Threads started = OS threads the genai model load added.", ""]
+    for r in recs:
+        f, s = r["figures"], r["settings"]
+        out += header(r)
+        out += [f"{s['threads']} threads (qwen-edge rows), {s['prompt_tokens']} prompt tokens, {s['gen_tokens']} "
+                f"generated, {s['repeats']} repeats; genai session options as exported: "
+                f"`{json.dumps(f['session_options_as_exported'])}`.", ""]
+        rows = [[row, mm(v["decode_tokens_per_s"]), mm(v["prefill_tokens_per_s"]), v.get("os_threads_started", "-")]
+                for row, v in f["results"].items()]
+        out += table(["row", "decode tok/s", "prefill tok/s", "threads started"], rows, " rrr")
+        rows = [[name, f"{v['decode_tokens_per_s']['medians']:.2f}x", f"{v['decode_tokens_per_s']['paired_median']:.2f}x",
+                 f"{v['prefill_tokens_per_s']['medians']:.2f}x", f"{v['prefill_tokens_per_s']['paired_median']:.2f}x"]
+                for name, v in f["ratios"].items()]
+        out += table(["ratio", "decode", "decode paired", "prefill", "prefill paired"], rows, " rrrr")
+    return out
+
+
 LOAD_VARIANTS = {"bare": "bare engine", "load": "`load()`", "load+hash": "`load(check_hashes=True)`",
                  "load@before": "`load()` of the tree before (`--before`)"}
 
@@ -316,6 +340,13 @@ def render_load(recs: list[Record], root: Path) -> list[str]:
         out += header(r)
         out.append(f"n_ctx {s['n_ctx']}, {s['threads']} threads, {s['repeats']} repeats"
                    + (f"; before: {s.get('before_tree') or s['before']}" if s.get("before") else "") + ".")
+        if s.get("imports_timed"):
+            out.append("This run's clock starts before the imports (`--imports`): bare = `import llama_cpp` / "
+                       "`import onnxruntime` + the engine's load; `load()` = `import qwen_edge` + `load()`.")
+        if f.get("onnx_imported"):
+            out.append("`onnx` package imported by the load: " + "; ".join(
+                f"{fmt} {LOAD_VARIANTS.get(v, v)}: {'yes' if yes else 'no'}"
+                for fmt, d in f["onnx_imported"].items() for v, yes in d.items() if v != "bare") + ".")
         out.append("")
         rows = []
         for fmt, times in f["load_and_cpu_s"].items():
@@ -603,7 +634,7 @@ def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
 
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
-    "llama_overhead": render_llama_overhead, "load": render_load, "export_memory": render_export_memory,
+    "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,

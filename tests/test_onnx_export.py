@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
+from qwen_edge.targets import physical_cores
 
 from conftest import has_module, requires_torch
 
@@ -392,6 +394,77 @@ def test_genai_config_follows_the_target_spin_policy():
     assert spin_entries("auto") == spin_entries(False) == {"session.intra_op.allow_spinning": "0"}
     assert spin_entries(True) == {"session.intra_op.allow_spinning": "1"}
     assert spin_entries(200) == {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "200"}
+
+
+def test_genai_config_thread_count_follows_the_target_profile():
+    """onnxruntime-genai runs one compute thread when genai_config.json names none: a profile's count is written as
+    it is (arm64-mobile's 4 big cores, not every core of a big.LITTLE phone), `auto` as 0 (onnxruntime's own
+    default on the machine the app runs on)."""
+    from qwen_edge.export.onnx_genai import intra_op_threads
+    from qwen_edge.targets import load_target
+
+    assert intra_op_threads(load_target("arm64-mobile").threads) == 4
+    assert intra_op_threads(load_target("cpu-x86_64").threads) == 0
+    assert intra_op_threads(3) == 3 and intra_op_threads("auto") == 0 and intra_op_threads(None) == 0
+
+
+GENAI_THREADS = r"""
+import json, os, sys
+import onnxruntime_genai as og
+path, overlay = sys.argv[1], sys.argv[2]
+before = len(os.listdir("/proc/self/task"))
+cfg = og.Config(path)
+if overlay != "as-is":
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(overlay)}}}}))
+model = og.Model(cfg)
+threads = len(os.listdir("/proc/self/task")) - before
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=24, min_length=24, do_sample=False)
+gen = og.Generator(model, params)
+gen.append_tokens([151644, 872, 198, 9707, 11, 1879])
+while not gen.is_done():
+    gen.generate_next_token()
+print(json.dumps({"threads": threads, "generated": len(gen.get_sequence(0)) - 6}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not has_module("onnxruntime_genai"),
+                    reason="counts the threads of /proc/self/task; needs onnxruntime-genai")
+@pytest.mark.parametrize("profile,written", [({"name": "three", "threads": 3}, 3), ("cpu-x86_64", 0)])
+def test_onnxruntime_genai_runs_the_written_thread_count(synth_ckpt, tmp_path, profile, written):
+    """onnxruntime-genai loads the artifact as it is and starts the compute threads its genai_config.json names (as
+    many OS threads as the same count given through genai's own overlay; with the key removed, genai's default,
+    fewer), and generates with them."""
+    import subprocess
+
+    from qwen_edge.export import export
+
+    art = export(synth_ckpt("tiny-qwen3"), "onnx", "int4", tmp_path, name="a", target=profile)
+    cfg = json.loads((art / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == written
+    bare = tmp_path / "no-thread-key"  # the same artifact as exports before issue 24 wrote it
+    bare.mkdir()
+    for f in art.iterdir():
+        (bare / f.name).symlink_to(f)
+    del cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"]
+    (bare / "genai_config.json").unlink()
+    (bare / "genai_config.json").write_text(json.dumps(cfg))
+
+    def run(path, overlay="as-is") -> int:
+        out = subprocess.run([sys.executable, "-c", GENAI_THREADS, str(path), overlay], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["generated"] == 18
+        return got["threads"]
+
+    as_is, default = run(art), run(bare)
+    assert as_is == run(art, str(written))
+    if written:  # a count: that many compute threads, the caller's own being one of them
+        assert as_is - run(art, "1") == written - 1
+        assert as_is > default
+    elif physical_cores() > 1:  # 0: onnxruntime's count of this machine's cores
+        assert as_is > default
 
 
 @pytest.mark.skipif(not has_module("onnxruntime_genai"), reason="onnxruntime-genai not installed")

@@ -338,6 +338,7 @@ def _lora_feed(art: Any, proto: Any, adapter: Any, scale: Any) -> tuple[dict[str
     """(LoRA input tensors, adapter files, scale): the `adapter` option (an `.onnx_adapter` path or a list of them)
     replaces the artifact's recorded adapters; several are summed (stacked along the rank); `adapter_scale` (default
     1.0) multiplies each update, 0 runs the bare base (nothing fed: the graph's empty defaults)."""
+    from ..formats.onnx import elem_numpy_dtype
     from ..formats.onnx_adapter import LORA_SUFFIXES, combine, read_adapter_file
 
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
@@ -352,14 +353,12 @@ def _lora_feed(art: Any, proto: Any, adapter: Any, scale: Any) -> tuple[dict[str
         files = [Path(x) for x in items]
     if not files:
         return {}, [], float(scale)
-    import onnx
-
     inits = {t.name for t in proto.graph.initializer}
     graph: dict[str, tuple[Any, ...]] = {}
     for i in proto.graph.input:
         if i.name.endswith(LORA_SUFFIXES) and i.name in inits:
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
-            graph[i.name] = (onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), dims)
+            graph[i.name] = (elem_numpy_dtype(i.type.tensor_type.elem_type), dims)
     if not graph:
         raise QwenEdgeError(f"{art.model_file.name}: this graph has no LoRA inputs (export it with --adapter "
                             "ADAPTER --adapter-mode separate to run adapters on it)")

@@ -163,7 +163,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     write_json(out / "genai_config.json", genai_config(
         ckpt, model_file=MODEL_FILE, context_length=ctx, tokenizer=tokenizer, device=device,
         max_length=options.get("genai_max_length") or (target.get("max_context") if target is not None else None),
-        spin=target.get("spin", "auto") if target is not None else "auto"))
+        spin=target.get("spin", "auto") if target is not None else "auto",
+        threads=target.get("threads", "auto") if target is not None else "auto"))
     write_json(out / HF_CONFIG, hf_config(ckpt, ctx))
     extra_adapters = []
     for i, ad in enumerate(adapters):

@@ -23,14 +23,29 @@ def spin_entries(spin: Any) -> dict[str, str]:
     return {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": str(int(spin))}
 
 
+def intra_op_threads(threads: Any) -> int:
+    """`intra_op_num_threads` for a target profile's `threads`. Without the key onnxruntime-genai 0.18 runs one
+    compute thread (half the decode speed of a 2-core machine, AMD and Intel alike), so the key is always written:
+
+    - a count (arm64-mobile's 4: a phone's big cores; onnxruntime's own default counts every core, the LITTLE ones
+      too, and each parallel op waits for its slowest thread) as it is;
+    - `auto` as 0: onnxruntime's own default when the app loads it, the physical cores of the machine the app runs
+      on, which the export cannot see (qwen-edge's backend uses the same count, less cores that are busy at load).
+      onnxruntime counts the machine's cores, not the process's CPU affinity (measured: 2 threads under `taskset -c
+      0`), so a device that pins the app to fewer CPUs needs a profile with a count."""
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else 0
+
+
 def genai_config(ckpt: Checkpoint, *, model_file: str, context_length: int, tokenizer: dict[str, Any],
-                 device: str = "cpu", max_length: int | None = None, spin: Any = "auto") -> dict[str, Any]:
+                 device: str = "cpu", max_length: int | None = None, spin: Any = "auto",
+                 threads: Any = "auto") -> dict[str, Any]:
     a = ckpt.arch
     gen = ckpt.generation_config
     stop = list(tokenizer.get("stop_ids") or [tokenizer.get("eos_token_id")])
     provider_options: list[dict[str, Any]] = [{"cuda": {}}] if device == "cuda" else []
     session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": provider_options}
     if device == "cpu":
+        session_options["intra_op_num_threads"] = intra_op_threads(threads)
         session_options.update(spin_entries(spin))
     return {
         "model": {

@@ -18,18 +18,32 @@ graph records it, so onnxruntime and onnxruntime-genai read any name)."""
 ROTARY_CACHES = ("cos_cache", "sin_cache")
 
 _ELEM = {1: "float32", 10: "float16", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 16: "bfloat16", 9: "bool"}
+"""ONNX TensorProto.DataType numbers -> names (numpy's, except bfloat16, which numpy lacks)."""
+
+
+def elem_numpy_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX tensor element type; QwenEdgeError for one numpy has no dtype for."""
+    name = _ELEM.get(elem_type)
+    if name is None or name == "bfloat16":
+        raise QwenEdgeError(f"ONNX element type {elem_type} ({name or 'unknown'}) has no numpy dtype here")
+    return np.dtype("bool" if name == "bool" else name)
 
 
 def load_onnx_proto(path: str | os.PathLike):
-    """The ModelProto without its external data; QwenEdgeError when the file is not a parseable ONNX model."""
-    import onnx
+    """The ModelProto without its external data; QwenEdgeError when the file is not a parseable ONNX model.
+
+    Parsed with the subset of ONNX's schema that qwen-edge reads (formats/onnx_proto.py), not the `onnx` package,
+    whose import would cost loading an artifact more than onnxruntime's own load of the graph on some machines. The
+    fields outside the subset survive as unknown fields: SerializeToString() gives onnxruntime the whole model."""
     from google.protobuf.message import DecodeError
+
+    from .onnx_proto import parse_model
 
     p = Path(path)
     if not p.is_file():
         raise QwenEdgeError(f"{p}: no such file")
     try:
-        m = onnx.load_model(str(p), load_external_data=False)
+        m = parse_model(p.read_bytes())
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise QwenEdgeError(f"{p.name}: not a valid ONNX model ({first_line(e)})") from None
     if not m.graph.node:
