@@ -94,6 +94,8 @@ def model_files(path: Path) -> tuple[list[Path], str, str, float | None, dict[st
                 "genai_config.json", "Modelfile", "special_tokens_map.json"}
         files = [path / f["path"] for f in art.manifest["files"] if Path(f["path"]).name not in skip]
         return files, art.format, art.quant, art.bits_per_weight, art.manifest
+    if (path / "genai_config.json").is_file() and not any(path.glob("*.safetensors")):
+        return _genai_model_files(path)  # an onnxruntime-genai folder (ours without its manifest carry config.json)
     if (path / "config.json").is_file():
         from .checkpoint import Checkpoint
 
@@ -106,8 +108,6 @@ def model_files(path: Path) -> tuple[list[Path], str, str, float | None, dict[st
                 {"architecture": ck.arch.to_dict()}
         finally:
             ck.close()
-    if (path / "genai_config.json").is_file():
-        return _genai_model_files(path)
     raise QwenEdgeError(f"{path}: not an artifact (no manifest.json) nor a checkpoint (no config.json)")
 
 
