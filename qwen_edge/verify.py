@@ -41,14 +41,17 @@ a bound above the threshold proves the full metric above it."""
 # benchmarks/calibrate_verify.py --propose derives them from its record (benchmarks/results/verify_calibration-*.json)
 # with stated margins (5x max abs, 30x mean abs/KL/ppl, 10x top-1 disagreement, greedy at most half the worst);
 # docs/verify.md's table is rendered from this dict and --check (tests/test_verify.py) keeps the two in step.
+# Each cell is the looser of the derivations from the records of two CPUs (AMD EPYC with AVX-512 VNNI,
+# verify_calibration-20261130T170138Z; AMD EPYC with AVX2 only, verify_calibration-20261206T072408Z): the AVX2 record
+# loosened exact KL p99 (1.5e-5 -> 3e-5), 6-bit perplexity change (0.05 -> 0.07) and 2-bit max abs (20 -> 30).
 _THRESHOLD_COLUMNS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99",
                       "ppl_rel_change", "top1_agreement", "greedy_common_prefix_mean", "greedy_common_prefix_min")
 _CLASS_THRESHOLDS: dict[str, dict[str, float]] = {c: dict(zip(_THRESHOLD_COLUMNS, row)) for c, row in {
     #        max abs, mean abs, KL mean, KL p99, ppl change, top-1, greedy mean, greedy min
-    "exact": (0.05, 0.0015, 1.5e-06, 1.5e-05, 0.001, 0.995, 16.0, 16.0),
+    "exact": (0.05, 0.0015, 1.5e-06, 3e-05, 0.001, 0.995, 16.0, 16.0),
     "half": (0.2, 0.02, 0.0001, 0.0007, 0.002, 0.99, 8.0, 1.0),
     "8bit": (1.5, 0.15, 0.003, 0.015, 0.015, 0.93, 8.0, 3.0),
-    "6bit": (3.0, 0.3, 0.02, 0.15, 0.05, 0.85, 5.0, 1.0),
+    "6bit": (3.0, 0.3, 0.02, 0.15, 0.07, 0.85, 5.0, 1.0),
     # 4-bit and 3-bit KL mean: above what the tiny model asks (0.05, 0.1). A faithful ONNX int4 export of the
     # full-size synthesized Qwen2.5-0.5B measures 0.043 (block 32; `qwen-edge verify`, 2026-11-30) and 0.052
     # (block 64), and small real models lose more to 4 bits than the tiny trained one: the gate must not fail a
@@ -56,7 +59,7 @@ _CLASS_THRESHOLDS: dict[str, dict[str, float]] = {c: dict(zip(_THRESHOLD_COLUMNS
     # tensor: far above) and fails top-1 as well.
     "4bit": (7.0, 0.5, 0.15, 0.5, 0.2, 0.85, 1.0, 0.0),
     "3bit": (10.0, 0.7, 0.3, 0.9, 0.3, 0.8, 1.0, 0.0),
-    "2bit": (20.0, 1.0, 0.5, 3.0, 0.7, 0.5, 1.0, 0.0),
+    "2bit": (30.0, 1.0, 0.5, 3.0, 0.7, 0.5, 1.0, 0.0),
 }.items()}
 QUANT_CLASS: dict[str, str] = precision_classes()
 """Quantization name -> threshold class, from the one table of quantizations (`formats.quants`)."""
