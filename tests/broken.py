@@ -17,7 +17,9 @@ def break_onnx_weights(src: Path, dst: Path, noise: float = 0.3) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
-    data = dst / "model.onnx.data"
+    from qwen_edge.formats.onnx import DATA_FILE
+
+    data = dst / DATA_FILE
     w = np.fromfile(data, dtype=np.float32)
     rng = np.random.default_rng(1)
     lo, hi = len(w) // 4, len(w) // 2

@@ -127,7 +127,7 @@ def test_onnx_int4_05b_runtime_peak_rss_within_budget(ckpt_05b, tmp_path):
 
 
 def test_onnx_int4_export_of_15b_peak_rss_bounded(tmp_path):
-    """Issue 12: the ONNX exporter streams each weight to model.onnx.data in row chunks and releases the checkpoint's
+    """Issue 12: the ONNX exporter streams each weight to model.onnx_data in row chunks and releases the checkpoint's
     mapped pages, so a fresh process exporting the synthesized Qwen2.5-1.5B (2.9 GiB bf16) to int4 peaks far under
     2 GB (measured 153 MiB; 3569 MiB before the change, 3.2 GB with only the page release disabled)."""
     import json

@@ -190,7 +190,9 @@ def test_export_is_reproducible_and_skipped_when_up_to_date(recipe, synth_ckpt, 
         over2 = {**over, "quant.block_size": "64"}
         assert run_export(None, None, None, None, str(tmp_path / "one"), recipe, over2, verify=False) == 0
         assert "exported in" in capsys.readouterr().err
-        assert _sha_all(art)["model.onnx.data"] != before["model.onnx.data"]
+        from qwen_edge.formats.onnx import DATA_FILE
+
+        assert _sha_all(art)[DATA_FILE] != before[DATA_FILE]
 
 
 def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, says):

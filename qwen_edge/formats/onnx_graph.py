@@ -25,7 +25,7 @@ NP_TO_ONNX = {
 
 
 class DataFile:
-    """Appends tensor bytes to `model.onnx.data` as they are produced and returns TensorProtos that point into it.
+    """Appends tensor bytes to `model.onnx_data` as they are produced and returns TensorProtos that point into it.
 
     A tensor's size is known before its first byte (`add_chunks` takes dtype and shape), so its offset and alignment
     are fixed up front and its chunks go straight to the file: no tensor is ever held whole, nor copied to bytes. A
