@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 from qwen_edge import constrain
 from qwen_edge.chat import ChatSession
@@ -28,7 +33,10 @@ def main() -> None:
     ap.add_argument("artifacts", nargs="+")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--note", action="append", default=[])
     args = ap.parse_args()
+    rows = []
     closing = constrain.close_objects
     for art in args.artifacts:
         with ChatSession.load(art, max_context=2048) as s:
@@ -41,7 +49,12 @@ def main() -> None:
                     ok += (r.finish_reason == "tool_calls" and bool(r.tool_calls)
                            and set(json.loads(r.tool_calls[0].arguments)) == {"city", "days"})
                 print(f"{art}: {'closed' if closed else 'open  '} {ok}/{args.seeds} valid calls, declared keys only")
+                rows.append({"artifact": Path(art).name, "quant": f"{s.runtime.info.format}/{s.runtime.info.quant}",
+                             "schema": "closed" if closed else "open", "valid": ok, "seeds": args.seeds})
     constrain.close_objects = closing
+    write_record("schema_closed", {"rows": rows}, settings={"seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
+                                                          "temperature": 1.0, "tool": "GetWeather", "params": PARAMS},
+                 label=args.label, notes=args.note)
 
 
 if __name__ == "__main__":

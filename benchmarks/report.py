@@ -608,6 +608,24 @@ def render_graph_ab(recs: list[Record], root: Path) -> list[str]:
     return out
 
 
+def render_schema_closed(recs: list[Record], root: Path) -> list[str]:
+    out = ["## Framework-shaped tool schemas read open vs closed (issue 25; `benchmarks/bench_schema_closed.py`)", "",
+           "A forced tool call (`tool_choice: \"required\"`) whose parameters are Pydantic's schema of `GetWeather(city: "
+           "str = Field(max_length=12), days: int = Field(ge=1, le=7))`, with no `additionalProperties` (what "
+           "LangChain, instructor and Pydantic send), sampled at temperature 1 over seeds 0..N-1 on random weights: "
+           "valid calls with only the declared keys when the schema is read open (JSON Schema's letter) and closed "
+           "(qwen-edge's default, as llama.cpp and xgrammar strict). Open, the failures are replies that append keys "
+           "until the token limit (no call).", ""]
+    for r in recs:
+        out += header(r)
+        rows = {}
+        for x in r["figures"]["rows"]:
+            rows.setdefault((x["artifact"], x["quant"]), {})[x["schema"]] = f"{x['valid']}/{x['seeds']}"
+        out += table(["artifact", "format/quant", "read open", "closed"],
+                     [[a, q, v.get("open", "-"), v.get("closed", "-")] for (a, q), v in rows.items()], "  rr")
+    return out
+
+
 def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
     out = ["## Every CPU: llama.cpp's extra buffer types (issue 24; `benchmarks/bench_extra_buffers.py`)", "",
            "GGUF decode and prefill of the synthesized Qwen2.5-0.5B under each `llama_extra_buffers` policy: auto "
@@ -638,6 +656,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
+    "schema_closed": render_schema_closed,
 }
 
 
