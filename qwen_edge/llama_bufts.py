@@ -332,9 +332,10 @@ def run_probe(mode: str, command: list[str] | None = None, timeout: float = PROB
     return "ok"
 
 
-def describe(decision: Decision, buffers: dict[str, float]) -> str:
+def describe(decision: Decision, buffers: dict[str, float], mode: str | None = None) -> str:
+    """The -v line: where the weights went and why (`mode`: what the load applied, if it fell back)."""
     held = ", ".join(f"{k} {v:.1f} MiB" for k, v in buffers.items()) or "unknown"
-    return (f"llama.cpp weights in {held}; extra buffer types {decision.mode} "
+    return (f"llama.cpp weights in {held}; extra buffer types {mode or decision.mode} "
             f"(policy {decision.policy}; available: {', '.join(decision.available) or 'none'}; {decision.reason})")
 
 

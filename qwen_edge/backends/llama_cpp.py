@@ -161,7 +161,7 @@ class LlamaCppRuntime(Runtime):
                                      "available": decision.available, "reason": decision.reason,
                                      "weights": buffers}},
         )
-        logger.debug("%s: %s", model_path.name, llama_bufts.describe(decision, buffers))
+        logger.debug("%s: %s", model_path.name, llama_bufts.describe(decision, buffers, self._extra_mode))
 
     def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int,
               decision: Any) -> dict[str, float]:
