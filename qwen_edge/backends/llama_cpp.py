@@ -168,8 +168,7 @@ class LlamaCppRuntime(Runtime):
         """Load the model and a context; returns {buffer type: MiB} of the weights (llama.cpp's load log)."""
         from ..llama_bufts import applied, weight_buffers
 
-        L = self._L
-        _init_backend(L)
+        L = self._L  # the backend is initialised: __init__ did it before deciding the extra buffer types
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers
         crash_note(f"llama.cpp running {model_path}")
