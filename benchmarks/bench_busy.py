@@ -1,6 +1,6 @@
 """Decode and prefill tokens/s quiet and with another process busy on one core, per backend, threads and spin policy.
 
-Each run is one fresh spawned process (qwen_edge.bench._measure: load, warm up, prefill + greedy decode); the busy
+Each run is one fresh spawned process (qwen_edge.bench.run._measure: load, warm up, prefill + greedy decode); the busy
 loop (`python -c "while True: pass"`, pinned to the last CPU) is started before the run and killed after it, so quiet
 runs are quiet. Configurations alternate order across repeats (A B C ..., then ... C B A); medians are reported.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import write_record  # noqa: E402
 
-from qwen_edge.bench import _measure, bench_prompt  # noqa: E402
+from qwen_edge.bench.run import _measure, bench_prompt  # noqa: E402
 
 
 def busy_loop(cpu: int | None) -> subprocess.Popen:

@@ -262,12 +262,13 @@ def mask_costs(tokenizer: Any, repeats: int) -> dict[str, Any]:
 
 
 def decode_rates(artifacts: list[str], gen_tokens: int, repeats: int, threads: int | None) -> list[dict[str, Any]]:
-    """Greedy decode tok/s through qwen_edge.generate, free vs. under a schema, alternated, on each artifact."""
+    """Greedy decode tok/s through qwen_edge.runtime.generate, free vs. under a schema, alternated, on each artifact."""
     import qwen_edge
     from qwen_edge import constrain
-    from qwen_edge.generate import generate, model_meta
-    from qwen_edge.sampling import Sampling
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.runtime.generate import generate
+    from qwen_edge.runtime.meta import model_meta
+    from qwen_edge.runtime.sampling import Sampling
+    from qwen_edge.text.tokenizer import Tokenizer
 
     # a schema that cannot close before gen_tokens: at least gen_tokens digits, one token or more each
     schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": gen_tokens}
@@ -309,7 +310,7 @@ def main() -> int:
     ap.add_argument("--label", default="")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(a.tokenizer)
     masks = mask_costs(tokenizer, a.mask_repeats)

@@ -6,7 +6,7 @@ Usage: python benchmarks/bench_extra_buffers.py [--source CKPT] [--quants q4_0,q
 - auto: qwen-edge's guard (llama.cpp's own choice where no AMX buffer type exists; where AMX exists, the probe's);
 - all: llama.cpp's default, every extra buffer type (what ran before the guard);
 - repack: every extra type but AMX; none: `use_extra_bufts = false` (plain CPU buffers).
-Each run is `qwen_edge.bench` of one artifact in a fresh process with $QWEN_EDGE_LLAMA_EXTRA_BUFFERS set to the
+Each run is `qwen_edge.bench.run` of one artifact in a fresh process with $QWEN_EDGE_LLAMA_EXTRA_BUFFERS set to the
 mode; modes alternate order per repeat (forward, then reversed), and ratios are taken per repeat against `all`
 (paired, so the slow drift of a shared machine cancels). The record names where each mode put the weights
 (buffer type: MiB, from llama.cpp's load log) and the machine's lscpu flags.
@@ -53,8 +53,8 @@ def main() -> int:
     import llama_cpp
 
     from qwen_edge import load
-    from qwen_edge.bench import bench
-    from qwen_edge.llama_bufts import ENV, available_extra_buffers
+    from qwen_edge.bench.run import bench
+    from qwen_edge.device.llama_bufts import ENV, available_extra_buffers
 
     placement = {}
     for q, art in arts.items():

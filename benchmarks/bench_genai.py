@@ -142,7 +142,7 @@ def main() -> int:
     ours_art, gguf_art, builder_art = Path(onnx_exp["path"]), Path(gguf_exp["path"]), Path(anchor["path"])
 
     sys.path.insert(0, str(ROOT))
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
 
     control_art = default_session_copy(ours_art, work / "onnx-int4-session-defaults")
     pairs = [(builder_art, "onnxruntime-genai"), (ours_art, "onnxruntime-genai"), (control_art, "onnxruntime-genai"),

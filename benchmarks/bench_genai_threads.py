@@ -15,7 +15,7 @@ app embedding the artifact does. Rows (every run a fresh process, order alternat
   ours/onnx                   qwen-edge's onnxruntime backend, --threads
   ours/llama.cpp              qwen-edge's llama.cpp backend on the GGUF q4_0, --threads
 
-The qwen-edge rows and the genai timing use `qwen_edge.bench`'s own measurement (`_measure`, `_genai_once`).
+The qwen-edge rows and the genai timing use `qwen_edge.bench.run`'s own measurement (`_measure`, `_genai_once`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CHILD = r"""
 import json, os, sys
 spec = json.loads(sys.argv[1])
 import importlib
-b = importlib.import_module("qwen_edge.bench")
+b = importlib.import_module("qwen_edge.bench.run")
 if spec["engine"] == "genai":
     import onnxruntime_genai as og
     before = len(os.listdir("/proc/self/task"))
@@ -86,7 +86,7 @@ def main() -> int:
     ap.add_argument("--note", action="append", default=[])
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from qwen_edge.bench import bench_prompt, model_files
+    from qwen_edge.bench.run import bench_prompt, model_files
 
     written = json.loads((a.onnx / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     if "intra_op_num_threads" not in written:

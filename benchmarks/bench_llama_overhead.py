@@ -32,7 +32,7 @@ class Bare:
     def __init__(self, path: Path, n_ctx: int, threads: int):
         import llama_cpp as L
 
-        from qwen_edge.llama_lib import silence_llama_log
+        from qwen_edge.device.llama_lib import silence_llama_log
 
         self.L = L
         silence_llama_log(L)
@@ -95,7 +95,7 @@ def main() -> None:
         from qwen_edge.export import export
 
         export(a.ckpt, "gguf", "q4_k_m", a.artifact.parent, name=a.artifact.name)
-    from qwen_edge.targets import physical_cores
+    from qwen_edge.device.targets import physical_cores
 
     threads = a.threads or physical_cores()
     n_ctx = 512

@@ -153,7 +153,7 @@ def main() -> None:
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     arts = ensure_artifacts(a.ckpt, a.out, env)
-    from qwen_edge.targets import physical_cores
+    from qwen_edge.device.targets import physical_cores
 
     threads = a.threads or physical_cores()
     variants = a.variants.split(",") + (["load@before"] if a.before else [])

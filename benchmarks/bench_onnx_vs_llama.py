@@ -30,7 +30,7 @@ def source_checkpoint(source: str | None, work: Path) -> Path:
     src = Path(source) if source else work / "qwen2.5-0.5b"
     if not (src / "config.json").is_file():
         sys.path.insert(0, str(ROOT))
-        from qwen_edge.synth import synth
+        from qwen_edge.model.synth import synth
 
         synth("qwen2.5-0.5b", src, seed=0)
     return src
@@ -68,7 +68,7 @@ def main() -> int:
     gguf_exp = child(EXPORT, str(src), "gguf", "q4_0", str(work), "gguf-q4_0", "{}")
 
     sys.path.insert(0, str(ROOT))
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
 
     # llama.cpp first, so "x first" is onnx / llama.cpp; each run is a fresh process, the order alternates per repeat
     load_before = os.getloadavg()

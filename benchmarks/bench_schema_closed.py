@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import write_record  # noqa: E402
 
 from qwen_edge import constrain
-from qwen_edge.chat import ChatSession
-from qwen_edge.sampling import Sampling
+from qwen_edge.runtime.chat import ChatSession
+from qwen_edge.runtime.sampling import Sampling
 
 # GetWeather(BaseModel): city: str = Field(max_length=12); days: int = Field(ge=1, le=7), as Pydantic writes it
 PARAMS = {"description": "The weather forecast in a city.", "properties": {

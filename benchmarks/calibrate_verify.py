@@ -8,7 +8,7 @@ metrics, record them, and render the threshold section of docs/verify.md from th
 
 The fidelity checkpoint is the tests' (tests/fidelity.py: tiny-qwen3-256 briefly trained on the evaluation text),
 whose every 2-D weight row is a multiple of 256, so each quantization is applied as named (the record keeps the
-tensor types each export really has). The thresholds live in qwen_edge/verify.py; `--propose` derives them from
+tensor types each export really has). The thresholds live in qwen_edge/quality/verify.py; `--propose` derives them from
 the worst figure of each class (full text or --quick, whichever is worse) with the margins in MARGINS, and
 `--check` also fails when a threshold in the code is tighter than that derivation allows.
 """
@@ -55,14 +55,14 @@ def shipped() -> list[tuple[str, str]]:
 
 def tensor_types(art: Path) -> dict[str, int]:
     """Tensor count per stored type, as `qwen-edge inspect --json` reports it (`type_counts`)."""
-    from qwen_edge.inspect import inspect
+    from qwen_edge.cli.inspect import inspect
 
     return dict(sorted(inspect(art)["type_counts"].items()))
 
 
 def measure(ckpt: Path, pairs: list[tuple[str, str]], workdir: Path, log: Any) -> list[dict[str, Any]]:
     from qwen_edge.export import export
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     rows = []
     for fmt, quant in pairs:
@@ -92,7 +92,7 @@ def latest_record(results: Path = RESULTS) -> dict[str, Any]:
 
 def worst(rows: list[dict[str, Any]], quants: set[str]) -> dict[str, float]:
     """The worst value of each metric over the rows of `quants`, full text and --quick alike."""
-    from qwen_edge.verify import METRICS, UPPER_BOUNDS
+    from qwen_edge.quality.verify import METRICS, UPPER_BOUNDS
 
     out: dict[str, float] = {}
     for row in rows:
@@ -128,7 +128,7 @@ def derive(w: dict[str, float]) -> dict[str, float]:
 
 
 def classes() -> dict[str, list[str]]:
-    from qwen_edge.verify import QUANT_CLASS
+    from qwen_edge.quality.verify import QUANT_CLASS
 
     out: dict[str, list[str]] = {}
     for q, c in QUANT_CLASS.items():
@@ -138,7 +138,7 @@ def classes() -> dict[str, list[str]]:
 
 def too_tight(rec: dict[str, Any]) -> list[str]:
     """Thresholds in the code tighter than the record and the margins allow (empty when none)."""
-    from qwen_edge.verify import LOWER_BOUNDS, thresholds_for
+    from qwen_edge.quality.verify import LOWER_BOUNDS, thresholds_for
 
     bad = []
     rows = rec["figures"]["artifacts"]
@@ -149,7 +149,7 @@ def too_tight(rec: dict[str, Any]) -> list[str]:
         need, have = derive(worst(rows, measured)), thresholds_for(quants[0])
         for k, v in need.items():
             if (have[k] > v) if k in LOWER_BOUNDS else (have[k] < v):
-                bad.append(f"{cls} {k}: {have[k]:g} in qwen_edge/verify.py, the record and margins need "
+                bad.append(f"{cls} {k}: {have[k]:g} in qwen_edge/quality/verify.py, the record and margins need "
                            f"{'<=' if k in LOWER_BOUNDS else '>='} {v:g}")
     return bad
 
@@ -164,7 +164,7 @@ def _g(v: float) -> str:
 
 
 def render(rec: dict[str, Any]) -> str:
-    from qwen_edge.verify import thresholds_for
+    from qwen_edge.quality.verify import thresholds_for
 
     fig, st = rec["figures"], rec["settings"]
     lines = [BEGIN, "", "### Thresholds (defaults; `verify(..., thresholds={...})` or a recipe's `verify.thresholds` "
@@ -264,7 +264,7 @@ def calibrate(args: argparse.Namespace, results: Path) -> int:
         sys.path.insert(0, str(ROOT / "tests"))
         from fidelity import FIDELITY_ARCH, fidelity_checkpoint
 
-        from qwen_edge.train import DEFAULT_STEPS
+        from qwen_edge.model.train import DEFAULT_STEPS
 
         ckpt = fidelity_checkpoint()
         desc = (f"The fidelity checkpoint (tests/fidelity.py: {FIDELITY_ARCH}, real 151,936 vocabulary, trained "

@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     a = ap.parse_args(argv)
 
-    from qwen_edge.bench import bench, plot
+    from qwen_edge.bench.report import plot
+    from qwen_edge.bench.run import bench
     from qwen_edge.export import export
-    from qwen_edge.synth import synth
+    from qwen_edge.model.synth import synth
 
     t0 = time.perf_counter()
     work, out = Path(a.workdir), Path(a.out)

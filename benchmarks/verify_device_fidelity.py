@@ -38,11 +38,11 @@ def record(rows: list[dict], a: argparse.Namespace, notes: list[str]) -> None:
 def main() -> int:
     from qwen_edge import hwinfo
     from qwen_edge.export import export
-    from qwen_edge.verify import verify
-    from qwen_edge.verify_device import verify_on_device
+    from qwen_edge.quality.verify import verify
+    from qwen_edge.quality.verify_device import verify_on_device
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", required=True, help="the fidelity checkpoint (qwen_edge.train.train_fidelity_checkpoint)")
+    ap.add_argument("--ckpt", required=True, help="the fidelity checkpoint (qwen_edge.model.train.train_fidelity_checkpoint)")
     ap.add_argument("--degraded", help="the degraded copy (tests/fidelity.py degraded_checkpoint)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--quick", action="store_true")

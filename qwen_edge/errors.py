@@ -31,3 +31,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     lines = str(e).strip().splitlines()
     msg = lines[0] if lines else type(e).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def signal_name(signum: int) -> str:
+    """`SIGSEGV` for 11: how a native crash is named (the console command, the bench's and the probe's children)."""
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

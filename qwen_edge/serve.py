@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequenc
 
 from .errors import NotAvailable, QwenEdgeError, first_line
 from .log import logger
-from .sampling import Sampling
+from .runtime.sampling import Sampling
 
 if TYPE_CHECKING:
     import uvicorn
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from .chat import ChatSession
+    from .runtime.chat import ChatSession
 
 EXTRA_HINT = "pip install 'qwen-edge[serve]'"
 
@@ -226,7 +226,7 @@ class ChatRequest:
 
 def _parse_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
     """The tools and tool_choice; a forced choice's grammar is compiled now (a bad parameters schema is a 400)."""
-    from .constrain import tool_call
+    from .runtime.constrain import tool_call
     from .tools import check_tools, choice_name
 
     tools = body.get("tools")
@@ -242,7 +242,7 @@ def _parse_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, 
 
 def _parse_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """The response_format, checked by compiling its constraint now (a bad schema is a 400, not a failed job)."""
-    from .constrain import from_response_format
+    from .runtime.constrain import from_response_format
 
     rf = body.get("response_format")
     if rf is None:
@@ -471,7 +471,7 @@ class Engine:
 
     def completion_work(self, req: CompletionRequest) -> Callable[[Job], Any]:
         def work(job: Job) -> Any:
-            from .generate import generate
+            from .runtime.generate import generate
 
             s = self.session
             ids = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt)
@@ -843,8 +843,8 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     require_extra()
     import uvicorn
 
-    from .chat import ChatSession
-    from .generate import model_meta
+    from .runtime.chat import ChatSession
+    from .runtime.meta import model_meta
 
     if queue < 0:
         raise QwenEdgeError(f"--queue must be >= 0, not {queue}")

@@ -24,18 +24,13 @@ import sys
 import tempfile
 from typing import Sequence
 
+from .errors import signal_name
+
 FATAL = frozenset(getattr(signal, n) for n in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGSYS")
                   if hasattr(signal, n))
 FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 _SI_KERNEL = 0x80
 """si_code of a signal the kernel sent itself, e.g. a terminal's ^C (Linux); kill() from a process gives SI_USER."""
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def crash_message(signum: int, note: str) -> str:

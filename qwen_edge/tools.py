@@ -69,7 +69,7 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]]:
 
 def load_tools(path: str | Path) -> list[dict[str, Any]]:
     """`--tools FILE`: a JSON list of OpenAI tool dicts."""
-    from .generate import read_json
+    from .runtime.inputs import read_json
 
     return check_tools(read_json(path), str(path))
 

@@ -22,7 +22,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_ckpt(workdir):
     """synth_ckpt("tiny-qwen3", seed=0) -> Path of a checkpoint directory, cached per session."""
-    from qwen_edge.synth import synth
+    from qwen_edge.model.synth import synth
 
     cache: dict[tuple[str, int], Path] = {}
 

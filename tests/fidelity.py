@@ -16,7 +16,7 @@ def cache_root() -> Path:
 
 def fidelity_checkpoint(arch: str = FIDELITY_ARCH, seed: int = 0) -> Path:
     """Path of the trained checkpoint; trains it (a few minutes on a busy 2-core machine) when the cache lacks this key."""
-    from qwen_edge.train import DEFAULT_STEPS, fidelity_key, train_fidelity_checkpoint
+    from qwen_edge.model.train import DEFAULT_STEPS, fidelity_key, train_fidelity_checkpoint
 
     key = fidelity_key(arch, seed, DEFAULT_STEPS)
     path = cache_root() / "fidelity" / f"{arch}-s{seed}-{key}"
@@ -32,7 +32,7 @@ def degraded_checkpoint(out: Path, layer: int = 1, factor: float = 1.6, src: Pat
 
     import numpy as np
 
-    from qwen_edge.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
+    from qwen_edge.model.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
 
     src = src or fidelity_checkpoint()
     if (out / "model.safetensors").is_file():

@@ -17,8 +17,8 @@ import pytest
 from conftest import has_module, requires_torch
 
 import qwen_edge
-from qwen_edge.generate import generate
-from qwen_edge.sampling import Sampling
+from qwen_edge.runtime.generate import generate
+from qwen_edge.runtime.sampling import Sampling
 
 pytestmark = [requires_torch, pytest.mark.skipif(not has_module("peft"), reason="needs peft (the [verify] extra)")]
 
@@ -113,7 +113,7 @@ def test_merged_exports_match_peft_merged(cli, base, adapter, work, reference, a
 
 
 def test_manifest_records_the_adapter(adapter, arts):
-    from qwen_edge.adapters import adapter_sha256
+    from qwen_edge.model.adapters import adapter_sha256
 
     m = json.loads((arts["gguf"] / "manifest.json").read_text())
     (rec,) = m["adapters"]
@@ -123,7 +123,7 @@ def test_manifest_records_the_adapter(adapter, arts):
     s = json.loads((arts["separate"] / "manifest.json").read_text())["adapters"][0]
     assert (s["mode"], s["file"], s["scale_in_lora_b"]) == ("separate", "adapter.gguf", False)
     assert "adapters" not in json.loads((arts["base"] / "manifest.json").read_text())
-    from qwen_edge.inspect import inspect, render_inspect
+    from qwen_edge.cli.inspect import inspect, render_inspect
 
     info = inspect(arts["separate"])
     assert info["adapters"] == [s]
@@ -220,7 +220,7 @@ def test_verify_uses_base_plus_adapter(cli, base, adapter, arts, work):
     assert report["passed"] and report["reference_adapters"] == [str(adapter)]
     broken = work / "not-applied"
     shutil.copytree(arts["base"], broken)
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
 
     Artifact.open(broken).update_manifest(
         adapters=json.loads((arts["gguf"] / "manifest.json").read_text())["adapters"])
@@ -295,8 +295,8 @@ def test_bad_adapters_exit_2(cli, base, adapter, work):
 
 def test_adapter_for_another_hub_base(base, adapter, work):
     """A hub source whose id differs from the adapter's base_model_name_or_path is refused."""
-    from qwen_edge.adapters import read_adapter
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.adapters import read_adapter
+    from qwen_edge.model.checkpoint import Checkpoint
     from qwen_edge.errors import QwenEdgeError
 
     d = _bad(work, adapter, "hub-base", edit_config={"base_model_name_or_path": "Qwen/Qwen3-0.6B"})
@@ -315,8 +315,8 @@ def test_recipe_adapter_key_and_rebuild(base, adapter, work, tmp_path):
     """A recipe's `adapter` (one path or a list) reaches the export; an adapter changed in place rebuilds it."""
     from safetensors.numpy import save_file
 
-    from qwen_edge.recipe import load_recipe
-    from qwen_edge.recipe_run import export_recipe
+    from qwen_edge.recipes.recipe import load_recipe
+    from qwen_edge.recipes.recipe_run import export_recipe
 
     mine = _bad(work, adapter, "changed")
     y = tmp_path / "r.yaml"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_api_functions_survive_importing_their_submodules():
     # qwen_edge.export is both a function and a package; importing the package must not shadow the function.
-    code = ("import qwen_edge, qwen_edge.export.gguf, qwen_edge.verify, qwen_edge.bench, qwen_edge.generate\n"
+    code = ("import qwen_edge, qwen_edge.export.gguf, qwen_edge.quality.verify, qwen_edge.bench.run, qwen_edge.runtime.generate\n"
             "import importlib, types\n"
             "for n in ('export', 'verify', 'bench', 'generate', 'load'):\n"
             "    f = getattr(qwen_edge, n)\n"
@@ -73,7 +73,7 @@ def test_export_keeps_an_up_to_date_artifact_and_its_parity_record(synth_ckpt, t
     import logging
 
     import qwen_edge
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
 
     ck = synth_ckpt("tiny-qwen2")
     art = qwen_edge.export(ck, "gguf", "q8_0", tmp_path, name="m")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_edge.bench import check_budgets, parse_budget
+from qwen_edge.bench.run import check_budgets, parse_budget
 from conftest import has_module
 from qwen_edge.errors import QwenEdgeError
 
@@ -112,7 +112,8 @@ def test_missing_artifact_exits_2(cli, tmp_path):
 
 def test_bench_of_the_torch_reference_and_a_thread_sweep(synth_ckpt, exported, tmp_path):
     pytest.importorskip("torch")
-    from qwen_edge.bench import bench, markdown_table, plot
+    from qwen_edge.bench.report import markdown_table, plot
+    from qwen_edge.bench.run import bench
 
     ckpt = synth_ckpt("tiny-qwen3")
     report = bench([exported("tiny-qwen3", "gguf", "q8_0"), ckpt], prompt_tokens=8, gen_tokens=4, repeat=1,
@@ -128,7 +129,7 @@ def test_bench_of_the_torch_reference_and_a_thread_sweep(synth_ckpt, exported, t
 
 def test_bench_default_context_fits_an_artifact_with_a_short_context(synth_ckpt, tmp_path):
     """The default KV size (prompt + generated, rounded up to 256) never asks for more than the artifact holds."""
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
     from qwen_edge.export import export
 
     art = export(synth_ckpt("tiny-qwen2"), "gguf", "q8_0", tmp_path, name="short", context_length=200)
@@ -141,7 +142,7 @@ def test_bench_default_context_fits_an_artifact_with_a_short_context(synth_ckpt,
 def test_bench_reports_the_onnx_kv_dtype_it_ran(exported):
     """An fp16-KV export (kv_dtype=float16) reports half the fp32 one's cache, and the roofline reads 2 bytes per
     cached element instead of 4: bench takes the dtype from the artifact, never a constant."""
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
 
     fp16 = exported("tiny-qwen3", "onnx", "int4", kv_dtype="float16")
     fp32 = exported("tiny-qwen3", "onnx", "int4")
@@ -186,7 +187,7 @@ def test_bench_runs_an_onnxruntime_genai_model_folder(exported, tmp_path):
     its facts read from genai_config.json and the graph; our backend refuses it with a one-line error."""
     import shutil
 
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
 
     folder = tmp_path / "genai-model"
     shutil.copytree(exported("tiny-qwen3", "onnx", "int4"), folder)
@@ -212,7 +213,7 @@ def test_bench_engine_misuse_exits_2(two, cli, engine, match):
 def test_bench_engine_without_onnxruntime_genai_installed_is_one_error(two, monkeypatch):
     import sys
 
-    from qwen_edge.bench import bench
+    from qwen_edge.bench.run import bench
 
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails as when not installed
     with pytest.raises(QwenEdgeError, match=r"needs onnxruntime-genai: pip install 'qwen-edge\[genai\]'"):

@@ -10,10 +10,10 @@ from conftest import requires_torch
 
 import qwen_edge
 from qwen_edge.backends.base import Runtime
-from qwen_edge.chat import ChatSession
+from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.sampling import Sampling
-from qwen_edge.tokenizer import Tokenizer
+from qwen_edge.runtime.sampling import Sampling
+from qwen_edge.text.tokenizer import Tokenizer
 
 pytestmark = requires_torch
 IM_END = 151645

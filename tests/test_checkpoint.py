@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from qwen_edge.checkpoint import Checkpoint, expected_tensors
+from qwen_edge.model.checkpoint import Checkpoint, expected_tensors
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
+from qwen_edge.model.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_missing_tensor(ckpt_copy):
 
 def test_not_a_directory(tmp_path):
     with pytest.raises(QwenEdgeError, match="no such checkpoint directory"):
-        from qwen_edge.checkpoint import open_checkpoint
+        from qwen_edge.model.checkpoint import open_checkpoint
 
         open_checkpoint(tmp_path / "nope")
 

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen_edge import constrain
-from qwen_edge.chat import ChatSession
-from qwen_edge.constrain import ConstraintError
-from qwen_edge.generate import generate
-from qwen_edge.sampling import Sampling
-from qwen_edge.tokenizer import Tokenizer
+from qwen_edge.runtime.chat import ChatSession
+from qwen_edge.runtime.constrain import ConstraintError
+from qwen_edge.runtime.generate import generate
+from qwen_edge.runtime.sampling import Sampling
+from qwen_edge.text.tokenizer import Tokenizer
 
 IM_END, ENDOFTEXT = 151645, 151643
 BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]

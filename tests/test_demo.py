@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from qwen_edge.demo import Progress
+from qwen_edge.cli.demo import Progress
 
 
 def test_demo_quick_end_to_end(cli, tmp_path):

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_target_follows_machine(monkeypatch, machine, want):
     import platform
 
-    from qwen_edge.recipe import recipe_from_args
-    from qwen_edge.targets import default_target_name, load_target
+    from qwen_edge.recipes.recipe import recipe_from_args
+    from qwen_edge.device.targets import default_target_name, load_target
 
     monkeypatch.setattr(platform, "machine", lambda: machine)
     assert default_target_name() == want
@@ -95,8 +95,9 @@ def test_gguf_without_llama_cpp_is_one_line_and_onnx_still_runs(tmp_path, export
 # --- verify --on-device ---------------------------------------------------------------------------------------
 def test_compact_reference_metrics_match_full_verify():
     """Against the full-logit Accumulator: top-1 and perplexity exact, KL a lower bound, logit errors on top-k."""
-    from qwen_edge.verify import Accumulator
-    from qwen_edge.verify_device import DeviceAccumulator, Reference, ReferenceRecorder
+    from qwen_edge.quality.verify import Accumulator
+    from qwen_edge.quality.reference import Reference, ReferenceRecorder
+    from qwen_edge.quality.verify_device import DeviceAccumulator
 
     rng = np.random.default_rng(0)
     full, dev, rec = Accumulator(), DeviceAccumulator(), ReferenceRecorder()
@@ -134,7 +135,7 @@ def verified_fidelity(tmp_path_factory):
     from fidelity import fidelity_checkpoint
 
     from qwen_edge.export import export
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     out = tmp_path_factory.mktemp("device")
     art = export(fidelity_checkpoint(), "onnx", "fp32", out, name="fid-onnx-fp32")
@@ -230,7 +231,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, exported):
     import zlib
 
     from qwen_edge.errors import QwenEdgeError
-    from qwen_edge.verify_device import _unpack
+    from qwen_edge.quality.reference import _unpack
 
     bomb = base64.b64encode(zlib.compress(b"\0" * (256 << 20), 9)).decode()  # 256 MiB of zeros in ~350 KB
     art = exported("tiny-qwen2", "onnx", "fp32")
@@ -247,7 +248,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, exported):
     tracemalloc.stop()
     assert peak < 4 << 20, peak  # not the 64 MiB the stream holds
     good = np.arange(256 * 256, dtype=np.int32).reshape(shape)
-    from qwen_edge.verify_device import _pack
+    from qwen_edge.quality.reference import _pack
 
     assert (_unpack(_pack(good), np.int32, shape, "x") == good).all()
 
@@ -256,7 +257,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, exported):
 def test_random_weight_record_is_refused_on_device(tmp_path, exported):
     """A random-weight reference's top-k hold ~nothing of its near-uniform outputs: the record cannot bound KL, and
     top-1/greedy are coin tosses there, so the device says it cannot verify (exit 2) instead of a vacuous pass."""
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     art = tmp_path / "art"
     shutil.copytree(exported("tiny-qwen3", "onnx", "fp32"), art)
@@ -273,7 +274,7 @@ def degraded_pair(tmp_path_factory):
     from fidelity import degraded_checkpoint, fidelity_checkpoint
 
     from qwen_edge.export import export
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     out = tmp_path_factory.mktemp("degraded")
     good = fidelity_checkpoint()

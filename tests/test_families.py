@@ -55,11 +55,11 @@ def edge_family():
 
 def test_made_up_family_exports_and_runs(edge_family, tmp_path):
     from qwen_edge import Sampling, load
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
     from qwen_edge.export import export
-    from qwen_edge.generate import generate
-    from qwen_edge.synth import synth
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.runtime.generate import generate
+    from qwen_edge.model.synth import synth
+    from qwen_edge.text.tokenizer import Tokenizer
 
     src = synth("tiny-edge-qwen", tmp_path / "ckpt")
     ck = Checkpoint(src)

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from qwen_edge.artifact import Artifact
+from qwen_edge.model.artifact import Artifact
 from qwen_edge.backends import load
 from qwen_edge.export import export
 from qwen_edge.export.gguf import QUANTS as GGUF_QUANTS
-from qwen_edge.synth import synth
+from qwen_edge.model.synth import synth
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_onnx_int4_05b_runtime_peak_rss_within_budget(ckpt_05b, tmp_path):
     code = (
         "import json, sys\n"
         "from qwen_edge.backends import load\n"
-        "from qwen_edge.bench import peak_rss_bytes\n"
+        "from qwen_edge.bench.run import peak_rss_bytes\n"
         "rt = load(sys.argv[1], threads=2)\n"
         "rt.prefill(list(range(1000, 1128)))\n"
         "for _ in range(128):\n"
@@ -139,7 +139,7 @@ def test_onnx_int4_export_of_15b_peak_rss_bounded(tmp_path):
     out.mkdir()
     code = (
         "import json, sys\n"
-        "from qwen_edge.bench import peak_rss_bytes\n"
+        "from qwen_edge.bench.run import peak_rss_bytes\n"
         "from qwen_edge.export import export\n"
         "p = export(sys.argv[1], 'onnx', 'int4', sys.argv[2], name='q15-onnx-int4')\n"
         "print(json.dumps({'peak': peak_rss_bytes(), 'path': str(p)}))\n"

@@ -11,8 +11,8 @@ from conftest import requires_torch
 
 from qwen_edge.backends.base import Runtime, RuntimeInfo
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.generate import _StopStringFilter, generate
-from qwen_edge.sampling import Sampling, apply_repetition_penalty, candidate_probs
+from qwen_edge.runtime.generate import _StopStringFilter, generate
+from qwen_edge.runtime.sampling import Sampling, apply_repetition_penalty, candidate_probs
 
 VOCAB = 151936
 
@@ -181,14 +181,14 @@ class ScriptedRuntime(Runtime):
 
 @pytest.fixture(scope="module")
 def tok(synth_ckpt):
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(synth_ckpt("tiny-qwen3"))
 
 
 def _split_inside_characters(tok, text: str) -> list[int]:
     """Token ids for `text` cut every 2 bytes, so 3-byte Thai/CJK characters always straddle two tokens."""
-    from qwen_edge.tokenizer import load_qwen_ranks
+    from qwen_edge.text.tokenizer import load_qwen_ranks
 
     ranks = load_qwen_ranks()
     data = text.encode("utf-8")

@@ -169,7 +169,7 @@ def test_export_is_reproducible(synth_ckpt, tmp_path, quant):
 
 
 def test_bf16_and_f32_keep_the_checkpoint_values(exported, synth_ckpt):
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     ck = Checkpoint(synth_ckpt("tiny-qwen3"))
     want = ck.tensor("model.layers.1.mlp.down_proj.weight")
@@ -251,10 +251,10 @@ def test_bit_flipped_header_is_an_error(exported, tmp_path, where):
 
 
 def test_checkpoint_with_missing_tensor(synth_ckpt, tmp_path):
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
     from qwen_edge.export import export
     from qwen_edge.export.gguf import export_gguf
-    from qwen_edge.safetensors_io import write_safetensors
+    from qwen_edge.model.safetensors_io import write_safetensors
 
     src = synth_ckpt("tiny-qwen2")
     bad = tmp_path / "bad"

@@ -137,7 +137,7 @@ def test_cli_inspect_hostile_gguf(gguf_bytes, layout, tmp_path, case):
 @pytest.mark.parametrize("case", ["huge-dim", "bad-offset"])
 def test_cli_generate_hostile_gguf(gguf_bytes, layout, tmp_path, case):
     """A bare .gguf goes to llama.cpp only after the Python bounds check: exit 2, not a native abort."""
-    hostile.require_module("qwen_edge.generate")
+    hostile.require_module("qwen_edge.runtime.generate")
     p = tmp_path / "bad.gguf"
     p.write_bytes(CLI_GGUF[case](gguf_bytes, layout))
     hostile.expect_cli_rejected(f"cli/generate-gguf-{case}", "generate", str(p), "--prompt", "hi",
@@ -148,7 +148,7 @@ def test_cli_generate_bitflipped_gguf_metadata_no_crash(gguf_bytes, layout, tmp_
     """Flips inside metadata values pass the structural check and reach llama.cpp: it must not kill the process."""
     import random
 
-    hostile.require_module("qwen_edge.generate")
+    hostile.require_module("qwen_edge.runtime.generate")
     rng = random.Random(8)
     for i in range(3):
         pos = [rng.randrange(layout["first_key_len"] * 8, layout["tensor_name_len"] * 8) for _ in range(2)]

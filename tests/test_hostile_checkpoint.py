@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hostile
-from qwen_edge.checkpoint import Checkpoint
+from qwen_edge.model.checkpoint import Checkpoint
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.safetensors_io import SafetensorsFile
+from qwen_edge.model.safetensors_io import SafetensorsFile
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

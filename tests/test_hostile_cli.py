@@ -13,7 +13,7 @@ import hostile
 
 @pytest.fixture(scope="module")
 def art(exported) -> Path:
-    hostile.require_module("qwen_edge.generate")
+    hostile.require_module("qwen_edge.runtime.generate")
     return exported("tiny-qwen3", "gguf", "q8_0")
 
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hostile
-from qwen_edge.artifact import Artifact, safe_relpath
-from qwen_edge.checkpoint import sha256_file
+from qwen_edge.model.artifact import Artifact, safe_relpath
+from qwen_edge.model.checkpoint import sha256_file
 from qwen_edge.errors import QwenEdgeError
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -289,13 +289,13 @@ CLI_CASES = ["deep-json", "format-list", "model-file-list", "nan-context", "stop
 
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_inspect_hostile_manifest(art, tmp_path, case):
-    hostile.require_module("qwen_edge.inspect")
+    hostile.require_module("qwen_edge.cli.inspect")
     d = with_manifest(art, tmp_path / "a", TYPE_CASES[case])
     hostile.expect_cli_rejected(f"cli/inspect-manifest-{case}", "inspect", str(d))
 
 
 @pytest.mark.parametrize("case", ["dotdot", "absolute", "nul"])
 def test_cli_inspect_outside_path(art, tmp_path, case):
-    hostile.require_module("qwen_edge.inspect")
+    hostile.require_module("qwen_edge.cli.inspect")
     d = with_manifest(art, tmp_path / "a", _set("model_file", PATH_VALUES[case]))
     hostile.expect_cli_rejected(f"cli/inspect-path-{case}", "inspect", str(d), "--json")

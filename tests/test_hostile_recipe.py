@@ -51,7 +51,7 @@ def _recipe(tmp: Path, case: str, src: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(synth_ckpt) -> Path:
-    hostile.require_module("qwen_edge.recipe")
+    hostile.require_module("qwen_edge.recipes.recipe")
     return synth_ckpt("tiny-qwen2")
 
 

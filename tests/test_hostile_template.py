@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import hostile
-from qwen_edge.checkpoint import sha256_file
+from qwen_edge.model.checkpoint import sha256_file
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -59,7 +59,7 @@ BROKEN = {
 
 
 def _render(src: str) -> str:
-    from qwen_edge.tokenizer import render_template
+    from qwen_edge.text.tokenizer import render_template
 
     return render_template(src, {"messages": MSGS, "add_generation_prompt": True})
 
@@ -80,7 +80,7 @@ def test_template_broken_reported(case):
 
 
 def test_template_error_is_a_template_error():
-    from qwen_edge.tokenizer import TemplateError
+    from qwen_edge.text.tokenizer import TemplateError
 
     with pytest.raises(TemplateError, match="chat template raised: no system"):
         _render(BROKEN["raise"])
@@ -99,7 +99,7 @@ def test_sandbox_does_not_leak_between_renders():
 
 def test_hostile_message_content_is_data():
     """Template syntax inside a message is text, never evaluated."""
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     tok = Tokenizer.for_family("qwen3")
     text = tok.apply_chat_template([{"role": "user", "content": "{{ cycler.__init__.__globals__ }}"}])
@@ -141,7 +141,7 @@ def gguf_art(exported) -> Path:
 
 @pytest.mark.parametrize("case", ["cycler-globals", "nested-loops", "megabytes-out", "invalid-utf8"])
 def test_cli_generate_hostile_template(gguf_art, tmp_path, case):
-    hostile.require_module("qwen_edge.generate")
+    hostile.require_module("qwen_edge.runtime.generate")
     src = {**ESCAPES, **RUNAWAY}.get(case, "").encode() or b"{{ messages }}\xff\xfe"
     d = _with_template(gguf_art, tmp_path / "a", src)
     hostile.expect_cli_rejected(f"cli/generate-template-{case}", "generate", str(d), "--prompt", "hi",

@@ -80,7 +80,7 @@ def hub(tmp_path, synth_ckpt, monkeypatch) -> Hub:
 
 
 def _weights_sha(ckpt: Path) -> str:
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     c = Checkpoint(ckpt, validate=False)
     try:
@@ -139,7 +139,7 @@ def test_the_test_cache_resolves_through_huggingface_hub_offline(hub):
 
 
 def test_split_hub_id():
-    from qwen_edge.checkpoint import split_hub_id
+    from qwen_edge.model.checkpoint import split_hub_id
 
     assert split_hub_id("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
     assert split_hub_id(f"Org/Name@{COMMIT_A}") == ("Org/Name", COMMIT_A)
@@ -287,7 +287,7 @@ def test_the_recipe_matrix_carries_the_revision(cli):
 @requires_torch
 def test_an_artifact_from_before_hub_ids_were_recorded_still_verifies(hub, cli, tmp_path):
     """A manifest whose source is only `path: Org/Name` (the old record) resolves the id's default branch."""
-    from qwen_edge.artifact import MANIFEST, write_json
+    from qwen_edge.model.artifact import MANIFEST, write_json
 
     out = tmp_path / "dist"
     r = cli("export", REPO, "--format", "gguf", "--quant", "q8_0", "--no-verify", "-o", str(out))

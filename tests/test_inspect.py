@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.inspect import inspect, render_inspect
+from qwen_edge.cli.inspect import inspect, render_inspect
 
 
 @pytest.mark.parametrize("fmt,quant", [("gguf", "q4_k_m"), ("onnx", "int4")])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import hostile
-from qwen_edge.artifact import Artifact
+from qwen_edge.model.artifact import Artifact
 from qwen_edge.errors import QwenEdgeError
 
 WRITE_PHASES = {"first-bytes": 0.0, "half-written": 0.5}
@@ -94,7 +94,7 @@ def _kill_mid_write(cmd: list[str], out: Path, full_size: int, fraction: float) 
 
 @pytest.fixture(scope="module")
 def ckpt(synth_ckpt) -> Path:
-    hostile.require_module("qwen_edge.recipe")
+    hostile.require_module("qwen_edge.recipes.recipe")
     return synth_ckpt("tiny-qwen2")
 
 
@@ -151,7 +151,7 @@ def test_stale_temporaries_are_cleaned(ckpt, tmp_path):
 
 def test_writer_exception_leaves_nothing(tmp_path):
     """An exception inside the writer (Ctrl-C, a bug) removes the temporary directory."""
-    from qwen_edge.artifact import ArtifactWriter
+    from qwen_edge.model.artifact import ArtifactWriter
 
     with pytest.raises(KeyboardInterrupt):
         with ArtifactWriter(tmp_path / "m") as w:
@@ -243,6 +243,6 @@ def test_unreadable_checkpoint_reported(tmp_path):
     hostile.expect_cli_rejected("interrupt/bad-source", "export", str(d), "--format", "gguf", "--quant", "f16",
                                 "-o", str(tmp_path / "o"), "--no-verify")
     with pytest.raises(QwenEdgeError):
-        from qwen_edge.checkpoint import Checkpoint
+        from qwen_edge.model.checkpoint import Checkpoint
 
         Checkpoint(d)

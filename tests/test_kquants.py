@@ -83,7 +83,7 @@ def expected_type(quant: str, name: str) -> str:
 
 
 def test_every_weight_row_qualifies_for_k_quants(synth_ckpt):
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     ck = Checkpoint(synth_ckpt(ARCH))
     two_d = {n: ck.tensor_info(n).shape for n in ck.tensor_names() if len(ck.tensor_info(n).shape) == 2}
@@ -140,7 +140,7 @@ def _rows_for(gguf_name: str) -> slice:
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_quantized_bytes_dequantize_within_the_types_error(exported, synth_ckpt, quant):
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     path = exported(ARCH, "gguf", quant) / "model.gguf"
     g = read_gguf(path)
@@ -161,7 +161,7 @@ def test_quantized_bytes_dequantize_within_the_types_error(exported, synth_ckpt,
 
 def test_a_wrong_scale_breaks_the_bound(exported, synth_ckpt):
     """The oracle check is sharp: doubling every super-block scale `d` of one Q4_K tensor fails the bound."""
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     path = exported(ARCH, "gguf", "q4_k_m") / "model.gguf"
     g = read_gguf(path)
@@ -193,7 +193,7 @@ MIN_COSINE = {"q6_k": 0.995, "q5_k_m": 0.99, "q5_k_s": 0.99, "q4_k_m": 0.98, "q4
 
 
 def _greedy(art: Path, steps: int = 4) -> tuple[list[np.ndarray], list[int]]:
-    """Step-by-step greedy decoding through the runtime, then the same through `qwen_edge.generate`."""
+    """Step-by-step greedy decoding through the runtime, then the same through `qwen_edge.runtime.generate`."""
     from qwen_edge import generate, load
 
     logits, tokens = [], []

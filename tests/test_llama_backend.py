@@ -88,7 +88,7 @@ def test_tokenizer_agrees_with_tokenizer_json(exported, arch):
     once normalized; every NFC string must agree exactly as it is.
     """
     from qwen_edge.backends import load
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     art = exported(arch, "gguf", "q8_0")
     tok = Tokenizer.from_dir(art)
@@ -207,7 +207,7 @@ def test_bare_gguf_file_loads(f16_qwen3, tmp_path):
 
 
 def _rehash(root, rel):
-    from qwen_edge.checkpoint import sha256_file
+    from qwen_edge.model.checkpoint import sha256_file
 
     m = json.loads((root / "manifest.json").read_text())
     for f in m["files"]:

@@ -2,7 +2,7 @@
 reported as such.
 
 On Intel CPUs with AMX, llama.cpp's AMX buffer type segfaults on prompt batches of quantized models. The decision
-(qwen_edge/llama_bufts.py) is pinned here with the CPU's extra buffer types and the probe's verdicts monkeypatched;
+(qwen_edge/device/llama_bufts.py) is pinned here with the CPU's extra buffer types and the probe's verdicts monkeypatched;
 the mechanism that narrows llama.cpp's list is exercised for real on this machine by treating CPU_REPACK as the type
 to leave out; prompt batches of every common GGUF quant run through generate, bench, verify and serve on a 256-wide
 model (the shapes that take the fast kernels); and a crash in a child (the CLI's, a bench worker's, the probe's) is
@@ -85,7 +85,7 @@ def test_an_explicit_policy_is_applied_without_a_probe(monkeypatch):
 
 
 def test_policy_sources_option_then_environment_then_profile(monkeypatch):
-    from qwen_edge.targets import load_target
+    from qwen_edge.device.targets import load_target
 
     monkeypatch.delenv(llama_bufts.ENV, raising=False)
     prof = load_target({"name": "t", "llama_extra_buffers": "repack"})
@@ -225,7 +225,7 @@ def test_prompt_batches_of_every_common_quant_run_through_serve(quantized, tmp_p
 
 # --- crashes reported as such -----------------------------------------------------------------------------------
 def test_a_bench_worker_killed_by_a_signal_is_a_native_crash_naming_it():
-    from qwen_edge.bench import in_child
+    from qwen_edge.bench.run import in_child
 
     ctx = multiprocessing.get_context("spawn")
     with pytest.raises(NativeCrash, match=r"x\.gguf \(qwen-edge, 2 threads\): the engine crashed with SIGSEGV"):

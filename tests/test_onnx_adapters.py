@@ -43,7 +43,7 @@ def test_separate_onnx_matches_merged(base, adapter, arts):
     rec = json.loads((sep / "manifest.json").read_text())["adapters"][0]
     assert (rec["mode"], rec["file"], rec["rank"], rec["scale_in_lora_b"]) == ("separate", "adapter.onnx_adapter", 4,
                                                                               True)
-    from qwen_edge.inspect import inspect, render_inspect
+    from qwen_edge.cli.inspect import inspect, render_inspect
 
     assert "· separate adapter.onnx_adapter" in render_inspect(inspect(sep))
     assert "adapter.onnx_adapter" in [f["path"] for f in json.loads((sep / "manifest.json").read_text())["files"]]
@@ -151,8 +151,8 @@ def test_bad_onnx_adapters_exit_2(cli, arts, work):
 
 def test_recipe_onnx_separate(base, adapter, work, tmp_path):
     """A recipe with `format: onnx` and `adapter_mode: separate` passes validation and ships the .onnx_adapter."""
-    from qwen_edge.recipe import load_recipe
-    from qwen_edge.recipe_run import export_recipe
+    from qwen_edge.recipes.recipe import load_recipe
+    from qwen_edge.recipes.recipe_run import export_recipe
 
     y = tmp_path / "r.yaml"
     y.write_text(f"source: {base}\nformat: onnx\nquant: fp32\nadapter: {adapter}\nadapter_mode: separate\n")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qwen_edge.backends import load
-from qwen_edge.checkpoint import sha256_file
+from qwen_edge.model.checkpoint import sha256_file
 from qwen_edge.errors import QwenEdgeError
 from runtime_contract import (artifact_facts, assert_cli_max_context_refused, assert_info_describes_artifact,
                               assert_max_context_bounded, assert_rewind_reuses_prefix)
@@ -241,7 +241,7 @@ def test_idle_mapped_weights_leave_the_resident_set(exported):
 def _target_yaml(tmp_path, name: str, **fields) -> str:
     import yaml
 
-    from qwen_edge.targets import load_target
+    from qwen_edge.device.targets import load_target
 
     d = {k: v for k, v in load_target("cpu-x86_64").to_dict().items()}
     d.update(name=name, **fields)
@@ -254,7 +254,7 @@ def test_memory_cap_sizes_the_default_context(exported, tmp_path):
     """With memory_cap_mb, load(max_context=None) picks min(profile max_context, artifact context, the largest
     multiple of 256 tokens whose KV cache fits beside the model): here a cap 1024 tokens of fp16 KV above the model
     (rounded up to a whole MiB, 2048 more tokens at most)."""
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
     from qwen_edge.backends.base import kv_bytes_per_token
 
     art = exported("tiny-qwen3", "onnx", "int4", kv_dtype="float16")  # 2 layers x 2 kv heads x 32 x 2 (k, v) x 2 B
@@ -288,7 +288,7 @@ def test_memory_cap_below_the_model_keeps_a_minimal_context_and_warns(exported, 
 
 
 def test_memory_cap_applies_to_gguf_too(exported, tmp_path):
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
     a = Artifact.open(art, check_hashes=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.targets import physical_cores
+from qwen_edge.device.targets import physical_cores
 
 from conftest import has_module, requires_torch
 
@@ -401,7 +401,7 @@ def test_genai_config_thread_count_follows_the_target_profile():
     it is (arm64-mobile's 4 big cores, not every core of a big.LITTLE phone), `auto` as 0 (onnxruntime's own
     default on the machine the app runs on)."""
     from qwen_edge.export.onnx_genai import intra_op_threads
-    from qwen_edge.targets import load_target
+    from qwen_edge.device.targets import load_target
 
     assert intra_op_threads(load_target("arm64-mobile").threads) == 4
     assert intra_op_threads(load_target("cpu-x86_64").threads) == 0
@@ -619,7 +619,7 @@ def test_target_profile_picks_block_size_and_lm_head_bits(synth_ckpt, tmp_path):
     """A target's onnx_block_size / onnx_lm_head_bits are the defaults of its int4 exports (a memory-bound CPU reads
     fewer bytes per token); an export option still wins; a bad value in a profile is one error."""
     from qwen_edge.export import export
-    from qwen_edge.targets import load_target
+    from qwen_edge.device.targets import load_target
 
     src = synth_ckpt("tiny-qwen3")
     prof = {"name": "bw-bound", "onnx_block_size": 64, "onnx_lm_head_bits": 4}

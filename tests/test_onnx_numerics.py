@@ -24,7 +24,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from qwen_edge.checkpoint import Checkpoint  # noqa: E402
+from qwen_edge.model.checkpoint import Checkpoint  # noqa: E402
 
 MS = "com.microsoft"
 SCALE_ERR = 1.01

@@ -104,7 +104,7 @@ def test_optimum_loads_and_matches_qwen_edge(label, optimum_report):
     assert r["left_batch_greedy"] == r["alone_greedy"] and r["alone_greedy"][0] == ours
     assert r["right_full_shape"] == [2, len(PROMPT), 151936]
     assert r["right_full_max_diff"] < tol
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     ids, tok = r["text_ids"], Tokenizer.from_dir(arts[label])
     assert r["pipeline_text"].startswith(TEXT) and ids == tok.encode(TEXT)

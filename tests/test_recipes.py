@@ -11,7 +11,8 @@ from conftest import requires_torch
 
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.families import MODELS
-from qwen_edge.recipe import RECIPES_DIR, list_recipes, load_recipe, render_recipes, run_export
+from qwen_edge.recipes.recipe import RECIPES_DIR, list_recipes, load_recipe, render_recipes
+from qwen_edge.recipes.recipe_run import run_export
 
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 TINY = {"qwen2": "tiny-qwen2", "qwen3": "tiny-qwen3"}
@@ -63,7 +64,7 @@ def test_recipe_outputs_are_unique():
 
 @pytest.mark.parametrize("combo", _combos(), ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}")
 def test_each_recipe_combination_exports_from_a_tiny_checkpoint(combo, synth_ckpt, tmp_path):
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
 
     fname, fmt, quant, target = combo
     r = load_recipe(RECIPES_DIR / fname)
@@ -211,7 +212,7 @@ def test_corrupt_existing_artifact_is_rebuilt(synth_ckpt, tmp_path, says):
 
 def test_verify_missing_extra_is_reported(synth_ckpt, tmp_path, says, monkeypatch):
     capsys = says
-    import qwen_edge.recipe_run as recipe_run
+    import qwen_edge.recipes.recipe_run as recipe_run
 
     monkeypatch.setattr(recipe_run, "verify_available", lambda: False)
     assert run_export(str(synth_ckpt("tiny-qwen2")), "gguf", "q8_0", None, str(tmp_path), verify=True) == 0

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from qwen_edge.tokenizer import Tokenizer
+from qwen_edge.text.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")

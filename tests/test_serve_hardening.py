@@ -195,7 +195,7 @@ def test_beyond_loopback_without_a_key_warns(thinking_artifact, tmp_path):
 # --- in process: parsing off the event loop, prefill between chunks ------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(thinking_artifact):
-    from qwen_edge.chat import ChatSession
+    from qwen_edge.runtime.chat import ChatSession
     from qwen_edge.serve import Engine, Limits
 
     session = ChatSession.load(thinking_artifact("gguf"), max_context=2048)
@@ -234,7 +234,7 @@ def test_parsing_runs_off_the_event_loop_and_is_bounded(engine, monkeypatch):
 def test_prefill_stops_between_chunks(engine):
     """A request cancelled while its (long) prompt is prefilled frees the model after one chunk; the KV cache is
     rewound to what it held before."""
-    from qwen_edge.generate import generate
+    from qwen_edge.runtime.generate import generate
     from qwen_edge.serve import PREFILL_CHUNK
 
     rt = engine.session.runtime  # the engine's chunked view of the runtime

@@ -24,12 +24,12 @@ def _rss() -> int:
 
 @pytest.mark.parametrize("fmt,quant", [("gguf", "q8_0"), ("onnx", "fp32")])
 def test_rss_flat_over_generations(exported, fmt, quant):
-    hostile.require_module("qwen_edge.generate")
+    hostile.require_module("qwen_edge.runtime.generate")
     hostile.require_module(f"qwen_edge.backends.{'llama_cpp' if fmt == 'gguf' else 'onnxruntime'}")
     from qwen_edge.backends import load
-    from qwen_edge.generate import generate
-    from qwen_edge.sampling import Sampling
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.runtime.generate import generate
+    from qwen_edge.runtime.sampling import Sampling
+    from qwen_edge.text.tokenizer import Tokenizer
 
     art = exported("tiny-qwen3", fmt, quant)
     tok = Tokenizer.from_dir(art)
@@ -53,8 +53,8 @@ def test_rss_flat_over_generations(exported, fmt, quant):
 
 def test_chat_session_two_threads(exported):
     """Two threads sending at once: one reply is generated, the other gets a clear QwenEdgeError."""
-    hostile.require_module("qwen_edge.chat")
-    from qwen_edge.chat import ChatSession
+    hostile.require_module("qwen_edge.runtime.chat")
+    from qwen_edge.runtime.chat import ChatSession
     from qwen_edge.errors import QwenEdgeError
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
@@ -94,8 +94,8 @@ def test_chat_session_two_threads(exported):
 
 
 def test_many_chat_turns_rss_flat(exported):
-    hostile.require_module("qwen_edge.chat")
-    from qwen_edge.chat import ChatSession
+    hostile.require_module("qwen_edge.runtime.chat")
+    from qwen_edge.runtime.chat import ChatSession
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
     chat = ChatSession.load(art, max_context=256, threads=1, max_new_tokens=2)

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import requires_torch
-from qwen_edge.checkpoint import Checkpoint, expected_tensors
+from qwen_edge.model.checkpoint import Checkpoint, expected_tensors
 from qwen_edge.families import MODELS, get_model
-from qwen_edge.synth import synth
+from qwen_edge.model.synth import synth
 
 
 def _sha(p):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qwen_edge.tokenizer import Tokenizer, save_qwen_tokenizer
+from qwen_edge.text.tokenizer import Tokenizer, save_qwen_tokenizer
 
 Q25_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 

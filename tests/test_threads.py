@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.targets import load_target
+from qwen_edge.device.targets import load_target
 
 DEFAULT_SPIN = {"cpu-x86_64": "auto", "arm64-mobile": "auto"}
 """The packaged profiles' policy (benchmarks/RESULTS.md, "Busy machine"): per engine, what measured best."""
@@ -31,14 +31,14 @@ def test_profile_spin_values(value, expected):
 @pytest.mark.parametrize("cores, busy, expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 3.0, 1), (1, 1.0, 1),
                                                    (8, 1.6, 6)])
 def test_auto_threads_leave_busy_cores_alone(cores, busy, expected):
-    from qwen_edge.targets import auto_threads
+    from qwen_edge.device.targets import auto_threads
 
     assert auto_threads(cores, busy) == expected
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_busy_cores_counts_a_busy_process():
-    from qwen_edge.targets import busy_cores
+    from qwen_edge.device.targets import busy_cores
 
     p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -50,7 +50,7 @@ def test_busy_cores_counts_a_busy_process():
 
 
 def test_explicit_threads_do_not_sample(monkeypatch):
-    import qwen_edge.targets as targets
+    import qwen_edge.device.targets as targets
 
     def boom():
         raise AssertionError("sampled the machine for an explicit thread count")
@@ -206,7 +206,7 @@ def test_llama_bad_allow_spinning(gguf_art, value):
 
 # --- threads: auto reaches both engines as the cores left free -----------------------------------------------------
 def test_auto_threads_reach_the_engines(monkeypatch, onnx_art, gguf_art):
-    import qwen_edge.targets as targets
+    import qwen_edge.device.targets as targets
     from qwen_edge.backends import load
 
     monkeypatch.setattr(targets, "physical_cores", lambda: 2)

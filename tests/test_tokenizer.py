@@ -15,8 +15,8 @@ from qwen_edge import tokenizer_build
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.families.qwen2 import ADDED_TOKENS as QWEN2_ADDED_TOKENS
 from qwen_edge.families.qwen3 import ADDED_TOKENS as QWEN3_ADDED_TOKENS
-from qwen_edge.streaming import ThinkingSplitter
-from qwen_edge.tokenizer import (
+from qwen_edge.text.streaming import ThinkingSplitter
+from qwen_edge.text.tokenizer import (
     StreamDecoder,
     TemplateError,
     Tokenizer,

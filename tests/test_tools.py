@@ -9,9 +9,9 @@ import json
 import jsonschema
 import pytest
 
-from qwen_edge.chat import ChatSession
+from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.sampling import Sampling
+from qwen_edge.runtime.sampling import Sampling
 from qwen_edge.tools import ToolCallFilter, check_messages, parse_tool_calls
 
 BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]
@@ -179,7 +179,7 @@ def test_one_message_validator_for_cli_library_and_server(cli, exported, tmp_pat
 
 
 def _prompt_text(exported, doc: dict) -> str:
-    from qwen_edge.tokenizer import Tokenizer
+    from qwen_edge.text.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(exported("tiny-qwen2", "gguf", "q8_0")).decode(doc["prompt_ids"])
 

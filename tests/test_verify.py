@@ -14,7 +14,7 @@ import pytest
 from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.formats.quants import QUANTS
-from qwen_edge.verify import (LOWER_BOUNDS, METRICS, UPPER_BOUNDS, Accumulator, common_prefix, describe_failures,
+from qwen_edge.quality.verify import (LOWER_BOUNDS, METRICS, UPPER_BOUNDS, Accumulator, common_prefix, describe_failures,
                               gate, thresholds_for)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_greedy_near_tie_cannot_flip_the_gate():
     """The Intel AVX-512/AMX case of issue 26: the reference meets a near-tie at its 2nd token and another CPU's int8
     kernels break it the other way. Free-running, the common prefix is 1 (greedy min 3 fails a faithful int8);
     the tie-aware agreement passes over the tie and still ends at the first clear divergence."""
-    from qwen_edge.verify import GREEDY_TIE_MARGIN, greedy, greedy_agreement, greedy_with_margins
+    from qwen_edge.quality.verify import GREEDY_TIE_MARGIN, greedy, greedy_agreement, greedy_with_margins
 
     margins = [2.0, 0.01, 1.5, 2.0, 2.0, 0.9, 2.0, 2.0]
     ref_tokens, ref_margins = greedy_with_margins(_Scripted(_greedy_rows(margins)), [1, 2], 8)
@@ -164,7 +164,7 @@ def test_missing_reference_is_bad_input(exported, cli, tmp_path):
 def test_without_torch_names_the_extra(exported, monkeypatch):
     import importlib.util
 
-    from qwen_edge import verify  # the public function (qwen_edge.verify is also the module's name)
+    from qwen_edge import verify  # the public function (qwen_edge.quality.verify is also the module's name)
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
     real = importlib.util.find_spec
@@ -176,7 +176,7 @@ def test_without_torch_names_the_extra(exported, monkeypatch):
 # --- with torch: the gate on real artifacts ------------------------------------------------------------------------
 # The fidelity checkpoint is tiny-qwen3-256 (tests/fidelity.py): every 2-D weight row is a multiple of 256, so each
 # quantization below is applied as named (test_fidelity_exports_use_the_named_types), and the thresholds in
-# qwen_edge/verify.py were calibrated on these very exports (benchmarks/calibrate_verify.py, docs/verify.md).
+# qwen_edge/quality/verify.py were calibrated on these very exports (benchmarks/calibrate_verify.py, docs/verify.md).
 SHIPPED = [(q.format, q.name) for q in QUANTS.values()]
 VIA_CLI = [("gguf", "q4_k_m"), ("onnx", "int4")]
 """Verified through the console entry point (JSON, stored parity); the rest through verify() in-process."""
@@ -201,7 +201,7 @@ def _slow_unless(default: bool, *values: str) -> "pytest.param":
 @requires_torch
 @pytest.mark.parametrize("fmt,quant", VIA_CLI)
 def test_gate_passes_faithful_artifacts(fid_export, fidelity_ckpt, cli, fmt, quant):
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
 
     art = fid_export(fmt, quant)
     r = cli("verify", str(art), "--quick", "--json")
@@ -222,7 +222,7 @@ def test_gate_passes_faithful_artifacts(fid_export, fidelity_ckpt, cli, fmt, qua
 @requires_torch
 @pytest.mark.parametrize("fmt,quant", [_slow_unless(p in DEFAULT_SUITE, *p) for p in SHIPPED if p not in VIA_CLI])
 def test_gate_passes_every_shipped_quant(fid_export, fmt, quant):
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     report = verify(fid_export(fmt, quant), quick=True, store=False)
     assert report["passed"] is True and report["failed"] == [], describe_failures(report)
@@ -258,8 +258,8 @@ def test_fidelity_exports_use_the_named_types(fid_export, cli):
 # --- broken artifacts: each must fail the gate (exit 1) at 4-bit and at 8-bit ------------------------------------
 def _refresh_hashes(art: Path) -> None:
     """Rewrite the manifest's file hashes (and the tokenizer's) so the artifact's integrity checks pass."""
-    from qwen_edge.artifact import MANIFEST, Artifact, file_entry, write_json
-    from qwen_edge.checkpoint import sha256_file
+    from qwen_edge.model.artifact import MANIFEST, Artifact, file_entry, write_json
+    from qwen_edge.model.checkpoint import sha256_file
 
     manifest = json.loads((art / MANIFEST).read_text())
     manifest["files"] = [file_entry(art, f["path"]) for f in manifest["files"]]
@@ -308,7 +308,7 @@ def _wrong_tokenizer(art: Path) -> None:
 def tampered_ckpt(fidelity_ckpt, tmp_path_factory):
     """tampered_ckpt(kind) -> a copy of the fidelity checkpoint with layers 0 and 1 swapped (attention output and
     MLP down projections) or a wrong rope theta (10,000, Qwen2's, instead of 1,000,000) in config.json."""
-    from qwen_edge.safetensors_io import SafetensorsFile, write_safetensors
+    from qwen_edge.model.safetensors_io import SafetensorsFile, write_safetensors
 
     cache: dict[str, Path] = {}
 
@@ -364,7 +364,7 @@ def broken(fid_export, tampered_ckpt, tmp_path_factory):
                                             for k in BREAKS for p in BROKEN_AT])
 def test_gate_fails_a_broken_artifact(broken, fidelity_ckpt, capsys, kind, fmt, quant):
     """Exit 1 from `qwen-edge verify` (run in-process), the failed metrics named on stderr and stored."""
-    from qwen_edge.artifact import Artifact
+    from qwen_edge.model.artifact import Artifact
     from qwen_edge.cli import main
 
     art = broken(kind, fmt, quant)
@@ -392,7 +392,7 @@ def test_faithful_int8_passes_where_another_cpu_breaks_near_ties_the_other_way(f
     from pathlib import Path
 
     import qwen_edge.backends as backends
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     art = fid_export("onnx", "int8")
     real = backends.load
@@ -426,7 +426,7 @@ def test_faithful_int8_passes_where_another_cpu_breaks_near_ties_the_other_way(f
 
 @requires_torch
 def test_exact_formats_agree_tightly(fid_export):
-    from qwen_edge.verify import verify
+    from qwen_edge.quality.verify import verify
 
     report = verify(fid_export("onnx", "fp32"), quick=True, store=False)
     m = report["metrics"]
@@ -448,7 +448,7 @@ def _zero_gguf_tensor(path: Path, name: str) -> None:
 
 def test_docs_threshold_table_matches_the_code():
     """docs/verify.md's threshold section is what benchmarks/calibrate_verify.py renders from the committed record
-    and qwen_edge/verify.py, and no threshold is tighter than the record and the stated margins allow."""
+    and qwen_edge/quality/verify.py, and no threshold is tighter than the record and the stated margins allow."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate_verify.py"), "--check"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -456,7 +456,7 @@ def test_docs_threshold_table_matches_the_code():
 
 def test_random_weights_are_told_from_trained_ones(fidelity_ckpt, synth_ckpt):
     """Only a `synth` checkpoint relaxes the top-1/greedy gates; the trained fidelity checkpoint keeps all of them."""
-    from qwen_edge.checkpoint import Checkpoint
+    from qwen_edge.model.checkpoint import Checkpoint
 
     for path, random in ((synth_ckpt("tiny-qwen3"), True), (fidelity_ckpt, False)):
         ck = Checkpoint(path)

@@ -22,7 +22,7 @@ __all__ = ["Runtime", "RuntimeInfo", "load", "register_backend", "registered_bac
 
 def _detect_format(path: Path, check_hashes: bool = False) -> str:
     if (path / "manifest.json").is_file():
-        from ..artifact import Artifact
+        from ..model.artifact import Artifact
 
         return Artifact.open(path, check_hashes=check_hashes).format
     if check_hashes:
@@ -37,7 +37,7 @@ def _detect_format(path: Path, check_hashes: bool = False) -> str:
 def _capped_context(path: Path, profile) -> int | None:
     """The default context under the target's memory cap (model + KV cache <= memory_cap_mb), or None when the
     uncapped default, min(target, artifact), already fits."""
-    from ..artifact import Artifact
+    from ..model.artifact import Artifact
     from ..log import logger
     from .base import MIN_CAPPED_CONTEXT, default_context, kv_bytes_per_token
 
@@ -82,7 +82,7 @@ def load(artifact: str | os.PathLike, device: str = "cpu", *, target: str | None
         raise QwenEdgeError(f"threads must be positive, not {threads}")
     if device not in ("cpu", "cuda", "auto"):
         raise QwenEdgeError(f"unknown device {device!r} (cpu, cuda, auto)")
-    from ..targets import default_target_name, load_target
+    from ..device.targets import default_target_name, load_target
 
     profile = load_target(target if target is not None else ("cuda" if device == "cuda" else default_target_name()))
     if device == "auto":

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError
 from ..formats.gguf import check_gguf_file
-from ..llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
+from ..device.llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
 from ..log import crash_note, logger
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
@@ -67,7 +67,7 @@ def _resolve(path: Path, check_hashes: bool) -> tuple[Path, dict[str, Any]]:
 
     The manifest check is cheap (sizes, not sha256) unless `check_hashes`; the GGUF structure is checked after."""
     if path.is_dir():
-        from ..artifact import Artifact
+        from ..model.artifact import Artifact
 
         art = Artifact.open(path, check_hashes=check_hashes)
         if art.format != "gguf":
@@ -106,10 +106,10 @@ class LlamaCppRuntime(Runtime):
         self._extra_mode = ""
         self.n_cached = 0
         if target is None:
-            from ..targets import default_target_name, load_target
+            from ..device.targets import default_target_name, load_target
 
             target = load_target("cuda" if device == "cuda" else default_target_name())
-        from ..targets import check_spin
+        from ..device.targets import check_spin
 
         spin = options.get("allow_spinning")
         spin = check_spin(target.spin if spin is None else spin, "allow_spinning")
@@ -137,7 +137,7 @@ class LlamaCppRuntime(Runtime):
         n_batch = int(options.get("n_batch") or N_BATCH)
         n_batch = max(1, min(n_batch, n_ctx))
         adapters, adapter_scale = _adapter_options(options, facts.get("adapters") or [])
-        from .. import llama_bufts
+        from ..device import llama_bufts
 
         _init_backend(L)  # before the decision: the CPU device's extra buffer types are known once it is loaded
         policy = llama_bufts.policy_for(options.get("extra_buffers"), target)
@@ -166,7 +166,7 @@ class LlamaCppRuntime(Runtime):
     def _load(self, model_path: Path, gpu_layers: int, n_ctx: int, n_batch: int, n_threads: int,
               decision: Any) -> dict[str, float]:
         """Load the model and a context; returns {buffer type: MiB} of the weights (llama.cpp's load log)."""
-        from ..llama_bufts import applied, weight_buffers
+        from ..device.llama_bufts import applied, weight_buffers
 
         L = self._L  # the backend is initialised: __init__ did it before deciding the extra buffer types
         mp = L.llama_model_default_params()

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError, first_line
-from ..targets import Target, busy_cores, check_spin, load_target, physical_cores
+from ..device.targets import Target, busy_cores, check_spin, load_target, physical_cores
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile", "adapter",
@@ -106,7 +106,7 @@ class OrtRuntime(Runtime):
                  allow_spinning: bool | int | str | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  check_hashes: bool = False, optimized_model_path: str | None = None, profile: bool = False,
                  adapter: Any = None, adapter_scale: float = 1.0):
-        from ..artifact import Artifact
+        from ..model.artifact import Artifact
         from ..formats.onnx import check_external_data, load_onnx_proto, weight_uses
 
         ort = _ort()

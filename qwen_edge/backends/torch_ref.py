@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError, first_line
-from ..targets import Target, load_target
+from ..device.targets import Target, load_target
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -32,8 +32,8 @@ class TorchRuntime(Runtime):
     def __init__(self, path: Path, *, device: str, target: Target, max_context: int | None, threads: int | None,
                  attn_implementation: str = "sdpa", adapters: Sequence[str | os.PathLike[str]] = ()):
         torch, transformers = _import_torch()
-        from ..artifact import stop_ids_for
-        from ..checkpoint import Checkpoint
+        from ..model.artifact import stop_ids_for
+        from ..model.checkpoint import Checkpoint
 
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise QwenEdgeError(f"attn_implementation {attn_implementation!r}: expected one of "

@@ -27,7 +27,7 @@ def _overrides(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from ..synth import synth
+    from ..model.synth import synth
 
     path = synth(a.arch, a.output, seed=a.seed)
     say(f"wrote {path}")
@@ -35,7 +35,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ..recipe_run import run_export
+    from ..recipes.recipe_run import run_export
 
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
                       revision=a.revision,
@@ -49,18 +49,18 @@ def cmd_verify(a: argparse.Namespace) -> int:
         if a.reference or a.quick:
             raise QwenEdgeError("verify --on-device compares with the reference logits recorded in the artifact: "
                                 "--reference and --quick do not apply")
-        from ..verify_device import run_verify_on_device
+        from ..quality.verify_device import run_verify_on_device
 
         return run_verify_on_device(a.artifact, as_json=a.json, threads=a.threads, target=a.target)
     if a.threads or a.target:
         raise QwenEdgeError("--threads and --target apply to verify --on-device only")
-    from ..verify import run_verify
+    from ..quality.verify import run_verify
 
     return run_verify(a.artifact, reference=a.reference, as_json=a.json, quick=a.quick)
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from ..inspect import inspect, render_inspect
+    from .inspect import inspect, render_inspect
 
     info = inspect(a.artifact)
     if a.json:
@@ -71,7 +71,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_recipes(a: argparse.Namespace) -> int:
-    from ..recipe import list_recipes, render_recipes
+    from ..recipes.recipe import list_recipes, render_recipes
 
     rows = list_recipes(a.recipes_dir or ())
     if a.json:
@@ -82,7 +82,7 @@ def cmd_recipes(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
 
     return run_demo(model=a.model, out_dir=a.output, quick=a.quick)
 

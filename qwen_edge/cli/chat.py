@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from ..chat import ChatSession, TurnResult
+from ..runtime.chat import ChatSession, TurnResult
 from ..errors import QwenEdgeError, first_line
 
 HELP = """commands:
@@ -218,9 +218,9 @@ class ChatRepl:
 
 def run_chat_cli(args: Any) -> int:
     from ..backends import load
-    from ..generate import model_meta
-    from .run import adapter_options, sampling_from_args
-    from ..tokenizer import Tokenizer
+    from ..runtime.meta import model_meta
+    from .options import adapter_options, sampling_from_args
+    from ..text.tokenizer import Tokenizer
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)

@@ -11,33 +11,14 @@ from pathlib import Path
 
 from ..errors import GateFailed, QwenEdgeError
 from ..log import say
-from ..sampling import Sampling
+from .options import adapter_options, add_runtime_args, add_sampling_args, sampling_from_args
 
 Add = Callable[..., argparse.ArgumentParser]
 
 
-def sampling_from_args(args: Any, generation_config: dict[str, Any], *, default_greedy: bool) -> Sampling:
-    """Greedy unless --temperature (or, for chat, the model's generation config) asks for sampling."""
-    flags = {"top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
-             "frequency_penalty": args.frequency_penalty, "seed": args.seed}
-    # Validate every flag even when decoding is greedy: a bad value is an error, never silently ignored.
-    Sampling(temperature=1.0, **{k: v for k, v in flags.items() if v is not None})
-    if args.temperature is None and default_greedy:
-        ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if flags[k] is not None]
-        if ignored:
-            from ..log import logger
-
-            logger.warning(f"note: {', '.join(ignored)} ignored: decoding is greedy without --temperature")
-        return Sampling(temperature=0.0, repetition_penalty=args.repetition_penalty or 1.0,
-                        presence_penalty=args.presence_penalty or 0.0, frequency_penalty=args.frequency_penalty or 0.0,
-                        seed=args.seed)
-    return Sampling.from_generation_config(generation_config, temperature=args.temperature, **flags)
-
-
 def _output_constraint(args: argparse.Namespace, tools: list[dict[str, Any]] | None) -> Any:
     """The constraint of --json-schema / --json-object / --regex / --grammar / --tool-choice (None: free text)."""
-    from .. import constrain
+    from ..runtime import constrain
     from ..tools import choice_name
 
     mode, name = choice_name(_tool_choice(args.tool_choice), tools or [])
@@ -53,7 +34,7 @@ def _output_constraint(args: argparse.Namespace, tools: list[dict[str, Any]] | N
     if args.regex:
         return constrain.regex(args.regex)
     if args.grammar:
-        from ..generate import read_text
+        from ..runtime.inputs import read_text
 
         return constrain.grammar(read_text(args.grammar))
     return None
@@ -66,8 +47,9 @@ def _tool_choice(value: str | None) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`qwen-edge generate`: one prompt (or messages file) through the artifact, streamed or as one JSON document."""
     from ..backends import load
-    from ..generate import generate, model_meta, read_messages
-    from ..tokenizer import Tokenizer, split_thinking
+    from ..runtime.generate import generate, read_messages
+    from ..runtime.meta import model_meta
+    from ..text.tokenizer import Tokenizer, split_thinking
     from ..tools import ToolCallFilter, load_tools, parse_tool_calls, template_messages
 
     meta = model_meta(args.artifact)
@@ -139,8 +121,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """`qwen-edge bench`: measure, print (JSON on stdout with --json), write files, apply --budget gates."""
-    from ..bench import bench, check_budgets, parse_budget
-    from ..bench_report import markdown_table, plot
+    from ..bench.run import bench, check_budgets, parse_budget
+    from ..bench.report import markdown_table, plot
 
     budgets = list(a.budget or [])
     for b in budgets:
@@ -179,40 +161,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def adapter_options(args: Any) -> dict[str, Any]:
-    """The backends' LoRA options from --adapter / --adapter-scale (none given: the artifact's own)."""
-    out: dict[str, Any] = {}
-    if getattr(args, "adapter", None):
-        out["adapter"] = list(args.adapter)
-    if getattr(args, "adapter_scale", None) is not None:
-        out["adapter_scale"] = args.adapter_scale
-    return out
-
-
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", action="append", metavar="LORA_FILE", help="run with this LoRA adapter: a llama.cpp "
-                   "LoRA GGUF (gguf) or an .onnx_adapter (onnx, an export with --adapter-mode separate); repeatable, "
-                   "replaces the adapters the artifact ships")
-    p.add_argument("--adapter-scale", type=float, help="scale of the LoRA adapters (default 1; 0 runs the base)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
-    p.add_argument("--target", help="target profile name or YAML (runtimes/): threads, providers, GPU layers")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the target profile's, else physical cores)")
-    p.add_argument("--max-context", type=int, help="KV cache size in tokens (default: min(model max, 4096))")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for generate)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--presence-penalty", type=float, help="OpenAI's: lowers every token already generated once")
-    p.add_argument("--frequency-penalty", type=float, help="OpenAI's: lowers a token once per time it was generated")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="extra stop string (repeatable)")
-
-
 def add_verbs(add: Add) -> None:
     p = add("generate", help="generate text from a prompt or a messages JSON file")
     p.add_argument("artifact")
@@ -237,8 +185,8 @@ def add_verbs(add: Add) -> None:
                      "tool calls are parsed out of the answer (printed as JSON lines, 'tool_calls' with --json)")
     out.add_argument("--tool-choice", metavar="auto|none|required|NAME",
                      help="with --tools: auto (default), none, required (at least one call) or a tool's name")
-    _add_sampling_args(p)
-    _add_runtime_args(p)
+    add_sampling_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = add("chat", help="interactive chat in the terminal",
@@ -254,8 +202,8 @@ def add_verbs(add: Add) -> None:
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
-    _add_sampling_args(p)
-    _add_runtime_args(p)
+    add_sampling_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=1024)
 
     p = add("bench", help="measure CPU latency of one or more artifacts side by side")

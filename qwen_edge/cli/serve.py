@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_verbs(add: Add) -> None:
     from ..serve import DEFAULT_LIMITS as DEFAULTS
-    from .run import _add_runtime_args
+    from .options import add_runtime_args
 
     p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",
             description="Serve one artifact on an OpenAI-compatible HTTP API: POST /v1/chat/completions (streamed "
@@ -53,5 +53,5 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
                    help=f"stop strings one request may send (default {DEFAULTS.max_stop}, each at most "
                    f"{DEFAULTS.max_stop_chars} characters)")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_serve)

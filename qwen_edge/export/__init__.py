@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from ..artifact import ArtifactWriter, base_manifest, write_tokenizer_files
-from ..checkpoint import Checkpoint, Source, resolve
+from ..model.artifact import ArtifactWriter, base_manifest, write_tokenizer_files
+from ..model.checkpoint import Checkpoint, Source, resolve
 from ..errors import QwenEdgeError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def export(source: str | os.PathLike[str] | Source, fmt: str, quant: str, out_di
     """Export a checkpoint to `out_dir/name` (atomically). Returns the artifact directory.
 
     `source` is a checkpoint directory, a hub id (`Org/Name`, `Org/Name@rev`, or with `revision`) resolved through
-    the Hugging Face cache, or a `Source` already resolved (`qwen_edge.checkpoint.resolve`); the manifest records
+    the Hugging Face cache, or a `Source` already resolved (`qwen_edge.model.checkpoint.resolve`); the manifest records
     a hub source's id, the revision asked for and the commit it resolved to.
 
     An artifact already at `out_dir/name`, intact and built by this toolkit version from the same source (weights,
@@ -109,7 +109,7 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
                     adapter_mode: str = "merge") -> Exported:
     """`export()`, telling whether it exported; `recipe` is the build record a recipe export stores in the
     manifest (default: one made from these arguments) and compares for the up-to-date check."""
-    from ..adapters import MODES
+    from ..model.adapters import MODES
 
     exporter = get_exporter(fmt)
     if adapter_mode not in MODES:
@@ -121,7 +121,7 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
         raise QwenEdgeError(f"format {fmt} has no quantization {quant!r} (available: {', '.join(exporter.quants)})")
     profile: Any
     if isinstance(target, str):
-        from ..targets import load_target
+        from ..device.targets import load_target
 
         profile = load_target(target)
     else:
@@ -152,7 +152,7 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
 def _adapters(specs: Sequence[str | os.PathLike[str]]) -> list[Any]:
     if not specs:
         return []
-    from ..adapters import read_adapters
+    from ..model.adapters import read_adapters
 
     return read_adapters(specs)
 
@@ -173,7 +173,7 @@ def _export_into(exporter: Exporter, src: Source, fmt: str, quant: str, out_dir:
             ckpt.close()
         # the one hook: with merge, every exporter reads the merged projections through the checkpoint
         if adapter_mode == "merge":
-            from ..adapters import MergedCheckpoint
+            from ..model.adapters import MergedCheckpoint
 
             ckpt = MergedCheckpoint(src.path, adapters)
         else:
@@ -231,8 +231,8 @@ def up_to_date(final: Path, source: Path | Source, record: dict[str, Any]) -> bo
     inputs: the same build record, and the same source (for a hub source: the same id, revision asked for and
     commit; always the same tokenizer.json and weights)."""
     from .. import __version__
-    from ..artifact import Artifact
-    from ..checkpoint import sha256_file
+    from ..model.artifact import Artifact
+    from ..model.checkpoint import sha256_file
 
     if not (final / "manifest.json").is_file():
         return False

@@ -11,13 +11,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..errors import QwenEdgeError
 from ..families import Arch, family_of, size_label
 from ..formats.gguf import (MODEL_FILE, DecoderKV, GGMLQuantizationType as T, GGUFFile, PlannedTensor,
                             check_gguf_file, file_type_name, quantize, type_counts, write_gguf, write_lora_gguf)
 from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
-from ..safetensors_io import release_pages, to_float32
+from ..model.safetensors_io import release_pages, to_float32
 from . import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
 
@@ -127,7 +127,7 @@ def _threads(target: Any, options: dict[str, Any]) -> int:
         n = target.get("threads")
     if isinstance(n, int) and n > 0:
         return n
-    from ..targets import physical_cores
+    from ..device.targets import physical_cores
 
     return physical_cores()
 
@@ -181,7 +181,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
                 for g, hf in names]
         _write(ckpt, dst, plan, int(ALL_QUANTS[quant].file_type), out, tokenizer)
     else:
-        from ..llama_lib import llama_quantize
+        from ..device.llama_lib import llama_quantize
 
         inter = _intermediate_type(ckpt, names, options.get("intermediate"))
         plan = [_planned(g, hf, ckpt.tensor_info(hf).shape, inter if len(ckpt.tensor_info(hf).shape) == 2 else T.F32)
@@ -203,7 +203,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
 
 
 def write_adapter_gguf(adapter: Any, arch: Arch, path: Path) -> bool:
-    """Write a bound `qwen_edge.adapters.Adapter` as a llama.cpp LoRA GGUF for the base `arch`; returns whether
+    """Write a bound `qwen_edge.model.adapters.Adapter` as a llama.cpp LoRA GGUF for the base `arch`; returns whether
     per-module scales were folded into lora_b.
 
     llama.cpp applies `scale * alpha / rank` per pair with one alpha for the file; PEFT's scale per module is

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..artifact import write_json
-from ..checkpoint import Checkpoint
+from ..model.artifact import write_json
+from ..model.checkpoint import Checkpoint
 from ..errors import QwenEdgeError
 from . import ExportResult, register_exporter
 from .onnx_decoder import DecoderBuilder, QuantPlan

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..families import family_of
 from ..formats.onnx_graph import MS, GraphBuilder
 from .onnx_lora import LoraLinear

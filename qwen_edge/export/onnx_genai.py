@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..families import family_of
 
 DEFAULT_MAX_LENGTH = 4096

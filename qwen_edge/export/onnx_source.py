@@ -6,8 +6,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..safetensors_io import release_pages, to_float32
+from ..model.checkpoint import Checkpoint
+from ..model.safetensors_io import release_pages, to_float32
 
 CHUNK_BYTES = 16 << 20
 """float32 bytes per chunk: the quantizer's temporaries stay a few times this, whatever the tensor's size."""

@@ -55,7 +55,8 @@ def in_root_logits(jobs_file: str, out_file: str, threads: int) -> None:
     import numpy as np
 
     from qwen_edge.backends import load
-    from qwen_edge.verify_device import DeviceAccumulator, Reference
+    from qwen_edge.quality.reference import Reference
+    from qwen_edge.quality.verify_device import DeviceAccumulator
 
     results = {}
     for job in json.loads(Path(jobs_file).read_text()):
@@ -83,8 +84,8 @@ def in_root_logits(jobs_file: str, out_file: str, threads: int) -> None:
 def in_root_info() -> None:
     import importlib.util
 
-    from qwen_edge.hwinfo import report
-    from qwen_edge.targets import default_target_name
+    from qwen_edge.device.hwinfo import report
+    from qwen_edge.device.targets import default_target_name
 
     print(json.dumps({"hw": report(), "default_target": default_target_name(),
                       "torch_importable": importlib.util.find_spec("torch") is not None,
@@ -152,7 +153,7 @@ class Checker:
         from fidelity import fidelity_checkpoint
 
         from qwen_edge.export import export
-        from qwen_edge.synth import synth
+        from qwen_edge.model.synth import synth
 
         ckpts = {"fid": fidelity_checkpoint(), "k256": synth("tiny-qwen3-256", self.shared / "ckpt" / "k256")}
         arts: dict[str, dict] = {}
@@ -167,7 +168,7 @@ class Checker:
 
     def verify_x86(self, arts: dict[str, dict]) -> None:
         """verify (quick) against torch on x86: records the reference logits --on-device needs."""
-        from qwen_edge.verify import verify
+        from qwen_edge.quality.verify import verify
 
         for name in ON_DEVICE:
             rep = verify(arts[name]["path"], quick=True)
@@ -177,9 +178,9 @@ class Checker:
     def x86_records(self, arts: dict[str, dict]) -> list[dict]:
         """The x86 run's top-64 logits on the first quick evaluation windows, per quantized fidelity artifact."""
         from qwen_edge.backends import load
-        from qwen_edge.tokenizer import Tokenizer
-        from qwen_edge.verify import load_eval_set
-        from qwen_edge.verify_device import ReferenceRecorder
+        from qwen_edge.text.tokenizer import Tokenizer
+        from qwen_edge.quality.verify import load_eval_set
+        from qwen_edge.quality.reference import ReferenceRecorder
 
         jobs = []
         (self.shared / "x86").mkdir(exist_ok=True)

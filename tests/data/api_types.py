@@ -11,7 +11,7 @@ import numpy as np
 import qwen_edge
 from qwen_edge import (Artifact, ChatSession, GenerationResult, Runtime, RuntimeInfo, Sampling, Tokenizer,
                        TurnResult)
-from qwen_edge.reports import BenchReport, Stat, VerifyReport
+from qwen_edge.quality.reports import BenchReport, Stat, VerifyReport
 
 
 def app(ckpt: str) -> None:

@@ -1,0 +1,1 @@
+"""The runtime: the one decode loop (generate), sampling, constraints, tool calls and ChatSession."""
