@@ -264,7 +264,7 @@ def mask_costs(tokenizer: Any, repeats: int) -> dict[str, Any]:
 def decode_rates(artifacts: list[str], gen_tokens: int, repeats: int, threads: int | None) -> list[dict[str, Any]]:
     """Greedy decode tok/s through qwen_edge.runtime.generate, free vs. under a schema, alternated, on each artifact."""
     import qwen_edge
-    from qwen_edge import constrain
+    from qwen_edge.runtime import constrain
     from qwen_edge.runtime.generate import generate
     from qwen_edge.runtime.meta import model_meta
     from qwen_edge.runtime.sampling import Sampling

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import write_record  # noqa: E402
 
-from qwen_edge import constrain
+from qwen_edge.runtime import constrain
 from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.runtime.sampling import Sampling
 

@@ -36,7 +36,7 @@ def record(rows: list[dict], a: argparse.Namespace, notes: list[str]) -> None:
 
 
 def main() -> int:
-    from qwen_edge import hwinfo
+    from qwen_edge.device import hwinfo
     from qwen_edge.export import export
     from qwen_edge.quality.verify import verify
     from qwen_edge.quality.verify_device import verify_on_device

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen_edge import constrain
+from qwen_edge.runtime import constrain
 from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.runtime.constrain import ConstraintError
 from qwen_edge.runtime.generate import generate

@@ -328,7 +328,7 @@ def test_emulation_is_detected_and_said(monkeypatch):
     """An arm64 process whose /proc/cpuinfo is an x86 CPU's (qemu-user) is emulated; bench labels its figures."""
     import platform
 
-    from qwen_edge import hwinfo
+    from qwen_edge.device import hwinfo
 
     monkeypatch.delenv("QWEN_EDGE_EMULATED", raising=False)
     assert hwinfo.emulation() is None  # this x86 host

@@ -1,21 +1,41 @@
-"""The package layout holds: backends/ and export/ never import each other, only formats/gguf.py touches gguf-py's
-GGUFReader/GGUFWriter, no family is named outside families/, and library modules never see argparse."""
+"""The package layout holds: the package root holds only the modules docs/architecture.md justifies, every other
+module lives in a room, rooms import only rooms below them in ROOMS, no two files import each other in a circle, the
+old root module paths still import; backends/ and export/ never import each other, only formats/gguf.py touches
+gguf-py's GGUFReader/GGUFWriter, no family is named outside families/, and library modules never see argparse."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "qwen_edge"
+ARCHITECTURE = PKG.parent / "docs" / "architecture.md"
+
+ROOT_MODULES = {"__init__", "errors", "log", "supervisor", "serve", "tools"}
+"""What may sit in the package root (docs/architecture.md says why each one is there)."""
+ROOMS = [  # bottom to top: a room imports only rooms on lines above it; rooms on one line never import each other
+    ("errors", "log"),
+    ("families", "formats", "device"),
+    ("text",),
+    ("model",),
+    ("backends", "export"),
+    ("runtime", "quality"),
+    ("bench", "recipes", "serve"),
+    ("cli",),
+    ("supervisor",),
+]
+RANK = {room: i for i, line in enumerate(ROOMS) for room in line}
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, root: Path = PKG) -> set[str]:
     """Absolute module names a file imports (relative imports resolved against its package)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    pkg = ".".join(("qwen_edge",) + path.relative_to(PKG).parent.parts)
+    pkg = ".".join(("qwen_edge",) + path.relative_to(root).parent.parts)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -71,3 +91,136 @@ def test_only_serve_imports_the_web_stack():
         web = sorted(m for m in _imports(f) if m.split(".")[0] in ("starlette", "uvicorn", "fastapi"))
         if f != PKG / "serve.py":
             assert not web, f"{f.relative_to(PKG)} imports {web}"
+
+
+# --- rooms and the import graph ---------------------------------------------------------------------------------
+def _module_name(path: Path, root: Path = PKG) -> str:
+    parts = ("qwen_edge",) + path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (at run time, lazily inside a function, or for type checkers). An
+    import of a name resolves to the module that defines it; importing the package root itself (its version, the
+    old-path helper) is no edge."""
+    files = {_module_name(f, pkg): f for f in sorted(pkg.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        out = set()
+        for m in _imports(f, pkg):
+            while m not in files and "." in m:
+                m = m.rsplit(".", 1)[0]
+            if m in files and m not in (name, "qwen_edge"):
+                out.add(m)
+        graph[name] = out
+    return graph
+
+
+def _room(module: str) -> str:
+    room = module.split(".")[1]
+    return "runtime" if room == "tools" else room  # tools.py moves into runtime/ once issue 25 has landed
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_package_root_holds_only_what_the_architecture_justifies():
+    root = {f.stem for f in PKG.glob("*.py")}
+    assert root <= ROOT_MODULES, f"modules in the package root that belong in a room: {sorted(root - ROOT_MODULES)}"
+    section = ARCHITECTURE.read_text(encoding="utf-8").split("## The package root", 1)[1].split("\n## ", 1)[0]
+    for stem in sorted(root - {"__init__"}):
+        assert f"`{stem}.py`" in section, f"docs/architecture.md does not say why {stem}.py is in the package root"
+
+
+def test_every_room_has_a_place_in_the_order():
+    rooms = {d.name for d in PKG.iterdir() if (d / "__init__.py").is_file()}
+    assert rooms <= set(RANK), f"rooms missing from ROOMS: {sorted(rooms - set(RANK))}"
+    drawn = ARCHITECTURE.read_text(encoding="utf-8").split("```", 2)[1]  # the drawing of the rooms
+    for room in rooms:
+        assert re.search(rf"(?m)^  {room}/ ", drawn), f"docs/architecture.md does not show {room}/"
+
+
+def test_rooms_import_only_rooms_below_them():
+    graph = _graph()
+    bad = sorted(f"{a} -> {b}" for a, deps in graph.items() if a != "qwen_edge" for b in deps
+                 if _room(a) != _room(b) and RANK[_room(b)] >= RANK[_room(a)])
+    assert not bad, "imports up or sideways in ROOMS:\n" + "\n".join(bad)
+
+
+def test_no_import_circle_between_files():
+    assert _circles(_graph()) == []
+
+
+def test_the_graph_sees_lazy_and_type_checking_imports(tmp_path):
+    """The two rules above read every import: at module level, inside a function, under TYPE_CHECKING."""
+    pkg = tmp_path / "qwen_edge"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("")
+    (pkg / "a" / "x.py").write_text("def f():\n    from .y import g\n")
+    (pkg / "a" / "y.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import x\n")
+    assert _circles(_graph(pkg)) == [["qwen_edge.a.x", "qwen_edge.a.y"]]
+
+
+OLD_PATHS = """
+import sys, types, importlib
+import qwen_edge
+loaded = sorted(m for m in sys.modules if m.startswith("qwen_edge"))
+assert loaded == ["qwen_edge", "qwen_edge.errors"], loaded  # the old-path finder imports nothing up front
+from qwen_edge import _MOVED
+for old, new in _MOVED.items():
+    mod = importlib.import_module("qwen_edge." + old)
+    if len(new) == 1:
+        assert mod is importlib.import_module("qwen_edge." + new[0]), old
+import qwen_edge.tokenizer, qwen_edge.verify, qwen_edge.generate, qwen_edge.bench
+assert qwen_edge.tokenizer.Tokenizer is qwen_edge.Tokenizer
+for n in ("export", "verify", "bench", "generate"):
+    assert callable(getattr(qwen_edge, n)) and not isinstance(getattr(qwen_edge, n), types.ModuleType), n
+from qwen_edge.generate import generate, model_meta, read_json, read_messages
+from qwen_edge.verify_device import ReferenceRecorder, verify_on_device
+from qwen_edge.recipe import load_recipe, run_export
+from qwen_edge.bench import bench, check_budgets, markdown_table
+try:
+    import qwen_edge.no_such_module
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError("an unknown name imported")
+"""
+
+
+def test_old_module_paths_still_import():
+    """`qwen_edge.tokenizer`, `qwen_edge.verify`, ... (the modules that sat in the package root) import as before:
+    the moved module itself, or for a split one its old names; `import qwen_edge` stays as light as it was."""
+    res = subprocess.run([sys.executable, "-c", OLD_PATHS], capture_output=True, text=True, timeout=300,
+                         cwd=PKG.parent)
+    assert res.returncode == 0, res.stderr[-3000:]

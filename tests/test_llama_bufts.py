@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import requires_torch
-from qwen_edge import llama_bufts
+from qwen_edge.device import llama_bufts
 from qwen_edge.errors import NativeCrash, QwenEdgeError
 
 pytest.importorskip("llama_cpp")

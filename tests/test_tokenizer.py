@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from qwen_edge import tokenizer as T
-from qwen_edge import tokenizer_build
+from qwen_edge.text import tokenizer as T
+from qwen_edge.text import tokenizer_build
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.families.qwen2 import ADDED_TOKENS as QWEN2_ADDED_TOKENS
 from qwen_edge.families.qwen3 import ADDED_TOKENS as QWEN3_ADDED_TOKENS
-from qwen_edge.text.streaming import ThinkingSplitter
+from qwen_edge.text.streaming import ThinkingSplitter, held_back, think_position
 from qwen_edge.text.tokenizer import (
     StreamDecoder,
     TemplateError,
@@ -433,3 +433,30 @@ def test_benign_template_features() -> None:
     )
     out = render_template(src, {"messages": [{"role": "user", "content": "héllo"}]})
     assert out == '1|[{"role": "user", "content": "héllo"}]|007|  1|abab01G'
+
+
+# -- the one hold-back and the one think-position scan (text/streaming.py) ------------------------------------------
+@pytest.mark.parametrize("text,markers,held", [
+    ("abc<", ["<tool_call>"], 1),
+    ("abc<tool_ca", ["<tool_call>"], 8),
+    ("abc<tool_call>", ["<tool_call>"], 0),  # a whole marker is found by the caller, never held
+    ("so </thi", ["</think>"], 5),
+    ("hello", ["STOP", "lo!"], 2),  # the longest start of any marker
+    ("ST", ["STOP", "T"], 2),
+    ("", ["abc"], 0),
+    ("abc", [""], 0),
+])
+def test_held_back_is_the_longest_end_that_may_start_a_marker(text: str, markers: list[str], held: int) -> None:
+    assert held_back(text, markers) == held
+
+
+def test_think_position_reads_the_last_tag_of_the_last_turn(tok: Tokenizer) -> None:
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, parse_special=True)
+
+    assert think_position(tok, ids("<|im_start|>assistant\n<think>\n")) == "thinking"  # a thinking-only template
+    assert think_position(tok, ids("<|im_start|>assistant\n<think>\n\n</think>\n\n")) == "answer"  # thinking off
+    assert think_position(tok, ids("<|im_start|>assistant\n")) == "maybe"
+    # a tag of an earlier turn does not count: the scan stops at the last turn's start
+    assert think_position(tok, ids("<think>\n<|im_start|>assistant\n")) == "maybe"
+    assert think_position(Tokenizer.for_family("qwen2"), ids("<|im_start|>assistant\n")) == "answer"  # no tags

@@ -164,7 +164,7 @@ def test_missing_reference_is_bad_input(exported, cli, tmp_path):
 def test_without_torch_names_the_extra(exported, monkeypatch):
     import importlib.util
 
-    from qwen_edge import verify  # the public function (qwen_edge.quality.verify is also the module's name)
+    from qwen_edge import verify  # the public function (qwen_edge.verify is also an old module path)
 
     art = exported("tiny-qwen3", "gguf", "q8_0")
     real = importlib.util.find_spec

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Sequence
 
 from ..model.artifact import ArtifactWriter, base_manifest, write_tokenizer_files
 from ..model.checkpoint import Checkpoint, Source, resolve
 from ..errors import QwenEdgeError
+from .registry import ExportResult, Exporter, get_exporter, register_exporter  # noqa: F401  (the exporters' API)
 
 log = logging.getLogger(__name__)
 
@@ -21,43 +21,6 @@ RUN_ONLY_OPTIONS = ("threads",)
 SEPARATE_FORMATS = ("gguf", "onnx")
 """Formats that can ship an adapter beside unmodified base weights (`adapter_mode="separate"`)."""
 """Exporter options that change how fast an export runs, not the bytes it writes (left out of the build record)."""
-
-
-@dataclass
-class ExportResult:
-    """What a format's exporter reports back about the files it wrote into the artifact directory."""
-
-    model_file: str
-    quantization: dict[str, Any]
-    """`requested`, `tensor_types` {name: type}, `type_counts` {type: n}, `bits_per_weight` (file bits / params)."""
-    context_length: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Exporter(Protocol):
-    quants: tuple[str, ...]
-
-    def __call__(self, ckpt: Checkpoint, out: Path, quant: str, *, target: dict | None,
-                 options: dict[str, Any], tokenizer: dict[str, Any]) -> ExportResult: ...
-
-
-_EXPORTERS: dict[str, Exporter] = {}
-_MODULES = {"gguf": "qwen_edge.export.gguf", "onnx": "qwen_edge.export.onnx"}
-
-
-def register_exporter(fmt: str, quants: tuple[str, ...]) -> Callable[[Callable], Callable]:
-    def deco(fn):
-        fn.quants = quants
-        _EXPORTERS[fmt] = fn
-        return fn
-    return deco
-
-
-def get_exporter(fmt: str) -> Exporter:
-    if fmt not in _MODULES:
-        raise QwenEdgeError(f"unknown format {fmt!r} (available: {', '.join(_MODULES)})")
-    importlib.import_module(_MODULES[fmt])
-    return _EXPORTERS[fmt]
 
 
 def default_name(source: "str | Source", fmt: str, quant: str) -> str:

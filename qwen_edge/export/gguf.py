@@ -18,7 +18,7 @@ from ..formats.gguf import (MODEL_FILE, DecoderKV, GGMLQuantizationType as T, GG
                             check_gguf_file, file_type_name, quantize, type_counts, write_gguf, write_lora_gguf)
 from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
 from ..model.safetensors_io import release_pages, to_float32
-from . import ExportResult, register_exporter
+from .registry import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
 
 __all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names", "write_adapter_gguf"]

@@ -11,7 +11,7 @@ import numpy as np
 from ..model.artifact import write_json
 from ..model.checkpoint import Checkpoint
 from ..errors import QwenEdgeError
-from . import ExportResult, register_exporter
+from .registry import ExportResult, register_exporter
 from .onnx_decoder import DecoderBuilder, QuantPlan
 from .onnx_genai import genai_config
 from .onnx_lora import adapter_tensors, lora_linears

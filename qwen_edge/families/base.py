@@ -50,8 +50,6 @@ class Arch:
         return not self.tie_word_embeddings
 
     def parameter_count(self) -> int:
-        from . import family_of
-
         return sum(_prod(t.shape) for t in family_of(self).tensor_map(self))
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,8 +58,6 @@ class Arch:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> Arch:
         """Read architecture facts from a Hugging Face `config.json` dict; raise on anything unsupported."""
-        from . import family_for_config
-
         return family_for_config(cfg, source).parse_arch(cfg, source)
 
     def validate(self, source: str = "config") -> None:
@@ -84,8 +80,6 @@ class Arch:
 
     def hf_config(self, **extra: Any) -> dict[str, Any]:
         """A Hugging Face `config.json` for this architecture (what transformers loads)."""
-        from . import family_of
-
         return family_of(self).hf_config(self, **extra)
 
 
@@ -287,3 +281,62 @@ class Family:
         parts = sorted((t.onnx, t.hf) for t in self.tensor_map(arch)
                        if t.bid == bid and (t.onnx == role or t.onnx.startswith(role + ":")))
         return [hf for _, hf in parts]
+
+
+# --- the registry: HF architecture name -> family (families/__init__.py registers qwen2 and qwen3) ---------------
+FAMILIES: dict[str, Family] = {}
+"""HF architecture name (`config.json` `architectures[0]`) -> family."""
+MODELS: dict[str, ModelSpec] = {}
+"""Registered model sizes by name (`qwen2.5-0.5b`, `tiny-qwen3`), from every family."""
+
+
+def register(family: Family) -> Family:
+    """Add a family (and its model sizes) to the registry; its `model_type` and size names must be new."""
+    taken = {f.model_type for f in FAMILIES.values() if f.hf_architecture != family.hf_architecture}
+    if not family.hf_architecture or family.model_type in taken:
+        raise QwenEdgeError(f"family {family.hf_architecture!r}: no architecture name, or model_type "
+                            f"{family.model_type!r} already registered")
+    FAMILIES[family.hf_architecture] = family
+    for spec in family.models:
+        MODELS[spec.name] = spec
+    return family
+
+
+def unregister(hf_architecture: str) -> None:
+    family = FAMILIES.pop(hf_architecture)
+    for spec in family.models:
+        MODELS.pop(spec.name, None)
+
+
+def _by_model_type(model_type: Any) -> Family | None:
+    return next((f for f in FAMILIES.values() if f.model_type == model_type), None)
+
+
+def family_of(arch: Arch | str) -> Family:
+    """The family of an architecture (or of a `model_type`)."""
+    key = arch if isinstance(arch, str) else arch.family
+    fam = _by_model_type(key)
+    if fam is None:
+        raise QwenEdgeError(f"unknown model family {key!r} (known: {', '.join(f.model_type for f in FAMILIES.values())})")
+    return fam
+
+
+def family_for_config(cfg: dict[str, Any], source: str = "config.json") -> Family:
+    """The family a config.json belongs to, by its `model_type` (what transformers dispatches on)."""
+    fam = _by_model_type(cfg.get("model_type"))
+    if fam is None:
+        raise QwenEdgeError(f"{source}: unsupported architecture model_type={cfg.get('model_type')!r} "
+                            f"(supported: {', '.join(f.model_type for f in FAMILIES.values())})")
+    return fam
+
+
+def get_model(name: str) -> ModelSpec:
+    key = name.lower()
+    if key not in MODELS:
+        raise QwenEdgeError(f"unknown architecture {name!r} (known: {', '.join(MODELS)})")
+    return MODELS[key]
+
+
+def template_families() -> dict[str, Sequence[AddedToken]]:
+    """Bundled template name -> the added tokens of the family that uses it (`qwen2`, `qwen2_5`, `qwen3`)."""
+    return {t: f.added_tokens for f in FAMILIES.values() for t in f.templates}

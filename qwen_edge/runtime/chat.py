@@ -11,7 +11,7 @@ from ..errors import QwenEdgeError
 from .generate import Cancel, GenerationStats, generate
 from .meta import runtime_stop_ids
 from .sampling import Sampling
-from ..text.streaming import THINK_END, THINK_START, ThinkingSplitter, split_thinking
+from ..text.streaming import ThinkingSplitter, split_thinking, think_position
 from ..text.tokenizer import Tokenizer
 from ..tools import ToolCall, ToolChoice
 
@@ -157,19 +157,6 @@ class ChatSession:
         return self.tokenizer.encode_chat(template_messages(messages), add_generation_prompt=True,
                                           enable_thinking=thinking, tools=tools or None)
 
-    def _opens_thinking(self, ids: Sequence[int]) -> bool:
-        """Whether the prompt ends inside a <think> block (its last think tag, within the last turn, opens one)."""
-        start, end = self.tokenizer.token_to_id(THINK_START), self.tokenizer.token_to_id(THINK_END)
-        im_start = self.tokenizer.token_to_id("<|im_start|>")
-        if start is None or end is None:
-            return False
-        for t in reversed(ids):
-            if t == end or t == im_start:
-                return False
-            if t == start:
-                return True
-        return False
-
     # --- one turn ---------------------------------------------------------------------------------------------
     def _fit(self, new: list[dict[str, Any]], thinking: bool | None,
              tools: Sequence[dict[str, Any]] | None) -> tuple[list[int], int]:
@@ -217,7 +204,8 @@ class ChatSession:
         held = ToolCallFilter(on_text) if calls_possible else None
         # A thinking-only template ends the generation prompt inside an open <think> block: the reply starts
         # in the thinking, with no opening tag of its own.
-        splitter = ThinkingSplitter(held.feed if held else on_text, on_thinking, opened=self._opens_thinking(ids))
+        opened = think_position(self.tokenizer, ids) == "thinking"
+        splitter = ThinkingSplitter(held.feed if held else on_text, on_thinking, opened=opened)
         try:
             res = generate(self.runtime, ids, sampling=sampling or self.sampling, max_new_tokens=max_new_tokens,
                            stop_ids=self.stop_ids, stop_strings=[*self.stop_strings, *stop], tokenizer=self.tokenizer,
@@ -227,7 +215,7 @@ class ChatSession:
             self._cached = []
             raise
         self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
-        thought, answer = split_thinking(res.text, opened=self._opens_thinking(ids) or None)  # as streamed
+        thought, answer = split_thinking(res.text, opened=opened or None)  # as streamed
         calls: list[ToolCall] = []
         if calls_possible:  # only the tools offered: a call to any other is dropped, as OpenAI never returns one
             answer, calls = parse_tool_calls(answer, [t["function"]["name"] for t in tools or []])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 import numpy as np
 
 from ..errors import QwenEdgeError
+from ..text.streaming import held_back
 from .sampling import Sampling
 
 if TYPE_CHECKING:
@@ -91,13 +92,7 @@ class _StopStringFilter:
             out = self.pending[: min(hits)]
             self.pending = ""
             return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
+        cut = len(self.pending) - held_back(self.pending, self.stops)
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
 
@@ -112,7 +107,7 @@ class _ThinkState:
 
     def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], constraint: Constraint | None,
                  stops: set[int], budget: int | None):
-        from ..text.streaming import THINK_END, THINK_START
+        from ..text.streaming import THINK_END, THINK_START, think_position
 
         self.tokenizer, self.constraint, self.budget = tokenizer, constraint, budget
         self.stops = sorted(stops)
@@ -120,19 +115,7 @@ class _ThinkState:
         self.matcher: Any = None
         self.forced: list[int] = []
         self.thought = 0
-        self.state = "answer"  # or "maybe" (the reply may open a block), "thinking"
-        if self.start_id is not None and self.end_id is not None:
-            im_start = tokenizer.token_to_id("<|im_start|>")
-            self.state = "maybe"
-            for t in reversed(prompt):
-                if t == self.end_id:
-                    self.state = "answer"
-                    break
-                if t == self.start_id:
-                    self.state = "thinking"
-                    break
-                if t == im_start:
-                    break
+        self.state = think_position(tokenizer, prompt)  # "answer", "maybe" (the reply may open a block), "thinking"
 
     @property
     def grammar_done(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 
@@ -11,6 +11,43 @@ class _TokenBytes(Protocol):  # what StreamDecoder needs of a Tokenizer (tokeniz
     def is_special(self, token_id: int) -> bool: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
+
+
+class _TokenIds(Protocol):  # what think_position needs of a Tokenizer
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+def held_back(text: str, markers: Sequence[str]) -> int:
+    """How many characters at the end of streamed `text` could be the start of one of `markers` (never a whole one:
+    a whole marker is found, not held). The one hold-back of the stream filters: stop strings (generate.py),
+    `</think>` (ThinkingSplitter) and `<tool_call>` (tools.ToolCallFilter) hold these back until the next piece
+    tells whether the marker follows."""
+    hold = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), hold, -1):
+            if text.endswith(m[:k]):
+                hold = k
+                break
+    return hold
+
+
+def think_position(tokenizer: _TokenIds, prompt: Sequence[int]) -> str:
+    """Where a prompt leaves the reply with a Qwen3 `<think>` block, from its last think tag within the last turn:
+    "thinking" (the prompt opened a block: a thinking-only template), "answer" (it closed one, or the vocabulary has
+    no think tags) or "maybe" (no tag in the last turn: the reply may open a block). The one scan generate's loop and
+    ChatSession use."""
+    start, end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
+    if start is None or end is None:
+        return "answer"
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    for t in reversed(prompt):
+        if t == end:
+            return "answer"
+        if t == start:
+            return "thinking"
+        if t == im_start:
+            break
+    return "maybe"
 
 
 THINK_START = "<think>"
@@ -90,7 +127,7 @@ class ThinkingSplitter:
                     self._think(self.buf[:end].rstrip("\n"))
                     self.buf, self.state = self.buf[end + len(THINK_END):], "after"
                     continue
-                hold = next((k for k in range(len(THINK_END) - 1, 0, -1) if self.buf.endswith(THINK_END[:k])), 0)
+                hold = held_back(self.buf, (THINK_END,))
                 rest = self.buf[: len(self.buf) - hold]
                 body = rest.rstrip("\n")  # trailing newlines may precede </think>: hold them too
                 self._think(body)
