@@ -118,6 +118,16 @@ def mm(d: dict[str, float], f: str = ".1f", scale: float = 1.0) -> str:
     return f"{d['median'] * scale:{f}} ({d['min'] * scale:{f}}-{d['max'] * scale:{f}})"
 
 
+def section(top: list[str], recs: list[Record], body: Callable[[Record], list[str]] | None = None,
+            summary: list[str] | None = None) -> list[str]:
+    """The one shape of a bench's section: `top` (its title and what it measures), `summary` (a table over all its
+    records, where it has one), then each record's header and `body(record)`."""
+    out = top + (summary or [])
+    for r in recs:
+        out += header(r) + (body(r) if body else [])
+    return out
+
+
 # --- renderers, one per bench ------------------------------------------------------------------------------------
 def bench_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
@@ -142,16 +152,17 @@ BENCH_HEAD = ["artifact", "format", "quant", "threads", "size MB", "bits/w", "lo
 
 
 def render_suite(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Standard suite (`benchmarks/run_suite.py`)", "",
+    top = ["## Standard suite (`benchmarks/run_suite.py`)", "",
            "Synthesized weights (random, architecture-exact): latency and size are what the real models cost; the "
            "text they generate is meaningless. Each run is a fresh process, artifacts interleaved; medians with "
            "min-max. \"x first\" divides by the first row; \"paired\" divides each repeat by the first row's run "
            "next to it. Roofline: bytes per decode token (the file's tensors, less an embedding only gathered when "
            "the head is separate, + the KV cache at the mean context) against the measured read bandwidth; see "
            "docs/verify.md (bench section).", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"{s.get('prompt_tokens')} prompt tokens, {s.get('gen_tokens')} generated ({s.get('sampling')}), "
                    f"threads {','.join(map(str, s['threads'])) if isinstance(s.get('threads'), list) else s.get('threads')}, "
                    f"{s.get('repeat')} repeats after {s.get('warmup')} warm-up, "
@@ -168,11 +179,13 @@ def render_suite(recs: list[Record], root: Path) -> list[str]:
         png = (f.get("plots") or {}).get("all")
         if png and (root / "benchmarks" / png).is_file():
             out += [f"![all]({png})", ""]
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
-    out = ["## ONNX int4 vs llama.cpp q4_0 (issue 5; `benchmarks/bench_onnx_vs_llama.py`)", "",
+    top = ["## ONNX int4 vs llama.cpp q4_0 (issue 5; `benchmarks/bench_onnx_vs_llama.py`)", "",
            "Both artifacts exported from one checkpoint, then timed by `qwen-edge bench`'s machinery, every run in a "
            "fresh process, the order alternating per repeat. \"Paired\" divides each repeat's ONNX figure by the "
            "llama.cpp figure measured next to it, which cancels most of a shared machine's drift. Targets: decode >= "
@@ -194,19 +207,17 @@ def render_onnx_vs_llama(recs: list[Record], root: Path) -> list[str]:
                      mm(onnx["decode_tokens_per_s"]), mm(llama["decode_tokens_per_s"]),
                      f"{rd:.2f} / {mm(pd, '.2f')}", f"{rp:.2f} / {mm(pp, '.2f')}", f"{rss:.0f} / {budget:.0f}",
                      f"{ex['seconds']:.1f} s, {ex['peak_rss_bytes'] / MiB:.0f} MiB", met])
-    out += table(["record", "run", "onnx int4 decode tok/s", "llama q4_0 decode tok/s",
-                  "decode ratio: medians / paired (range)", "prefill ratio: medians / paired (range)",
-                  "ONNX peak RSS / budget MiB", "int4 export", "targets"], rows)
-    for r in recs:
-        out += header(r)
-    return out
+    return section(top, recs, summary=table(["record", "run", "onnx int4 decode tok/s", "llama q4_0 decode tok/s",
+                                             "decode ratio: medians / paired (range)",
+                                             "prefill ratio: medians / paired (range)", "ONNX peak RSS / budget MiB",
+                                             "int4 export", "targets"], rows))
 
 
 GENAI_TARGETS = ("genai: ours / builder", "ours: onnx / llama.cpp")
 
 
 def render_genai(recs: list[Record], root: Path) -> list[str]:
-    out = ["## The app path: onnxruntime-genai on our artifact vs its builder's graph, and vs llama.cpp (issue 17; "
+    top = ["## The app path: onnxruntime-genai on our artifact vs its builder's graph, and vs llama.cpp (issue 17; "
            "`benchmarks/bench_genai.py`)", "",
            "One run per record: our ONNX int4 and GGUF q4_0 exported from one checkpoint, and onnxruntime-genai's own "
            "builder's int4 CPU graph of the same checkpoint built in the run (not committed), then five rows timed by "
@@ -216,9 +227,10 @@ def render_genai(recs: list[Record], root: Path) -> list[str]:
            "options the builder writes (onnxruntime's default spinning), which separates what the graph gains from "
            "what `genai_config.json` gains. Targets: genai on ours >= 1.0x genai on the builder's graph, our "
            "backend's ONNX int4 >= 1.0x llama.cpp q4_0, decode and prefill.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         rows = []
         for name, x in f["results"].items():
             rows.append([name, f"`{Path(x['artifact']).name}`", x["quant"], mm(x["decode_tokens_per_s"]),
@@ -253,20 +265,23 @@ def render_genai(recs: list[Record], root: Path) -> list[str]:
         for name, so in (f.get("session_options") or {}).items():
             out.append(f"- session options in `genai_config.json` of {name}: `{json.dumps(so, sort_keys=True)}`")
         out.append("")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_gguf_export(recs: list[Record], root: Path) -> list[str]:
-    out = ["## GGUF export (issue 4; `benchmarks/bench_gguf_export.py`)", "",
+    top = ["## GGUF export (issue 4; `benchmarks/bench_gguf_export.py`)", "",
            "Each export in its own process (peak RSS: its rusage maxrss; CPU s: its user + system time, steadier "
            "than export s on a shared machine). Bits per weight above llama.cpp's published "
            "figures come from the tied embedding, which is also the output head and kept at Q8_0, and from tensors "
            "whose rows are not a multiple of 256, which fall back to another type (the manifest lists each "
            "fallback; `qwen-edge inspect` shows the types used). Targets for q4_k_m: under 60 s, peak RSS under "
            "2.5 GB.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"Checkpoint {s.get('checkpoint_model')} ({s.get('checkpoint_mb'):.0f} MB of safetensors, hidden "
                    f"{s.get('hidden_size')}, {s.get('num_hidden_layers')} layers), {s.get('threads')} quantizer "
                    f"threads.")
@@ -277,17 +292,20 @@ def render_gguf_export(recs: list[Record], root: Path) -> list[str]:
                  ", ".join(f"{k} x{v}" for k, v in x["types"].items()), x["fallbacks"]] for x in f["rows"]]
         out += table(["quant", "export s", "CPU s", "peak RSS MB", "model.gguf MB", "bits/w", "llama.cpp published",
                       "tensor types", "tensors that fell back"], rows, " rrrrr  r")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_llama_overhead(recs: list[Record], root: Path) -> list[str]:
-    out = ["## llama.cpp backend overhead (issue 4; `benchmarks/bench_llama_overhead.py`)", "",
+    top = ["## llama.cpp backend overhead (issue 4; `benchmarks/bench_llama_overhead.py`)", "",
            "Greedy decode from the same prompt: qwen-edge's llama_cpp Runtime against the least a llama-cpp-python "
            "program does per token (one llama_decode, one logits read, argmax), interleaved in one process. "
            "Target: overhead under 5%.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"Artifact {s['artifact_name']}, {s['threads']} threads, {s['prompt_tokens']}-token prompt, "
                    f"{s['gen_tokens']} tokens x {s['repeats']} repeats, context {s['n_ctx']}.")
         out.append("")
@@ -296,20 +314,23 @@ def render_llama_overhead(recs: list[Record], root: Path) -> list[str]:
         out += table(["loop", "decode tok/s median", "min", "max"], rows, " rrr")
         out += [f"Overhead of the Runtime: {f['overhead_percent']:+.1f}% of decode tokens/s "
                 f"({'met' if f['overhead_percent'] < 5 else 'not met'}).", ""]
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_genai_threads(recs: list[Record], root: Path) -> list[str]:
-    out = ["## The app path's thread count: onnxruntime-genai with genai_config.json as an app gets it (issue 24; "
+    top = ["## The app path's thread count: onnxruntime-genai with genai_config.json as an app gets it (issue 24; "
            "`benchmarks/bench_genai_threads.py`)", "",
            "onnxruntime-genai loads our int4 artifact as it is (no thread overlay, unlike `qwen-edge bench`'s genai "
            "rows): with `intra_op_num_threads` removed from genai_config.json (as exported before issue 24: genai's "
            "default, one compute thread) and as exported now, beside qwen-edge's ONNX backend and llama.cpp q4_0 at "
            "the run's thread count. Fresh process per run, order alternating per repeat; medians (min-max), paired = "
            "median of the per-repeat ratios. Threads started = OS threads the genai model load added.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out += [f"{s['threads']} threads (qwen-edge rows), {s['prompt_tokens']} prompt tokens, {s['gen_tokens']} "
                 f"generated, {s['repeats']} repeats; genai session options as exported: "
                 f"`{json.dumps(f['session_options_as_exported'])}`.", ""]
@@ -320,7 +341,9 @@ def render_genai_threads(recs: list[Record], root: Path) -> list[str]:
                  f"{v['prefill_tokens_per_s']['medians']:.2f}x", f"{v['prefill_tokens_per_s']['paired_median']:.2f}x"]
                 for name, v in f["ratios"].items()]
         out += table(["ratio", "decode", "decode paired", "prefill", "prefill paired"], rows, " rrrr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 LOAD_VARIANTS = {"bare": "bare engine", "load": "`load()`", "load+hash": "`load(check_hashes=True)`",
@@ -328,16 +351,17 @@ LOAD_VARIANTS = {"bare": "bare engine", "load": "`load()`", "load+hash": "`load(
 
 
 def render_load(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Load time: `qwen_edge.load()` vs the bare engine (issue 12; `benchmarks/bench_load.py`)", "",
+    top = ["## Load time: `qwen_edge.load()` vs the bare engine (issue 12; `benchmarks/bench_load.py`)", "",
            "Each load is one fresh process; the clock covers the load call only, with the engine module and "
            "`qwen_edge` imported on both sides. bare: `llama_cpp.Llama(model_path, n_ctx, n_threads, "
            "n_threads_batch, verbose=False)` / `onnxruntime.InferenceSession(model.onnx, intra_op_num_threads, CPU "
            "provider)`. Variants alternate order per repeat after one untimed warm-up each; the artifact's files are "
            "read before every load (page cache). Medians (min-max); CPU = process CPU seconds over the same call. "
            "Target: `load()` <= 1.3x the bare engine.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"n_ctx {s['n_ctx']}, {s['threads']} threads, {s['repeats']} repeats"
                    + (f"; before: {s.get('before_tree') or s['before']}" if s.get("before") else "") + ".")
         if s.get("imports_timed"):
@@ -362,23 +386,26 @@ def render_load(recs: list[Record], root: Path) -> list[str]:
                              f"{w:.3f} ({min(walls[v]):.3f}-{max(walls[v]):.3f})", f"{w / bw:.2f}" if bw else "-",
                              f"{c:.3f} ({min(cpus[v]):.3f}-{max(cpus[v]):.3f})", f"{c / bc:.2f}" if bc else "-"])
         out += table(["artifact", "variant", "load s", "x bare", "CPU s", "CPU x bare"], rows, "  rrrr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_export_memory(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Export time and memory (issue 12; `benchmarks/bench_export_memory.py`)", "",
+    top = ["## Export time and memory (issue 12; `benchmarks/bench_export_memory.py`)", "",
            "Each export in a fresh process; peak RSS is the child's VmHWM (resident memory-mapped checkpoint pages "
            "included), CPU s its user + system time (steadier than export s on a shared machine).", ""]
     after = [r for r in recs if not str(r["settings"].get("measured_tree", "")).startswith("before")]
     before = [r for r in recs if str(r["settings"].get("measured_tree", "")).startswith("before")]
-    for r in recs:
-        out += header(r)
-        out.append(f"Tree measured: {r['settings'].get('measured_tree')}.")
-        out.append("")
+
+    def body(r: Record) -> list[str]:
         rows = [[x["checkpoint"], x["ckpt_mb"], x["format"], x["quant"], x["export_s"], x["cpu_s"], x["peak_rss_mb"],
                  x["model_mb"]] for x in r["figures"]["rows"]]
-        out += table(["checkpoint", "checkpoint MiB", "format", "quant", "export s", "CPU s", "peak RSS MiB",
-                      "model MiB"], rows, " r  rrrr")
+        return [f"Tree measured: {r['settings'].get('measured_tree')}.", ""] + table(
+            ["checkpoint", "checkpoint MiB", "format", "quant", "export s", "CPU s", "peak RSS MiB", "model MiB"],
+            rows, " r  rrrr")
+
+    out = section(top, recs, body)
     if before and after:
         key = lambda x: (x["checkpoint"], x["format"], x["quant"])  # noqa: E731
         new = {key(x): (x, r["_file"]) for r in after for x in r["figures"]["rows"]}
@@ -396,16 +423,17 @@ def render_export_memory(recs: list[Record], root: Path) -> list[str]:
 
 
 def render_adapter_export(recs: list[Record], root: Path) -> list[str]:
-    out = ["## LoRA export: time and memory with and without an adapter (issue 18; "
+    top = ["## LoRA export: time and memory with and without an adapter (issue 18; "
            "`benchmarks/bench_adapter_export.py`)", "",
            "A PEFT LoRA adapter (non-zero B) on every attention and MLP projection; each export in a fresh process, "
            "the modes alternated within each repeat. `none`: the plain export; `merge`: W + scale*B@A folded in "
            "float32 per tensor before quantization; `separate`: the unmodified base weights plus the adapter "
            "beside them (GGUF: a llama.cpp LoRA GGUF; ONNX: LoRA graph inputs and an "
            ".onnx_adapter). Peak RSS is the child's VmHWM, CPU s its user + system time; medians over the runs.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         st = r["settings"]
-        out += header(r)
         out.append(f"Checkpoint `{st.get('checkpoint')}`, rank {st.get('rank')}, alpha {st.get('lora_alpha')}, "
                    f"{st.get('threads')} threads.")
         out.append("")
@@ -419,11 +447,13 @@ def render_adapter_export(recs: list[Record], root: Path) -> list[str]:
                          ratio, f"{x['peak_rss_mb']:.0f}", f"{x['files_mb']:.0f}"])
         out += table(["format", "quant", "adapter", "runs", "export s", "CPU s", "CPU vs none", "peak RSS MiB",
                       "files MiB"], body, "   rrrrrr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_kv_dtype(recs: list[Record], root: Path) -> list[str]:
-    out = ["## ONNX KV cache dtype: fp32 vs fp16 (issue 13, item 5; `qwen-edge bench`)", "",
+    top = ["## ONNX KV cache dtype: fp32 vs fp16 (issue 13, item 5; `qwen-edge bench`)", "",
            "Two ONNX int4 artifacts of one checkpoint that differ only in `quant.kv_dtype`, benched side by side "
            "(fresh process per run, A B alternated). Paired = the per-repeat fp16/fp32 ratio of tokens/s, median "
            "(min-max). The default this informed: fp16 KV for fp16 exports and memory-capped targets, fp32 "
@@ -442,16 +472,14 @@ def render_kv_dtype(recs: list[Record], root: Path) -> list[str]:
                      mm(pd, ".2f"), mm(pp, ".2f"),
                      f"{a['kv_cache_bytes'] / MiB:.0f} -> {b['kv_cache_bytes'] / MiB:.0f}",
                      f"{a['peak_rss_bytes'] / MiB:.0f} -> {b['peak_rss_bytes'] / MiB:.0f}"])
-    out += table(["record", "artifacts (first -> second)", "prompt+gen tokens (KV tokens allocated)", "repeats",
-                  "load avg after", "decode tok/s", "paired decode", "paired prefill", "KV cache MiB",
-                  "peak RSS MiB"], rows)
-    for r in recs:
-        out += header(r)
-    return out
+    return section(top, recs, summary=table(["record", "artifacts (first -> second)",
+                                             "prompt+gen tokens (KV tokens allocated)", "repeats", "load avg after",
+                                             "decode tok/s", "paired decode", "paired prefill", "KV cache MiB",
+                                             "peak RSS MiB"], rows))
 
 
 def render_kv_dtype_verify(recs: list[Record], root: Path) -> list[str]:
-    out = ["### Accuracy of the two KV dtypes (`qwen-edge verify`, torch reference)", ""]
+    top = ["### Accuracy of the two KV dtypes (`qwen-edge verify`, torch reference)", ""]
     keys = ["max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99", "ppl_rel_change", "top1_agreement"]
     rows = []
     for r in recs:
@@ -459,10 +487,8 @@ def render_kv_dtype_verify(recs: list[Record], root: Path) -> list[str]:
         rows.append([f"`{r['_file']}`", r["settings"].get("kv_dtype"), f["tokens_evaluated"],
                      *(f"{f['metrics'][k]:.4g}" for k in keys), "pass" if f["passed"] else "FAIL",
                      ", ".join(f.get("ungated") or []) or "-"])
-    out += table(["record", "KV dtype", "tokens", *keys, "verify", "not gated (random weights)"], rows)
-    for r in recs:
-        out += header(r)
-    return out
+    return section(top, recs, summary=table(["record", "KV dtype", "tokens", *keys, "verify",
+                                             "not gated (random weights)"], rows))
 
 
 def _spin_label(sp: Any) -> str:
@@ -471,16 +497,17 @@ def _spin_label(sp: Any) -> str:
 
 
 def render_busy(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Busy machine: decode with another process busy on one core (issue 13, item 4; "
+    top = ["## Busy machine: decode with another process busy on one core (issue 13, item 4; "
            "`benchmarks/bench_busy.py`)", "",
            "Each run a fresh spawned process (load, warm-up, prefill, greedy decode); \"busy\": a `while True: pass` "
            "process pinned to one CPU during the run. Before each run the script waits for other processes to go "
            "quiet and reruns a run during which they kept more than the bound busy (other load: cores, from "
            "/proc/stat less its own). Old defaults = threads 2, spin on; new = threads auto (physical cores less "
            "busy ones at load), spin auto (onnxruntime off, llama.cpp OpenMP default).", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"{s['prompt_tokens']} prompt / {s['gen_tokens']} generated tokens, medians of {s['repeat']} "
                    f"(busy decode with min-max); \"busy / best quiet\" compares with the fastest quiet setting of the "
                    f"backend. Uptime at start: `{f['start_uptime']}`; at end: `{f['end_uptime']}`.")
@@ -524,7 +551,9 @@ def render_busy(recs: list[Record], root: Path) -> list[str]:
                     ""]
             out += table(["backend", "quiet decode tok/s old -> new", "busy decode tok/s old -> new (of best quiet)",
                           "busy prefill tok/s old -> new"], old_new)
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def _leaves(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -538,18 +567,21 @@ def _leaves(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def render_generic(recs: list[Record], root: Path) -> list[str]:
-    out = [f"## {recs[0]['bench']} (no renderer in benchmarks/report.py: the record's figures as stored)", ""]
-    for r in recs:
-        out += header(r)
+    top = [f"## {recs[0]['bench']} (no renderer in benchmarks/report.py: the record's figures as stored)", ""]
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         leaves = _leaves(r["figures"])
         out += table(["figure", "value"], [[k, v] for k, v in leaves[:200]])
         if len(leaves) > 200:
             out += [f"({len(leaves) - 200} more in the record)", ""]
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_constrained(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Constrained decoding: mask cost per token and decode with a schema (issue 19; "
+    top = ["## Constrained decoding: mask cost per token and decode with a schema (issue 19; "
            "`benchmarks/bench_constrained.py`)", "",
            "Mask: each engine computes the allowed-token bitmask over Qwen's 151,936-token vocabulary (the real "
            "tokenizer.json) at every token of the same JSON instance of the same schema (7 properties: strings, a "
@@ -558,9 +590,10 @@ def render_constrained(recs: list[Record], root: Path) -> list[str]:
            "feature forbids). Decode: greedy tok/s through qwen-edge's one loop on the 0.5B, free vs. under a schema "
            "(an array of digits that cannot close early), alternated; medians of the repeats after a warm-up. "
            "qwen-edge uses llguidance.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f = r["figures"]
-        out += header(r)
         rows = []
         for name, e in f["mask"].items():
             if not isinstance(e, dict):
@@ -583,18 +616,21 @@ def render_constrained(recs: list[Record], root: Path) -> list[str]:
                     for d in f["decode"]]
             out += table(["artifact", "backend", "threads", "decode tok/s free", "with schema", "ratio"], rows,
                          "  rrrr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_graph_ab(recs: list[Record], root: Path) -> list[str]:
-    out = ["## An ONNX graph change A/B in one process (issue 28; `benchmarks/bench_graph_ab.py`)", "",
+    top = ["## An ONNX graph change A/B in one process (issue 28; `benchmarks/bench_graph_ab.py`)", "",
            "Two int4 artifacts of one checkpoint, the graph before a change and after it, loaded in one process with "
            "qwen-edge's onnxruntime backend and run alternately (A B, then B A): decode = 32 `decode` calls after a "
            "128-token prefix per block, prefill = one 512-token `prefill` per block. `after / before` is the median "
            "of per-block ratios (range), so the drift of a shared machine hits both sides.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out += [f"before: `{s['before']}`; after: `{s['after']}`.", ""]
         rows = []
         for th, runs in f["threads"].items():
@@ -605,36 +641,42 @@ def render_graph_ab(recs: list[Record], root: Path) -> list[str]:
                              f"{x['after']['median']:.2f} ({x['after']['min']:.2f}-{x['after']['max']:.2f})",
                              f"{x['paired']['median']:.3f} ({x['paired']['min']:.3f}-{x['paired']['max']:.3f})"])
         out += table(["run", "before tok/s", "after tok/s", "after / before"], rows, " rrr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_schema_closed(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Framework-shaped tool schemas read open vs closed (issue 25; `benchmarks/bench_schema_closed.py`)", "",
+    top = ["## Framework-shaped tool schemas read open vs closed (issue 25; `benchmarks/bench_schema_closed.py`)", "",
            "A forced tool call (`tool_choice: \"required\"`) whose parameters are Pydantic's schema of `GetWeather(city: "
            "str = Field(max_length=12), days: int = Field(ge=1, le=7))`, with no `additionalProperties` (what "
            "LangChain, instructor and Pydantic send), sampled at temperature 1 over seeds 0..N-1 on random weights: "
            "valid calls with only the declared keys when the schema is read open (JSON Schema's letter) and closed "
            "(qwen-edge's default, as llama.cpp and xgrammar strict). Open, the failures are replies that append keys "
            "until the token limit (no call).", ""]
-    for r in recs:
-        out += header(r)
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         rows = {}
         for x in r["figures"]["rows"]:
             rows.setdefault((x["artifact"], x["quant"]), {})[x["schema"]] = f"{x['valid']}/{x['seeds']}"
         out += table(["artifact", "format/quant", "read open", "closed"],
                      [[a, q, v.get("open", "-"), v.get("closed", "-")] for (a, q), v in rows.items()], "  rr")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
-    out = ["## Every CPU: llama.cpp's extra buffer types (issue 24; `benchmarks/bench_extra_buffers.py`)", "",
+    top = ["## Every CPU: llama.cpp's extra buffer types (issue 24; `benchmarks/bench_extra_buffers.py`)", "",
            "GGUF decode and prefill of the synthesized Qwen2.5-0.5B under each `llama_extra_buffers` policy: auto "
            "(qwen-edge's guard), all (llama.cpp's default, what ran before the guard), repack (all but AMX), none "
            "(`use_extra_bufts = false`). One fresh process per run, modes alternated per repeat; `x all` is the "
            "median of per-repeat ratios to `all`. Where the weights went comes from llama.cpp's load log.", ""]
-    for r in recs:
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
         f, s = r["figures"], r["settings"]
-        out += header(r)
         out.append(f"{s['threads']} threads, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated tokens, "
                    f"{s['repeats']} repeats; extra buffer types here: {', '.join(f['available']) or 'none'}.")
         out.append("")
@@ -647,7 +689,9 @@ def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
                          held])
         out += table(["quant", "policy", "decode tok/s", "prefill tok/s", "decode x all", "prefill x all",
                       "weights (MiB)"], rows, "  rrrr ")
-    return out
+        return out
+
+    return section(top, recs, body)
 
 
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {

@@ -38,8 +38,8 @@ _LAZY = {
     "export": ".export", "load": ".backends", "Runtime": ".backends.base", "RuntimeInfo": ".backends.base",
     "verify": ".quality.verify", "bench": ".bench.run", "generate": ".runtime.generate",
     "GenerationResult": ".runtime.generate", "ChatSession": ".runtime.chat", "TurnResult": ".runtime.chat",
-    "Sampling": ".runtime.sampling", "Artifact": ".model.artifact", "Tokenizer": ".text.tokenizer", "ToolCall": ".tools",
-    "Constraint": ".runtime.constrain",
+    "Sampling": ".runtime.sampling", "Artifact": ".model.artifact", "Tokenizer": ".text.tokenizer",
+    "ToolCall": ".tools", "Constraint": ".runtime.constrain",
 }
 
 

@@ -15,7 +15,7 @@ from conftest import requires_torch
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.formats.quants import QUANTS
 from qwen_edge.quality.verify import (LOWER_BOUNDS, METRICS, UPPER_BOUNDS, Accumulator, common_prefix, describe_failures,
-                              gate, thresholds_for)
+                                      finish_metrics, gate, thresholds_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_KEYS = {"passed", "metrics", "thresholds", "failed", "artifact", "reference", "quant", "tokens_evaluated"}
@@ -102,6 +102,16 @@ def test_gate_directions_and_nan():
     assert gate({"kl_mean": float("nan"), "top1_agreement": 1.0}, t) == ["kl_mean"]
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
     assert set(METRICS) == set(UPPER_BOUNDS) | set(LOWER_BOUNDS)
+
+
+def test_finish_metrics_is_the_greedy_summary_and_the_gate():
+    """verify and verify --on-device finish their metrics here: the greedy prefixes' mean and minimum, then the gate."""
+    t = {"kl_mean": 0.1, "greedy_common_prefix_mean": 2.0, "greedy_common_prefix_min": 2.0}
+    metrics, failed = finish_metrics({"kl_mean": 0.05}, [3, 1, 2], t)
+    assert metrics == {"kl_mean": 0.05, "greedy_common_prefix_mean": 2.0, "greedy_common_prefix_min": 1.0}
+    assert failed == ["greedy_common_prefix_min"]
+    assert finish_metrics({"kl_bound": 0.5}, [], {"kl_bound": 0.1}, upper=("kl_bound",)) == (
+        {"kl_bound": 0.5, "greedy_common_prefix_mean": 0.0, "greedy_common_prefix_min": 0.0}, ["kl_bound"])
 
 
 class _Scripted:

@@ -38,10 +38,10 @@ def training_token_stream(tokenizer: Any, text: dict[str, Any] | None = None) ->
 def fidelity_key(arch: str, seed: int, steps: int) -> str:
     """A hash of everything the trained weights depend on (this file, the text, the synth code, the options)."""
     h = hashlib.sha256(f"{arch}|{seed}|{steps}|{SEQ_LEN}|{BATCH}|{LR}".encode())
-    here = Path(__file__).resolve().parent
-    for rel in ("train.py", "synth.py", "families/base.py", "families/qwen2.py", "families/qwen3.py",
+    pkg = Path(__file__).resolve().parent.parent
+    for rel in ("model/train.py", "model/synth.py", "families/base.py", "families/qwen2.py", "families/qwen3.py",
                 "data/eval_text.json"):
-        h.update((here / rel).read_bytes())
+        h.update((pkg / rel).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -274,6 +274,15 @@ def gate(metrics: dict[str, float], thresholds: dict[str, float],
     return failed
 
 
+def finish_metrics(metrics: dict[str, float], prefixes: Sequence[int], thresholds: dict[str, float],
+                   upper: Sequence[str] = UPPER_BOUNDS) -> tuple[dict[str, float], list[str]]:
+    """The one finish of verify and verify --on-device: the greedy prefixes' mean and minimum join the accumulated
+    metrics, and the gate names the metrics outside their thresholds."""
+    metrics = {**metrics, "greedy_common_prefix_mean": float(np.mean(prefixes)) if prefixes else 0.0,
+               "greedy_common_prefix_min": float(min(prefixes)) if prefixes else 0.0}
+    return metrics, gate(metrics, thresholds, upper)
+
+
 def describe_failures(report: dict[str, Any]) -> str:
     parts = []
     for k in report["failed"]:
@@ -433,10 +442,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
             art_rt.close()
     finally:
         ref_rt.close()
-    metrics = acc.metrics()
-    metrics["greedy_common_prefix_mean"] = float(np.mean(prefixes)) if prefixes else 0.0
-    metrics["greedy_common_prefix_min"] = float(min(prefixes)) if prefixes else 0.0
-    failed = gate(metrics, limits)
+    metrics, failed = finish_metrics(acc.metrics(), prefixes, limits)
     tok_parity = tokenizer_parity(tok, art.path, ref_dir)
     if not tok_parity["matches_reference"]:
         failed.append("tokenizer")

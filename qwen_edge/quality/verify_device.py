@@ -111,7 +111,7 @@ def verify_on_device(artifact: str, *, threads: int | None = None, target: str |
     from ..model.artifact import Artifact
     from ..backends import load
     from ..text.tokenizer import Tokenizer
-    from .verify import DEVICE_BOUNDS, UPPER_BOUNDS, gate, greedy_agreement, load_eval_set, thresholds_for
+    from .verify import DEVICE_BOUNDS, UPPER_BOUNDS, finish_metrics, greedy_agreement, load_eval_set, thresholds_for
 
     t0 = time.perf_counter()
     art = Artifact.open(artifact)  # every file's sha256: the bytes verified are the bytes run
@@ -159,14 +159,12 @@ def verify_on_device(artifact: str, *, threads: int | None = None, target: str |
     finally:
         rt.close()
     m = acc.metrics()
-    metrics = {"max_abs_logit_error_bound": m["max_abs_logit_error"], "mean_abs_logit_error_topk":
-               m["mean_abs_logit_error"], "kl_mean_bound": m["kl_mean"], "kl_p99_bound": m["kl_p99"],
-               "top1_agreement": m["top1_agreement"], "ppl_reference": m["ppl_reference"],
-               "ppl_artifact": m["ppl_artifact"], "ppl_rel_change": m["ppl_rel_change"],
-               "greedy_common_prefix_mean": float(np.mean(prefixes)) if prefixes else 0.0,
-               "greedy_common_prefix_min": float(min(prefixes)) if prefixes else 0.0,
-               "recorded_mass_mean": mass, "recorded_mass_min": float(ref.mass.min())}
-    failed = gate(metrics, limits, upper=tuple(UPPER_BOUNDS) + tuple(DEVICE_BOUNDS))
+    metrics, failed = finish_metrics(
+        {"max_abs_logit_error_bound": m["max_abs_logit_error"], "mean_abs_logit_error_topk": m["mean_abs_logit_error"],
+         "kl_mean_bound": m["kl_mean"], "kl_p99_bound": m["kl_p99"], "top1_agreement": m["top1_agreement"],
+         "ppl_reference": m["ppl_reference"], "ppl_artifact": m["ppl_artifact"], "ppl_rel_change": m["ppl_rel_change"]},
+        prefixes, limits, upper=tuple(UPPER_BOUNDS) + tuple(DEVICE_BOUNDS))
+    metrics.update(recorded_mass_mean=mass, recorded_mass_min=float(ref.mass.min()))
     if not ref.host_passed:
         failed.insert(0, "host_verify")
     import platform
