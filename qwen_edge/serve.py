@@ -309,7 +309,8 @@ def parse_completion_request(body: Any, generation_config: Mapping[str, Any], li
 class Job:
     """One request's generation: its cancel Event and the events the worker thread sends back to the event loop.
 
-    Events: ("text", str), ("thinking", str), ("done", result), ("error", ApiError).
+    Events: ("text", str), ("thinking", str), ("tool", a streamed tool-call delta), ("done", result),
+    ("error", ApiError).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, kind: str):
@@ -461,12 +462,14 @@ class Engine:
         def work(job: Job) -> Any:
             on_text = (lambda s: job.put("text", s)) if req.stream else None
             on_thinking = (lambda s: job.put("thinking", s)) if req.stream else None
+            on_tool_call = (lambda d: job.put("tool", d)) if req.stream else None
             max_tokens = self.limits.max_tokens if req.max_tokens is None else req.max_tokens
             return self.session.complete(req.messages, tools=req.tools, tool_choice=req.tool_choice,
                                          response_format=req.response_format, thinking=req.thinking,
                                          thinking_budget=req.thinking_budget, sampling=req.sampling,
                                          max_new_tokens=max_tokens, stop=req.stop, on_text=on_text,
-                                         on_thinking=on_thinking, cancel=self.cancelled_now(job))
+                                         on_thinking=on_thinking, on_tool_call=on_tool_call,
+                                         cancel=self.cancelled_now(job))
         return work
 
     def completion_work(self, req: CompletionRequest) -> Callable[[Job], Any]:
@@ -499,8 +502,6 @@ def _tool_calls(result: Any) -> list[dict[str, Any]]:
 
 
 def _finish(result: Any) -> str:
-    if _tool_calls(result):
-        return "tool_calls"
     return FINISH_TO_OPENAI.get(result.finish_reason, "stop")
 
 
@@ -527,10 +528,6 @@ def _sse(doc: Any) -> str:
     return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
 
-TOOL_ARGUMENT_PIECE = 8
-"""Characters of a tool call's arguments per streamed chunk."""
-
-
 class _Chunks:
     """The SSE chunks of one streamed response (chat.completion.chunk or text_completion)."""
 
@@ -552,24 +549,16 @@ class _Chunks:
             doc["usage"] = None
         return _sse(doc)
 
-    def event(self, kind: str, value: str) -> str:
+    def event(self, kind: str, value: Any) -> str:
+        """A "text", "thinking" or "tool" event (a tool call as generated, as OpenAI streams them: its index, id,
+        type and name first with arguments "", then the argument text in pieces)."""
         if not self.chat:
             return self.chunk(text=value)
-        return self.chunk({"content": value} if kind == "text" else {"reasoning_content": value})
+        key = {"text": "content", "thinking": "reasoning_content", "tool": "tool_calls"}[kind]
+        return self.chunk({key: [value] if kind == "tool" else value})
 
     def end(self, result: Any) -> list[str]:
-        out = []
-        calls = _tool_calls(result) if self.chat else []
-        for i, c in enumerate(calls):  # as OpenAI streams them: id, type and name first, then the arguments in pieces
-            fn = c["function"]
-            out.append(self.chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
-                                                   "function": {"name": fn["name"], "arguments": ""}}]}))
-            args = fn["arguments"]
-            for at in range(0, len(args), TOOL_ARGUMENT_PIECE):
-                out.append(self.chunk({"tool_calls": [{"index": i, "function": {
-                    "arguments": args[at: at + TOOL_ARGUMENT_PIECE]}}]}))
-        finish = _finish(result) if self.chat else FINISH_TO_OPENAI.get(result.finish_reason, "stop")
-        out.append(self.chunk(finish=finish))
+        out = [self.chunk(finish=_finish(result))]
         if self.include_usage:
             out.append(_sse({"id": self.job.id, "object": "chat.completion.chunk" if self.chat else
                              "text_completion", "created": self.job.created, "model": self.model, "choices": [],
@@ -752,7 +741,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
             if job.kind == "chat":
                 yield chunks.chunk({"role": "assistant", "content": ""})
             while True:
-                if kind in ("text", "thinking"):
+                if kind in ("text", "thinking", "tool"):
                     if value:
                         yield chunks.event(kind, value)
                 elif kind == "done":
