@@ -597,18 +597,31 @@ def _host_name(header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(?::(\d{1,5}))?/?")
+
+
+def is_loopback_origin(origin: str) -> bool:
+    """Whether a browser `Origin` is a page served from this machine: http(s) on localhost, 127.0.0.0/8 or [::1],
+    any port ("null", file pages, userinfo and other names are not)."""
+    m = _ORIGIN.fullmatch(origin.strip().lower())
+    return m is not None and is_loopback(m.group(2))
+
+
 def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits.lstrip("-")) <= MAX_INT_DIGITS else math.inf
 
 
 class _Guard:
     """ASGI middleware in front of every route: on a loopback bind, only loopback Host names (and `allowed_hosts`)
-    are answered (403 otherwise: DNS rebinding); a POST must send `Content-Type: application/json` (415 otherwise: a
-    web page can POST text/plain cross-origin with no CORS preflight)."""
+    are answered (403 otherwise: DNS rebinding); a request that carries an `Origin` (a browser's) is answered only
+    from a loopback origin or one of `origins` ("*": any; 403 otherwise: a page elsewhere cannot even start a
+    generation); a POST must send `Content-Type: application/json` (415 otherwise: a web page can POST text/plain
+    cross-origin with no CORS preflight)."""
 
-    def __init__(self, app: Any, hosts: Sequence[str] | None):
+    def __init__(self, app: Any, hosts: Sequence[str] | None, origins: Sequence[str] = ()):
         self.app = app
         self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
+        self.origins = {o.strip().lower().rstrip("/") for o in origins}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -618,6 +631,9 @@ class _Guard:
         if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
             err = ApiError(403, f"Host {headers.get('host', '')!r} is not served: this server answers "
                            f"{', '.join(sorted(self.hosts))} (--allow-host NAME adds one)", code="host_not_allowed")
+        elif "origin" in headers and not self._origin_ok(headers["origin"]):
+            err = ApiError(403, f"Origin {headers['origin'][:100]!r} is not allowed: this server answers pages from "
+                           "localhost, 127.0.0.1 and [::1] (--allow-origin ORIGIN adds one)", code="origin_not_allowed")
         elif scope["method"] == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
@@ -629,14 +645,18 @@ class _Guard:
 
         await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
+    def _origin_ok(self, origin: str) -> bool:
+        return "*" in self.origins or origin.strip().lower().rstrip("/") in self.origins or is_loopback_origin(origin)
+
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None) -> Starlette:
     """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    `allow_origins`: browser origins allowed to call it (CORS; "*" for any); none by default, so a web page on
-    another origin cannot drive a local model unless the user says so. `allowed_hosts`: the Host names answered
-    (None: any; `serve` gives LOOPBACK_HOSTS and --allow-host on a loopback bind).
+    `allow_origins`: browser origins allowed to call it besides this machine's own (CORS headers are sent to these
+    only; "*" for any); none by default, so a web page on another origin gets 403 and cannot drive a local model
+    unless the user says so. `allowed_hosts`: the Host names answered (None: any; `serve` gives LOOPBACK_HOSTS and
+    --allow-host on a loopback bind).
     """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -786,7 +806,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         return error(ApiError(status, f"{request.method} {request.url.path}: {detail}",
                               code="not_found" if status == 404 else None))
 
-    middleware = [Middleware(_Guard, hosts=allowed_hosts)]
+    middleware = [Middleware(_Guard, hosts=allowed_hosts, origins=allow_origins)]
     if allow_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))

@@ -20,12 +20,13 @@ from server_proc import KEY, Server  # noqa: E402  (after the skips: it imports 
 CAP = 48
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 HI = [{"role": "user", "content": "hi"}]
+APP = "http://app.example:8000"
 
 
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
 def server(request, thinking_artifact, tmp_path_factory):
     s = Server(thinking_artifact(request.param), tmp_path_factory.mktemp("harden") / "server.log", "--api-key", KEY,
-               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--max-context", "4096")
+               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--allow-origin", APP, "--max-context", "4096")
     s.fmt = request.param  # type: ignore[attr-defined]
     yield s
     assert s.stop() == 0, s.log()
@@ -71,6 +72,31 @@ def test_only_loopback_host_names(server):
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost", "my.box", f"my.box:{port}"):
         status, doc = raw(server, "GET", "/v1/models", headers={"Host": host})
         assert status == 200 and doc["data"], (host, doc)
+
+
+def test_only_loopback_or_allowed_origins(server):
+    """A browser's Origin must be a page on this machine or one --allow-origin names (403 before anything runs);
+    no Origin (curl, the SDKs) is fine. CORS headers go to the allowed origins only, loopback pages included."""
+    body = json.dumps({"messages": HI, "max_tokens": 1, **NO_THINK}).encode()
+    for origin in ("http://evil.example", "https://localhost.evil.example", "http://127.0.0.1.nip.io", "null",
+                   "http://localhost@evil.example", "http://app.example", "file://", APP + ".evil"):
+        before = server.health()["served"]
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("OPTIONS", "/v1/models")):
+            status, doc = raw(server, method, path, body if method == "POST" else None, {
+                "Origin": origin, "Content-Type": "application/json", "Access-Control-Request-Method": "GET"})
+            assert status == 403 and doc["error"]["code"] == "origin_not_allowed", (origin, method, doc)
+        assert server.health()["served"] == before  # nothing generated
+    for origin in ("http://localhost:5173", "https://127.0.0.1", "http://[::1]:3000", APP, None):
+        status, doc = chat(server, body, **({"Origin": origin} if origin else {}))
+        assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant", (origin, doc)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    for origin, cors in ((APP, APP), ("http://localhost:5173", None)):
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        r = conn.getresponse()
+        r.read()
+        assert r.getheader("access-control-allow-origin") == cors, (origin, r.status)
+    conn.close()
 
 
 # --- what one request may hold -------------------------------------------------------------------------------------
@@ -331,3 +357,16 @@ def test_bad_caps_are_one_line_exit_2(cli, thinking_artifact, flags, needle):
     r = cli("serve", str(thinking_artifact("gguf")), "--port", "0", *flags, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_allow_origin_star_allows_every_origin(engine):
+    """--allow-origin '*': any page may call (with CORS headers); without it the same page gets 403."""
+    from starlette.testclient import TestClient
+
+    from qwen_edge import serve
+
+    for origins, status in ((["*"], 200), ([], 403)):
+        with TestClient(serve.create_app(engine, allow_origins=origins), base_url="http://127.0.0.1") as client:
+            r = client.get("/v1/models", headers={"Origin": "http://evil.example"})
+            assert r.status_code == status, (origins, r.text)
+            assert (r.headers.get("access-control-allow-origin") == "*") == bool(origins), r.headers
