@@ -2,7 +2,8 @@
 the framework makes it, on 20 seeds in a row: the openai client's `chat.completions.parse` with a Pydantic model,
 LangChain's `with_structured_output` (json_schema and function_calling) and `bind_tools(..., tool_choice="required")`,
 a pydantic-ai Agent with a structured output type, and instructor in its default (TOOLS) mode, which runs in a
-virtualenv of its own (tests/side_venv.py: instructor 1.17 pins jiter < 0.15, the test extra's openai needs >= 0.16). The schemas are the ones the frameworks derive from Pydantic
+virtualenv of its own (tests/side_venv.py: instructor 1.17 pins jiter < 0.15, the test extra's openai needs
+>= 0.16). The schemas are the ones the frameworks derive from Pydantic
 models (no additionalProperties); fields are bounded, as random weights would fill an unbounded one forever."""
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ and pipeline, run in a virtualenv of their own (optimum-onnx pins transformers <
 
 The virtualenv is built once per set of pins under a cache directory (tests/side_venv.py:
 QWEN_EDGE_OPTIMUM_CACHE, default /var/cache/qwen-edge-optimum, else ~/.cache/qwen-edge-optimum) and reused;
-tests/optimum_check.py runs inside it and reports what optimum saw. Where the virtualenv cannot be built (no package index), the test skips and says why."""
+tests/optimum_check.py runs inside it and reports what optimum saw. Where the virtualenv cannot be built (no package
+index), the test skips and says why."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def optimum_report(exported):
     req = {"artifacts": {label: str(a) for label, a in arts.items()}, "prompt": PROMPT, "short": SHORT,
            "new_tokens": NEW_TOKENS, "text": TEXT}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    p = subprocess.run([str(side_venv("optimum", PINS)), str(Path(__file__).with_name("optimum_check.py")), json.dumps(req)],
+    p = subprocess.run([str(side_venv("optimum", PINS)), str(Path(__file__).with_name("optimum_check.py")),
+                        json.dumps(req)],
                        capture_output=True, text=True, env=env, cwd=str(arts["qwen3-fp32"].parent))
     assert p.returncode == 0, p.stderr[-3000:]
     return arts, json.loads(p.stdout.strip().splitlines()[-1])

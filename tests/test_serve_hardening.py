@@ -26,7 +26,8 @@ APP = "http://app.example:8000"
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
 def server(request, thinking_artifact, tmp_path_factory):
     s = Server(thinking_artifact(request.param), tmp_path_factory.mktemp("harden") / "server.log", "--api-key", KEY,
-               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--allow-origin", APP, "--max-context", "4096")
+               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--allow-origin", APP,
+               "--max-context", "4096")
     s.fmt = request.param  # type: ignore[attr-defined]
     yield s
     assert s.stop() == 0, s.log()
@@ -92,7 +93,8 @@ def test_only_loopback_or_allowed_origins(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     for origin, cors in ((APP, APP), ("http://localhost:5173", None)):
         conn.request("OPTIONS", "/v1/chat/completions", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
         r = conn.getresponse()
         r.read()
         assert r.getheader("access-control-allow-origin") == cors, (origin, r.status)
