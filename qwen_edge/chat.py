@@ -39,7 +39,8 @@ class TurnResult:
     context_length: int = 0
     raw_text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    """The reply's parsed tool calls (finish_reason "tool_calls"); `text` holds none of their markup."""
+    """The reply's parsed tool calls (finish_reason "tool_calls"; with "length" the last may be unfinished, its
+    arguments cut where the tokens ran out, as OpenAI's); `text` holds none of their markup."""
 
     @property
     def reused_tokens(self) -> int:

@@ -28,7 +28,8 @@ def new_call_id() -> str:
 
 @dataclass
 class ToolCall:
-    """One parsed call: the tool's name and its arguments as JSON text (an object)."""
+    """One parsed call: the tool's name and its arguments as the JSON text generated (an object; unfinished when the
+    reply was cut short, finish_reason "length")."""
 
     id: str
     name: str
