@@ -321,6 +321,16 @@ def test_load_does_not_import_onnx(exported):
     assert out.stdout.strip() == "[]"
 
 
+def test_the_onnx_backend_says_what_it_runs_for_the_crash_line(exported, tmp_path, monkeypatch):
+    """Under the supervised CLI a native crash in onnxruntime is reported naming the artifact's model file (issue 24:
+    a crash anywhere is one line naming the artifact), as the llama.cpp backend does."""
+    art = exported("tiny-qwen2", "onnx", "int4")
+    note = tmp_path / "note"
+    monkeypatch.setenv("QWEN_EDGE_CRASH_NOTE", str(note))
+    load(art, threads=1).close()
+    assert note.read_text() == f"onnxruntime running {art / 'model.onnx'}"
+
+
 def test_graph_subset_round_trips_every_field(exported, tmp_path):
     """The subset schema keeps what it does not declare: an int4 and an fp16 graph with fields qwen-edge never reads
     added (doc strings, metadata, value_info, a float-list attribute), as a user's tool may leave them, serialize
