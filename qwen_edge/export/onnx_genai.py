@@ -19,9 +19,9 @@ def spin_entries(spin: Any) -> dict[str, str]:
     `auto` is decided at load by qwen-edge's backend (spin while its threads have the cores to themselves, else
     sleep); the export cannot see the machine an app will load on, so it writes what that rule picks on a machine
     the app has to itself. Measured on a 2-core AVX2 EPYC with benchmarks/bench_genai_threads.py (issue 24):
-    spinning, genai decoded our int4 0.5B at 0.98x qwen-edge's backend (sleeping: 0.70-0.75x); beside busy cores
-    (load average 6-7) spinning cost genai a third (0.66x against 0.89x sleeping): a device whose cores are shared
-    wants a profile with `spin: false`."""
+    on the idle machine genai decoded our int4 0.5B at 0.98x qwen-edge's backend spinning, 0.70-0.75x sleeping;
+    beside busy cores (load average 6-7, where our backend stops spinning) at 0.56-0.69x spinning, 0.77-1.07x
+    sleeping (benchmarks/RESULTS.md): a device whose cores are shared wants a profile with `spin: false`."""
     if spin in (True, "auto"):
         return {"session.intra_op.allow_spinning": "1"}
     if spin in (False, None, 0):
