@@ -42,8 +42,9 @@ from typing import Any
 from .errors import QwenEdgeError
 from .log import logger
 from .supervisor import signal_name
+from .targets import LLAMA_EXTRA_BUFFERS
 
-POLICIES = ("auto", "all", "repack", "none")
+POLICIES = LLAMA_EXTRA_BUFFERS
 ENV = "QWEN_EDGE_LLAMA_EXTRA_BUFFERS"
 PROBE_VERSION = 1
 """Bump when the probe's models or checks change: cached verdicts of an older probe are not trusted."""
