@@ -26,6 +26,25 @@ class NotAvailable(QwenEdgeError):
     """A capability that needs an optional dependency or hardware that is not present."""
 
 
+CRASH_NOTE_ENV = "QWEN_EDGE_CRASH_NOTE"
+
+
+def crash_note(text: str) -> None:
+    """Say what this process is about to run in native code (e.g. "llama.cpp running <file>"): the `qwen-edge`
+    command's supervisor names it if the process dies of a signal there. A no-op outside the supervised CLI. Here
+    rather than in .log so that a backend can say it without importing logging (load time, issue 24)."""
+    import os
+
+    path = os.environ.get(CRASH_NOTE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text[:1000])
+    except OSError:
+        pass
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """An exception as one short line: its first non-empty line, capped, or its type name."""
     lines = str(e).strip().splitlines()

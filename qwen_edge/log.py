@@ -8,9 +8,10 @@ is a terminal and only at the default or verbose level, so piped output, `--json
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Iterable, Iterator, TypeVar
+
+from .errors import CRASH_NOTE_ENV, crash_note  # noqa: F401  (defined in errors, which a backend imports anyway)
 
 T = TypeVar("T")
 
@@ -115,18 +116,3 @@ class ByteProgress:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-CRASH_NOTE_ENV = "QWEN_EDGE_CRASH_NOTE"
-
-
-def crash_note(text: str) -> None:
-    """Say what this process is about to run in native code (e.g. "llama.cpp running <file>"): the `qwen-edge`
-    command's supervisor names it if the process dies of a signal there. A no-op outside the supervised CLI."""
-    path = os.environ.get(CRASH_NOTE_ENV)
-    if not path:
-        return
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text[:1000])
-    except OSError:
-        pass

@@ -309,7 +309,8 @@ def parse_completion_request(body: Any, generation_config: Mapping[str, Any], li
 class Job:
     """One request's generation: its cancel Event and the events the worker thread sends back to the event loop.
 
-    Events: ("text", str), ("thinking", str), ("done", result), ("error", ApiError).
+    Events: ("text", str), ("thinking", str), ("tool", a streamed tool-call delta), ("done", result),
+    ("error", ApiError).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, kind: str):
@@ -461,12 +462,14 @@ class Engine:
         def work(job: Job) -> Any:
             on_text = (lambda s: job.put("text", s)) if req.stream else None
             on_thinking = (lambda s: job.put("thinking", s)) if req.stream else None
+            on_tool_call = (lambda d: job.put("tool", d)) if req.stream else None
             max_tokens = self.limits.max_tokens if req.max_tokens is None else req.max_tokens
             return self.session.complete(req.messages, tools=req.tools, tool_choice=req.tool_choice,
                                          response_format=req.response_format, thinking=req.thinking,
                                          thinking_budget=req.thinking_budget, sampling=req.sampling,
                                          max_new_tokens=max_tokens, stop=req.stop, on_text=on_text,
-                                         on_thinking=on_thinking, cancel=self.cancelled_now(job))
+                                         on_thinking=on_thinking, on_tool_call=on_tool_call,
+                                         cancel=self.cancelled_now(job))
         return work
 
     def completion_work(self, req: CompletionRequest) -> Callable[[Job], Any]:
@@ -499,8 +502,6 @@ def _tool_calls(result: Any) -> list[dict[str, Any]]:
 
 
 def _finish(result: Any) -> str:
-    if _tool_calls(result):
-        return "tool_calls"
     return FINISH_TO_OPENAI.get(result.finish_reason, "stop")
 
 
@@ -527,10 +528,6 @@ def _sse(doc: Any) -> str:
     return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
 
-TOOL_ARGUMENT_PIECE = 8
-"""Characters of a tool call's arguments per streamed chunk."""
-
-
 class _Chunks:
     """The SSE chunks of one streamed response (chat.completion.chunk or text_completion)."""
 
@@ -552,24 +549,16 @@ class _Chunks:
             doc["usage"] = None
         return _sse(doc)
 
-    def event(self, kind: str, value: str) -> str:
+    def event(self, kind: str, value: Any) -> str:
+        """A "text", "thinking" or "tool" event (a tool call as generated, as OpenAI streams them: its index, id,
+        type and name first with arguments "", then the argument text in pieces)."""
         if not self.chat:
             return self.chunk(text=value)
-        return self.chunk({"content": value} if kind == "text" else {"reasoning_content": value})
+        key = {"text": "content", "thinking": "reasoning_content", "tool": "tool_calls"}[kind]
+        return self.chunk({key: [value] if kind == "tool" else value})
 
     def end(self, result: Any) -> list[str]:
-        out = []
-        calls = _tool_calls(result) if self.chat else []
-        for i, c in enumerate(calls):  # as OpenAI streams them: id, type and name first, then the arguments in pieces
-            fn = c["function"]
-            out.append(self.chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
-                                                   "function": {"name": fn["name"], "arguments": ""}}]}))
-            args = fn["arguments"]
-            for at in range(0, len(args), TOOL_ARGUMENT_PIECE):
-                out.append(self.chunk({"tool_calls": [{"index": i, "function": {
-                    "arguments": args[at: at + TOOL_ARGUMENT_PIECE]}}]}))
-        finish = _finish(result) if self.chat else FINISH_TO_OPENAI.get(result.finish_reason, "stop")
-        out.append(self.chunk(finish=finish))
+        out = [self.chunk(finish=_finish(result))]
         if self.include_usage:
             out.append(_sse({"id": self.job.id, "object": "chat.completion.chunk" if self.chat else
                              "text_completion", "created": self.job.created, "model": self.model, "choices": [],
@@ -608,18 +597,31 @@ def _host_name(header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(?::(\d{1,5}))?/?")
+
+
+def is_loopback_origin(origin: str) -> bool:
+    """Whether a browser `Origin` is a page served from this machine: http(s) on localhost, 127.0.0.0/8 or [::1],
+    any port ("null", file pages, userinfo and other names are not)."""
+    m = _ORIGIN.fullmatch(origin.strip().lower())
+    return m is not None and is_loopback(m.group(2))
+
+
 def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits.lstrip("-")) <= MAX_INT_DIGITS else math.inf
 
 
 class _Guard:
     """ASGI middleware in front of every route: on a loopback bind, only loopback Host names (and `allowed_hosts`)
-    are answered (403 otherwise: DNS rebinding); a POST must send `Content-Type: application/json` (415 otherwise: a
-    web page can POST text/plain cross-origin with no CORS preflight)."""
+    are answered (403 otherwise: DNS rebinding); a request that carries an `Origin` (a browser's) is answered only
+    from a loopback origin or one of `origins` ("*": any; 403 otherwise: a page elsewhere cannot even start a
+    generation); a POST must send `Content-Type: application/json` (415 otherwise: a web page can POST text/plain
+    cross-origin with no CORS preflight)."""
 
-    def __init__(self, app: Any, hosts: Sequence[str] | None):
+    def __init__(self, app: Any, hosts: Sequence[str] | None, origins: Sequence[str] = ()):
         self.app = app
         self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
+        self.origins = {o.strip().lower().rstrip("/") for o in origins}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -629,6 +631,9 @@ class _Guard:
         if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
             err = ApiError(403, f"Host {headers.get('host', '')!r} is not served: this server answers "
                            f"{', '.join(sorted(self.hosts))} (--allow-host NAME adds one)", code="host_not_allowed")
+        elif "origin" in headers and not self._origin_ok(headers["origin"]):
+            err = ApiError(403, f"Origin {headers['origin'][:100]!r} is not allowed: this server answers pages from "
+                           "localhost, 127.0.0.1 and [::1] (--allow-origin ORIGIN adds one)", code="origin_not_allowed")
         elif scope["method"] == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
@@ -640,14 +645,18 @@ class _Guard:
 
         await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
+    def _origin_ok(self, origin: str) -> bool:
+        return "*" in self.origins or origin.strip().lower().rstrip("/") in self.origins or is_loopback_origin(origin)
+
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None) -> Starlette:
     """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-    `allow_origins`: browser origins allowed to call it (CORS; "*" for any); none by default, so a web page on
-    another origin cannot drive a local model unless the user says so. `allowed_hosts`: the Host names answered
-    (None: any; `serve` gives LOOPBACK_HOSTS and --allow-host on a loopback bind).
+    `allow_origins`: browser origins allowed to call it besides this machine's own (CORS headers are sent to these
+    only; "*" for any); none by default, so a web page on another origin gets 403 and cannot drive a local model
+    unless the user says so. `allowed_hosts`: the Host names answered (None: any; `serve` gives LOOPBACK_HOSTS and
+    --allow-host on a loopback bind).
     """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -752,7 +761,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
             if job.kind == "chat":
                 yield chunks.chunk({"role": "assistant", "content": ""})
             while True:
-                if kind in ("text", "thinking"):
+                if kind in ("text", "thinking", "tool"):
                     if value:
                         yield chunks.event(kind, value)
                 elif kind == "done":
@@ -797,7 +806,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         return error(ApiError(status, f"{request.method} {request.url.path}: {detail}",
                               code="not_found" if status == 404 else None))
 
-    middleware = [Middleware(_Guard, hosts=allowed_hosts)]
+    middleware = [Middleware(_Guard, hosts=allowed_hosts, origins=allow_origins)]
     if allow_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))

@@ -8,7 +8,7 @@ import secrets
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union, cast
 
 from .errors import QwenEdgeError
 
@@ -19,7 +19,6 @@ ToolChoice = Union[str, Mapping[str, Any]]
 """"auto" | "none" | "required" | {"type": "function", "function": {"name": N}} (or {"name": N})."""
 
 _ALNUM = string.ascii_letters + string.digits
-_BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)(?:" + re.escape(TOOL_CALL_END) + r"|\Z)", re.S)
 
 
 def new_call_id() -> str:
@@ -29,7 +28,8 @@ def new_call_id() -> str:
 
 @dataclass
 class ToolCall:
-    """One parsed call: the tool's name and its arguments as JSON text (an object)."""
+    """One parsed call: the tool's name and its arguments as the JSON text generated (an object; unfinished when the
+    reply was cut short, finish_reason "length")."""
 
     id: str
     name: str
@@ -126,44 +126,20 @@ def _loads_shallow(text: str) -> Any:
     return json.loads(text)
 
 
-def _blocks(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, body) of each `<tool_call>` block: a block ends at its `</tool_call>`, at the next `<tool_call>`
-    (one that never closed) or at the end of the text, so a malformed block never swallows the next one."""
-    out = []
-    at = text.find(TOOL_CALL_START)
-    while at >= 0:
-        body_from = at + len(TOOL_CALL_START)
-        nxt = text.find(TOOL_CALL_START, body_from)
-        close = text.find(TOOL_CALL_END, body_from)
-        if close >= 0 and (nxt < 0 or close < nxt):
-            out.append((at, close + len(TOOL_CALL_END), text[body_from:close]))
-        else:
-            end = nxt if nxt >= 0 else len(text)
-            out.append((at, end, text[body_from:end]))
-        at = text.find(TOOL_CALL_START, out[-1][1])
-    return out
-
-
 def parse_tool_calls(text: str, names: Sequence[str] | None = None) -> tuple[str, list[ToolCall]]:
-    """(the reply's content, its calls). Each `<tool_call>` block is parsed on its own: a JSON {"name",
-    "arguments"} object naming one of `names` (None: any name) is a call; a block that is not (malformed,
-    truncated, nested too deep, a tool that was not offered) is dropped, as OpenAI never returns one. Content is
-    the text outside the blocks, no tool-call markup in it: with blocks, the whitespace around them is trimmed."""
-    blocks = _blocks(text)
-    if not blocks:
-        return text, []
-    allowed = None if names is None else set(names)
-    calls: list[ToolCall] = []
-    pieces: list[str] = []
-    pos = 0
-    for start, end, body in blocks:
-        pieces.append(text[pos:start])
-        pos = end
-        call = _parse_one(body)
-        if call is not None and (allowed is None or call.name in allowed):
-            calls.append(call)
-    pieces.append(text[pos:])
-    return content_around_calls(pieces), calls
+    """(the reply's content, its calls), read as a stream of it is (ToolCallFilter): each `<tool_call>` block on its
+    own; a call names one of `names` (None: any name). Content is the text outside the blocks, no tool-call markup
+    in it: with blocks, the whitespace around them is trimmed."""
+    f = ToolCallFilter(None, names)
+    f.feed(text)
+    f.finish()
+    return cast(str, f.content), f.calls
+
+
+def tool_calls_finish(calls: Sequence[ToolCall], finish_reason: str) -> str:
+    """A reply's finish reason: "tool_calls" when it made calls and ended on its own; a reply cut short (out of
+    tokens or context, cancelled) keeps its reason, as OpenAI's "length" with an unfinished call does."""
+    return "tool_calls" if calls and finish_reason not in ("length", "context", "cancelled") else finish_reason
 
 
 def content_around_calls(pieces: Sequence[str]) -> str:
@@ -173,48 +149,138 @@ def content_around_calls(pieces: Sequence[str]) -> str:
     return "\n".join(p for p in kept if p)
 
 
-def _parse_one(body: str) -> ToolCall | None:
-    try:
-        doc = _loads_shallow(body.strip())
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
-        return None
-    args = doc.get("arguments", doc.get("parameters", {}))
-    if isinstance(args, str):  # some models send the arguments as a JSON string
-        try:
-            args = _loads_shallow(args)
-        except (ValueError, RecursionError):
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(new_call_id(), doc["name"], json.dumps(args, ensure_ascii=False))
+_HEAD = re.compile(r'\s{0,8}\{\s{0,8}"name"\s{0,8}:\s{0,8}"([A-Za-z0-9_.\-]{1,64})"\s{0,8},\s{0,8}'
+                   r'"(?:arguments|parameters)"\s{0,8}:\s{0,8}(?=\{)')
+"""The head of a call block, up to its arguments object: `{"name": "N", "arguments": ` (bounded whitespace)."""
+_HEAD_MAX = 200
+"""A block body this long that does not start with _HEAD never will (every match is shorter): it is no call."""
+
+
+def _held(text: str, markers: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of one of `markers` (held back until known)."""
+    return max((k for m in markers for k in range(min(len(m) - 1, len(text)), 0, -1) if text.endswith(m[:k])),
+               default=0)
 
 
 class ToolCallFilter:
-    """Holds back streamed text from the first `<tool_call>` on (and any text that could start one, and trailing
-    whitespace that may precede one), so tool-call markup never reaches `on_text`. `finish(content)` sends the rest
-    of the reply's final content (`parse_tool_calls`), so the stream adds up to exactly what a non-streamed reply
-    says."""
+    """Reads a streamed reply's `<tool_call>` blocks as they are generated, so the stream and the finished reply
+    say the same (`parse_tool_calls` is this filter fed the whole text at once).
 
-    def __init__(self, on_text: Callable[[str], None] | None):
-        self.on_text = on_text
-        self.pending = ""
-        self.inside = False
+    Content (text outside the blocks) goes to `on_text`: from the first `<tool_call>` on it is held back (and any
+    text that could start one, and trailing whitespace that may precede one); `finish` sends the rest of the final
+    content. A block is a call once its head `{"name": "N", "arguments": {` is read and N is one of `names` (None:
+    any name): `on_call` then gets OpenAI's first tool-call delta (index, id, type, name, arguments ""), then one
+    delta per fed piece with the argument text it adds, up to the end of the arguments object. A block that does
+    not start that way, or names a tool that was not offered, is no call (OpenAI never returns one). A call whose
+    block ends early (`</tool_call>`, the next `<tool_call>`, the end of the reply: out of tokens) keeps the
+    arguments it had, unfinished, as OpenAI's do at finish_reason "length"; arguments stop at MAX_JSON_DEPTH."""
+
+    def __init__(self, on_text: Callable[[str], None] | None, names: Sequence[str] | None = None,
+                 on_call: Callable[[dict[str, Any]], None] | None = None):
+        self.on_text, self.on_call = on_text, on_call
+        self.names = None if names is None else set(names)
+        self.text = ""
+        self.pos = 0
+        """Where reading goes on in `text`."""
+        self.state = "out"
+        """out (content), head (a block before its arguments), args (a call's arguments), skip (the rest of a
+        block that is no call or whose arguments are complete)."""
+        self.piece_at = 0
+        self.pieces: list[str] = []
+        """The content pieces between blocks, closed so far."""
+        self.calls: list[ToolCall] = []
+        self.depth, self.in_string, self.escaped = 0, False, False
         self.emitted = ""
+        self.content: str | None = None
+        """The reply's content, once `finish` has run."""
 
     def feed(self, piece: str) -> None:
-        self.pending += piece
-        if self.inside:
-            return
-        at = self.pending.find(TOOL_CALL_START)
-        if at >= 0:
-            self._emit(self.pending[:at].rstrip())
-            self.inside = True
-            return
-        hold = next((k for k in range(min(len(TOOL_CALL_START) - 1, len(self.pending)), 0, -1)
-                     if self.pending.endswith(TOOL_CALL_START[:k])), 0)
-        self._emit(self.pending[: len(self.pending) - hold].rstrip())
+        self.text += piece
+        self._read(final=False)
+
+    def _read(self, final: bool) -> None:
+        while True:
+            if self.state == "out":
+                at = self.text.find(TOOL_CALL_START, self.pos)
+                if at < 0:
+                    if not self.pieces:
+                        hold = 0 if final else _held(self.text, (TOOL_CALL_START,))
+                        self._emit(self.text[self.piece_at: len(self.text) - hold].rstrip())
+                    self.pos = max(self.pos, len(self.text) - len(TOOL_CALL_START) + 1)
+                    return
+                if not self.pieces:
+                    self._emit(self.text[self.piece_at: at].rstrip())
+                self.pieces.append(self.text[self.piece_at: at])
+                self.state, self.pos = "head", at + len(TOOL_CALL_START)
+                continue
+            end, marker = self._block_end()
+            avail = end if end >= 0 else len(self.text) - (0 if final else _held(self.text[self.pos:],
+                                                                                 (TOOL_CALL_START, TOOL_CALL_END)))
+            if self.state == "head":
+                m = _HEAD.match(self.text, self.pos, avail)
+                if m is None and (end >= 0 or final or avail - self.pos >= _HEAD_MAX):
+                    self.state = "skip"
+                elif m is not None:
+                    self.pos = m.end()
+                    if self.names is not None and m.group(1) not in self.names:
+                        self.state = "skip"
+                    else:
+                        self.state = "args"
+                        self.depth, self.in_string, self.escaped = 0, False, False
+                        self.calls.append(ToolCall(new_call_id(), m.group(1), ""))
+                        self._call({"index": len(self.calls) - 1, "id": self.calls[-1].id, "type": "function",
+                                    "function": {"name": m.group(1), "arguments": ""}})
+            if self.state == "args":
+                self._arguments(avail)
+            if end < 0:  # the block goes on (or, at the end, ran to the end of the reply)
+                if self.state == "skip":
+                    self.pos = avail
+                return
+            self.pos = end + (len(marker) if marker == TOOL_CALL_END else 0)
+            self.piece_at, self.state = self.pos, "out"
+
+    def _block_end(self) -> tuple[int, str]:
+        """Where the current block ends (-1: not yet seen) and the marker that ends it."""
+        close = self.text.find(TOOL_CALL_END, self.pos)
+        nxt = self.text.find(TOOL_CALL_START, self.pos)
+        if close >= 0 and (nxt < 0 or close < nxt):
+            return close, TOOL_CALL_END
+        return (nxt, TOOL_CALL_START) if nxt >= 0 else (-1, "")
+
+    def _arguments(self, upto: int) -> None:
+        """Read the call's arguments up to `upto`: each character that belongs to the object is added and sent."""
+        start = i = self.pos
+        while i < upto:
+            c = self.text[i]
+            i += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+                if self.depth > MAX_JSON_DEPTH:
+                    i -= 1
+                    self.state = "skip"
+                    break
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.state = "skip"
+                    break
+        self.pos = i
+        if i > start:
+            self.calls[-1].arguments += self.text[start:i]
+            self._call({"index": len(self.calls) - 1, "function": {"arguments": self.text[start:i]}})
+
+    def _call(self, delta: dict[str, Any]) -> None:
+        if self.on_call is not None:
+            self.on_call(delta)
 
     def _emit(self, upto: str) -> None:
         """Send what `upto` (the content so far, from its start) adds to what was sent."""
@@ -227,9 +293,14 @@ class ToolCallFilter:
                 self.on_text(s)
 
     def finish(self, content: str | None = None) -> None:
-        """The reply is over: `content` is its final content (None: all the text held back was content)."""
-        self._emit(self.pending if content is None else content)
-        self.pending = ""
+        """The reply is over: read what was held back, then send the rest of the content (`content`: the reply's
+        final content as the caller has it; None: this filter's own, `self.content`)."""
+        self._read(final=True)
+        if self.state == "out":
+            self.pieces.append(self.text[self.piece_at:])
+        self.content = self.text if TOOL_CALL_START not in self.text else content_around_calls(self.pieces)
+        self._emit(self.content if content is None else content)
+
 
 def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Messages as the Qwen templates want them: an assistant tool call's `arguments` as an object (OpenAI sends

@@ -264,9 +264,9 @@ def test_constraint_with_thinking_on_and_no_budget_still_holds(exported, fmt, qu
             r = s.complete([{"role": "user", "content": "Time?"}], tools=tools, tool_choice="required",
                            thinking=True, sampling=sampling)
             # "required" allows several calls, which a random model may go on writing to the token limit: every
-            # call it finished parses
+            # call it finished parses (one cut by the limit is the last, finish_reason "length")
             assert r.tool_calls and all(c.name == "get_time" for c in r.tool_calls)
-            for c in r.tool_calls:
+            for c in r.tool_calls[:-1] if r.finish_reason == "length" else r.tool_calls:
                 json.loads(c.arguments)
 
 

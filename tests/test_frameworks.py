@@ -1,12 +1,17 @@
 """Apps and agent frameworks against a real `qwen-edge serve` (tiny Qwen3 GGUF and ONNX, random weights), each call as
 the framework makes it, on 20 seeds in a row: the openai client's `chat.completions.parse` with a Pydantic model,
 LangChain's `with_structured_output` (json_schema and function_calling) and `bind_tools(..., tool_choice="required")`,
-and a pydantic-ai Agent with a structured output type. The schemas are the ones the frameworks derive from Pydantic
+a pydantic-ai Agent with a structured output type, and instructor in its default (TOOLS) mode, which runs in a
+virtualenv of its own (tests/side_venv.py: instructor 1.17 pins jiter < 0.15, the test extra's openai needs
+>= 0.16). The schemas are the ones the frameworks derive from Pydantic
 models (no additionalProperties); fields are bounded, as random weights would fill an unbounded one forever."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +20,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 from pydantic import BaseModel, Field  # noqa: E402
 from server_proc import Server  # noqa: E402
+from side_venv import side_venv  # noqa: E402
 
 SEEDS = range(20)
 MAX_TOKENS = 160
@@ -35,6 +41,9 @@ class GetWeather(BaseModel):
 
 
 ASK = "Which city? Answer with its name and population."
+INSTRUCTOR_PINS = ("instructor==1.17.0", "openai==3.3.0", "jiter==0.14.0", "pydantic==2.14.4")
+"""instructor 1.17.0 (the newest) with the newest openai its jiter < 0.15 allows, as pip resolves them; pydantic as
+the project's environment has it."""
 
 
 @pytest.fixture(scope="module", params=[("gguf", "q8_0"), ("onnx", "int4")], ids=lambda p: p[0])
@@ -131,3 +140,23 @@ def test_tool_parameters_without_additional_properties_always_call(server):
         assert ch.finish_reason == "tool_calls" and not ch.message.content, (seed, ch)
         args = json.loads(ch.message.tool_calls[0].function.arguments)
         assert set(args) == {"city", "days"}, (seed, args)
+
+
+def test_instructor_tools_mode(server):
+    """instructor.from_openai(...).chat.completions.create(response_model=City) in its default mode (TOOLS: City's
+    schema, with no additionalProperties, as a forced named call), 20 seeds in a row, no retries: each a valid City
+    with only its fields (before: the open schema let the call run on appending keys)."""
+    req = {"base_url": server.base + "/v1", "seeds": list(SEEDS), "max_tokens": MAX_TOKENS, "ask": ASK}
+    p = subprocess.run([str(side_venv("instructor", INSTRUCTOR_PINS)),
+                        str(Path(__file__).with_name("instructor_check.py")), json.dumps(req)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["mode"].endswith("TOOLS"), report["mode"]
+    sent = report["requests"][0]
+    assert sent["tool_choice"]["function"]["name"] == "City", sent
+    assert "additionalProperties" not in sent["tools"][0]["function"]["parameters"], sent
+    for r in report["results"]:
+        assert r["ok"], r
+        _ok(City.model_validate(r["value"]), City)
+    assert len(report["results"]) == len(report["requests"]) == len(SEEDS)  # one request each: no retry

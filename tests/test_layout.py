@@ -19,7 +19,8 @@ ARCHITECTURE = PKG.parent / "docs" / "architecture.md"
 ROOT_MODULES = {"__init__", "errors", "log", "supervisor", "serve", "tools"}
 """What may sit in the package root (docs/architecture.md says why each one is there)."""
 ROOMS = [  # bottom to top: a room imports only rooms on lines above it; rooms on one line never import each other
-    ("errors", "log"),
+    ("errors",),
+    ("log",),
     ("families", "formats", "device"),
     ("text",),
     ("model",),

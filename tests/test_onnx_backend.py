@@ -300,20 +300,36 @@ def test_memory_cap_applies_to_gguf_too(exported, tmp_path):
 
 
 def test_load_does_not_import_onnx(exported):
-    """Loading and running an ONNX artifact in a fresh process never imports the `onnx` package (its import, mostly
-    ml_dtypes, cost 0.8 s of a 2.3 s load on a 2-core Intel VM): the graph is read with formats/onnx_proto.py."""
+    """Loading and running an ONNX artifact in a fresh process imports only what the ONNX path needs (issue 24: load()
+    within 1.3x the bare InferenceSession, imports included): never the `onnx` package (its import, mostly ml_dtypes,
+    cost 0.8 s of a 2.3 s load on a 2-core Intel VM; the graph is read with formats/onnx_proto.py), nor gguf-py
+    (~0.04 s, through .checkpoint/.families), psutil (the core count comes from sysfs on Linux) or the llama.cpp
+    modules (llama_bufts: ctypes, subprocess)."""
     import subprocess
     import sys
 
     art = exported("tiny-qwen2", "onnx", "int4")
+    unwanted = ("onnx", "ml_dtypes", "gguf", "qwen_edge.model.checkpoint", "qwen_edge.families",
+                "qwen_edge.device.llama_bufts", "qwen_edge.device.llama_lib", "llama_cpp") \
+        + (("psutil",) if sys.platform == "linux" else ())
     code = ("import sys, qwen_edge\n"
             f"rt = qwen_edge.load({str(art)!r}, threads=1)\n"
             f"rt.prefill({A!r})\n"
             "assert rt.logits().shape[-1] == 151936\n"
-            "print(sorted(m for m in sys.modules if m == 'onnx' or m.startswith(('onnx.', 'ml_dtypes'))))\n")
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {unwanted!r} or m in {unwanted!r}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_onnx_backend_says_what_it_runs_for_the_crash_line(exported, tmp_path, monkeypatch):
+    """Under the supervised CLI a native crash in onnxruntime is reported naming the artifact's model file (issue 24:
+    a crash anywhere is one line naming the artifact), as the llama.cpp backend does."""
+    art = exported("tiny-qwen2", "onnx", "int4")
+    note = tmp_path / "note"
+    monkeypatch.setenv("QWEN_EDGE_CRASH_NOTE", str(note))
+    load(art, threads=1).close()
+    assert note.read_text() == f"onnxruntime running {art / 'model.onnx'}"
 
 
 def test_graph_subset_round_trips_every_field(exported, tmp_path):

@@ -383,16 +383,16 @@ def test_genai_config_describes_the_graph(exported):
     assert d["inputs"]["past_key_names"] == "past_key_values.%d.key" and d["filename"] == "model.onnx"
     assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["search"]["max_length"] <= cfg["model"]["context_length"]
-    # the target profile's spin policy (cpu-x86_64: auto = onnxruntime's idle threads sleep), as an onnxruntime
-    # session config entry: an app that embeds the artifact runs it as qwen-edge's backend does
-    assert d["session_options"]["session.intra_op.allow_spinning"] == "0"
+    # the target profile's spin policy (cpu-x86_64: auto = onnxruntime's idle threads spin, as qwen-edge's backend
+    # does on cores it has to itself), as an onnxruntime session config entry
+    assert d["session_options"]["session.intra_op.allow_spinning"] == "1"
 
 
 def test_genai_config_follows_the_target_spin_policy():
     from qwen_edge.export.onnx_genai import spin_entries
 
-    assert spin_entries("auto") == spin_entries(False) == {"session.intra_op.allow_spinning": "0"}
-    assert spin_entries(True) == {"session.intra_op.allow_spinning": "1"}
+    assert spin_entries(False) == spin_entries(0) == {"session.intra_op.allow_spinning": "0"}
+    assert spin_entries("auto") == spin_entries(True) == {"session.intra_op.allow_spinning": "1"}
     assert spin_entries(200) == {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "200"}
 
 

@@ -1,23 +1,21 @@
 """Hugging Face users' door to the ONNX artifacts (issue 28): optimum's ORTModelForCausalLM, transformers' generate
 and pipeline, run in a virtualenv of their own (optimum-onnx pins transformers < 4.58, the project pins 5.x).
 
-The virtualenv is built once per set of pins under a cache directory (QWEN_EDGE_OPTIMUM_CACHE, default
-/var/cache/qwen-edge-optimum, else ~/.cache/qwen-edge-optimum) and reused; tests/optimum_check.py runs inside it and
-reports what optimum saw. Where the virtualenv cannot be built (no package index), the test skips and says why."""
+The virtualenv is built once per set of pins under a cache directory (tests/side_venv.py:
+QWEN_EDGE_OPTIMUM_CACHE, default /var/cache/qwen-edge-optimum, else ~/.cache/qwen-edge-optimum) and reused;
+tests/optimum_check.py runs inside it and reports what optimum saw. Where the virtualenv cannot be built (no package
+index), the test skips and says why."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from side_venv import side_venv
 from test_onnx_export import PROMPT, greedy_run
 
 PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "torch==2.13.0", "onnxruntime==1.32.0",
@@ -31,51 +29,14 @@ NEW_TOKENS = 8
 TEXT = "Hello, how are you?"
 
 
-def cache_root() -> Path:
-    env = os.environ.get("QWEN_EDGE_OPTIMUM_CACHE")
-    roots = [Path(env)] if env else [Path("/var/cache/qwen-edge-optimum"), Path.home() / ".cache/qwen-edge-optimum"]
-    for root in roots:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if os.access(root, os.W_OK):
-                return root
-        except OSError:
-            continue
-    pytest.skip(f"no writable cache directory for the optimum virtualenv (tried {env or '/var/cache, ~/.cache'})")
-
-
-def optimum_venv() -> Path:
-    """The cached virtualenv's python for PINS (built under a lock, marked complete last; other keys removed)."""
-    key = hashlib.sha256("\n".join(PINS + (sys.version.split()[0],)).encode()).hexdigest()[:12]
-    root = cache_root()
-    venv = root / f"venv-{key}"
-    python = venv / "bin" / "python"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (venv / "complete").is_file():
-            return python
-        for old in root.glob("venv-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        base = getattr(sys, "_base_executable", sys.executable)
-        steps = ([base, "-m", "venv", str(venv)],
-                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *PINS])
-        for cmd in steps:
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode:
-                shutil.rmtree(venv, ignore_errors=True)
-                tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-                pytest.skip(f"optimum virtualenv cannot be built ({' '.join(cmd[2:4])}: {tail})")
-        (venv / "complete").write_text("\n".join(PINS) + "\n")
-    return python
-
-
 @pytest.fixture(scope="module")
 def optimum_report(exported):
     arts = {label: exported(arch, "onnx", quant) for label, (arch, quant) in ARTIFACTS.items()}
     req = {"artifacts": {label: str(a) for label, a in arts.items()}, "prompt": PROMPT, "short": SHORT,
            "new_tokens": NEW_TOKENS, "text": TEXT}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    p = subprocess.run([str(optimum_venv()), str(Path(__file__).with_name("optimum_check.py")), json.dumps(req)],
+    p = subprocess.run([str(side_venv("optimum", PINS)), str(Path(__file__).with_name("optimum_check.py")),
+                        json.dumps(req)],
                        capture_output=True, text=True, env=env, cwd=str(arts["qwen3-fp32"].parent))
     assert p.returncode == 0, p.stderr[-3000:]
     return arts, json.loads(p.stdout.strip().splitlines()[-1])

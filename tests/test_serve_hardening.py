@@ -20,12 +20,14 @@ from server_proc import KEY, Server  # noqa: E402  (after the skips: it imports 
 CAP = 48
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 HI = [{"role": "user", "content": "hi"}]
+APP = "http://app.example:8000"
 
 
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
 def server(request, thinking_artifact, tmp_path_factory):
     s = Server(thinking_artifact(request.param), tmp_path_factory.mktemp("harden") / "server.log", "--api-key", KEY,
-               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--max-context", "4096")
+               "--max-tokens", str(CAP), "--max-stop", "4", "--allow-host", "my.box", "--allow-origin", APP,
+               "--max-context", "4096")
     s.fmt = request.param  # type: ignore[attr-defined]
     yield s
     assert s.stop() == 0, s.log()
@@ -71,6 +73,32 @@ def test_only_loopback_host_names(server):
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost", "my.box", f"my.box:{port}"):
         status, doc = raw(server, "GET", "/v1/models", headers={"Host": host})
         assert status == 200 and doc["data"], (host, doc)
+
+
+def test_only_loopback_or_allowed_origins(server):
+    """A browser's Origin must be a page on this machine or one --allow-origin names (403 before anything runs);
+    no Origin (curl, the SDKs) is fine. CORS headers go to the allowed origins only, loopback pages included."""
+    body = json.dumps({"messages": HI, "max_tokens": 1, **NO_THINK}).encode()
+    for origin in ("http://evil.example", "https://localhost.evil.example", "http://127.0.0.1.nip.io", "null",
+                   "http://localhost@evil.example", "http://app.example", "file://", APP + ".evil"):
+        before = server.health()["served"]
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("OPTIONS", "/v1/models")):
+            status, doc = raw(server, method, path, body if method == "POST" else None, {
+                "Origin": origin, "Content-Type": "application/json", "Access-Control-Request-Method": "GET"})
+            assert status == 403 and doc["error"]["code"] == "origin_not_allowed", (origin, method, doc)
+        assert server.health()["served"] == before  # nothing generated
+    for origin in ("http://localhost:5173", "https://127.0.0.1", "http://[::1]:3000", APP, None):
+        status, doc = chat(server, body, **({"Origin": origin} if origin else {}))
+        assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant", (origin, doc)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    for origin, cors in ((APP, APP), ("http://localhost:5173", None)):
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        r = conn.getresponse()
+        r.read()
+        assert r.getheader("access-control-allow-origin") == cors, (origin, r.status)
+    conn.close()
 
 
 # --- what one request may hold -------------------------------------------------------------------------------------
@@ -140,23 +168,76 @@ def test_hostile_values_are_400_naming_the_field_never_5xx(server):
     assert h["status"] == "ok"
 
 
-def test_forced_call_out_of_tokens_is_openai_shaped(server):
-    """tool_choice required and max_tokens too small for the call: finish_reason length, no markup in content
-    (before: the raw <tool_call> text came back as content), streamed the same."""
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-    kw = dict(model="m", messages=HI, tools=tools, tool_choice="required", max_tokens=6, extra_body=NO_THINK,
-              temperature=0)
-    r = server.client().chat.completions.create(**kw)
-    ch = r.choices[0]
-    assert ch.finish_reason == "length" and not ch.message.tool_calls and not ch.message.content, ch
-    content, finish = "", None
-    for chunk in server.client().chat.completions.create(**kw, stream=True):
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer"}},
+    "required": ["city", "days"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]}}}]
+
+
+def streamed(server, **kw) -> tuple[dict, list]:
+    """A streamed chat completion added up as clients do: (message, finish_reason, usage-less) and its tool-call
+    chunks as (chunk number, delta), checking OpenAI's shape: each call opens with index, id, type and name and
+    arguments "", then only argument pieces."""
+    content, calls, finish, tool_chunks = "", {}, None, []
+    chunks = list(server.client().chat.completions.create(**kw, stream=True))
+    for n, chunk in enumerate(chunks):
         for c in chunk.choices:
             content += c.delta.content or ""
-            assert not c.delta.tool_calls
             finish = c.finish_reason or finish
-    assert (content, finish) == ("", "length")
+            for d in c.delta.tool_calls or []:
+                tool_chunks.append((n, d))
+                if d.index not in calls:
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == "", d
+                    calls[d.index] = {"name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function.name is None and d.function.arguments, d
+                    calls[d.index]["arguments"] += d.function.arguments
+    assert chunks[-1].choices[0].finish_reason == finish and not chunks[-1].choices[0].delta.tool_calls
+    return {"content": content or None, "calls": list(calls.values()), "finish": finish}, tool_chunks
+
+
+def whole(server, **kw) -> dict:
+    ch = server.client().chat.completions.create(**kw).choices[0]
+    assert "<tool_call>" not in (ch.message.content or "")
+    return {"content": ch.message.content or None, "finish": ch.finish_reason, "calls": [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in ch.message.tool_calls or []]}
+
+
+def test_tool_calls_stream_as_openai_chunks_and_add_up_to_the_reply(server):
+    """Streamed tool calls are sent as they are generated, chunked as OpenAI does (the name with arguments "" first,
+    then argument pieces), and add up to exactly the non-streamed reply (calls, content, finish_reason) for
+    tool_choice required, named and auto on several seeds, a call cut by max_tokens included."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    seen = set()
+    for seed in range(4):
+        for choice, max_tokens in (("required", CAP), (named, CAP), ("auto", 24), ("required", 16)):
+            kw = dict(model="m", messages=HI, tools=WEATHER, tool_choice=choice, max_tokens=max_tokens, seed=seed,
+                      temperature=1.0, extra_body=NO_THINK)
+            one = whole(server, **kw)
+            s, tool_chunks = streamed(server, **kw)
+            assert s == one, (choice, seed, s, one)
+            seen.add(one["finish"])
+            if choice != "auto" and max_tokens == CAP:  # "required" may go on to a second call, cut by the cap
+                assert one["calls"] and not one["content"] and one["finish"] in ("tool_calls", "length"), one
+                assert one["finish"] == "tool_calls" or choice == "required", one
+                args = [n for n, d in tool_chunks if d.id is None]
+                assert len(args) > 1 and tool_chunks[0][0] < args[0], tool_chunks  # the name first, then pieces
+                json.loads(one["calls"][0]["arguments"])
+    assert {"tool_calls", "length"} <= seen, seen
+
+
+def test_forced_call_out_of_tokens_is_openai_shaped(server):
+    """tool_choice required and max_tokens too small for the call: finish_reason length, no markup in content
+    (before: the raw <tool_call> text came back as content), an unfinished call only once its name was generated
+    (as OpenAI's at "length"), streamed the same."""
+    for max_tokens in (6, 12):
+        kw = dict(model="m", messages=HI, tools=WEATHER[:1], tool_choice="required", max_tokens=max_tokens,
+                  extra_body=NO_THINK, temperature=0)
+        one = whole(server, **kw)
+        assert one["finish"] == "length" and not one["content"], one
+        assert all(c["name"] == "get_weather" for c in one["calls"]), one
+        assert streamed(server, **kw)[0] == one
 
 
 def test_deadline_ends_a_long_generation(thinking_artifact, tmp_path):
@@ -278,3 +359,16 @@ def test_bad_caps_are_one_line_exit_2(cli, thinking_artifact, flags, needle):
     r = cli("serve", str(thinking_artifact("gguf")), "--port", "0", *flags, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_allow_origin_star_allows_every_origin(engine):
+    """--allow-origin '*': any page may call (with CORS headers); without it the same page gets 403."""
+    from starlette.testclient import TestClient
+
+    from qwen_edge import serve
+
+    for origins, status in ((["*"], 200), ([], 403)):
+        with TestClient(serve.create_app(engine, allow_origins=origins), base_url="http://127.0.0.1") as client:
+            r = client.get("/v1/models", headers={"Origin": "http://evil.example"})
+            assert r.status_code == status, (origins, r.text)
+            assert (r.headers.get("access-control-allow-origin") == "*") == bool(origins), r.headers

@@ -12,7 +12,7 @@ import pytest
 from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.runtime.sampling import Sampling
-from qwen_edge.tools import ToolCallFilter, check_messages, parse_tool_calls
+from qwen_edge.tools import MAX_JSON_DEPTH, ToolCallFilter, check_messages, parse_tool_calls
 
 BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
@@ -91,7 +91,7 @@ def test_auto_streams_exactly_the_content(session):
         r = session.complete([{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto", max_new_tokens=12,
                              sampling=Sampling(temperature=1.0, seed=seed), on_text=streamed.append)
         assert "".join(streamed) == r.text and "<tool_call>" not in r.text
-        assert (r.finish_reason == "tool_calls") == bool(r.tool_calls)
+        assert r.finish_reason == "tool_calls" if r.tool_calls and r.finish_reason != "length" else not r.tool_calls
         assert r.finish_reason in ("stop", "length", "tool_calls")
         for c in r.tool_calls:
             assert c.name in {t["function"]["name"] for t in TOOLS}
@@ -100,41 +100,90 @@ def test_auto_streams_exactly_the_content(session):
 
 def test_parse_tool_calls():
     text = ('Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "b", "arguments": "{\\"y\\": [2]}"}\n</tool_call>')
+            '<tool_call>\n{"name": "b", "parameters": {"y": [2, {"z": "}"}]}}\n</tool_call>')
     rest, calls = parse_tool_calls(text)
-    assert rest == "Let me check." and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
-                                                                                              ("b", {"y": [2]})]
+    assert rest == "Let me check." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("a", {"x": 1}), ("b", {"y": [2, {"z": "}"}]})]
     assert len({c.id for c in calls}) == 2
-    # a block that is not a call is dropped (OpenAI never returns markup as content)
+    # a block that is not a call is dropped (OpenAI never returns markup as content); so is one whose arguments
+    # are not an object
     assert parse_tool_calls("<tool_call>\nnot json\n</tool_call>") == ("", [])
+    assert parse_tool_calls('<tool_call>\n{"name": "a", "arguments": "{}"}\n</tool_call>') == ("", [])
     _, calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {}}')  # stopped before the closing tag
-    assert [c.name for c in calls] == ["a"]
+    assert [(c.name, c.arguments) for c in calls] == [("a", "{}")]
+    # out of tokens inside the arguments: the call keeps what it had, as OpenAI's do at finish_reason "length"
+    _, calls = parse_tool_calls('<tool_call>\n{"name": "a", "arguments": {"x": "ab')
+    assert [(c.name, c.arguments) for c in calls] == [("a", '{"x": "ab')]
 
 
 GOOD = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
 
 
-@pytest.mark.parametrize("text, content, names", [
+UTC = '{"tz": "UTC"}'
+DEEP = '{"a": ' * MAX_JSON_DEPTH + "{"
+
+
+@pytest.mark.parametrize("text, content, calls", [
     # a malformed first block (never closed) does not swallow the valid one after it
-    ('<tool_call>\n{"name": "get_weather", "argu\n' + GOOD, "", ["get_time"]),
+    ('<tool_call>\n{"name": "get_weather", "argu\n' + GOOD, "", [UTC]),
     # a call to a tool that was not offered is no call, and its markup is no content
-    ('Sure.\n<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>\n' + GOOD, "Sure.", ["get_time"]),
-    # arguments nested past MAX_JSON_DEPTH: not a call, no RecursionError
-    ('<tool_call>\n{"name": "get_time", "arguments": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}\n</tool_call>\n"
-     + GOOD + "\nbye", "bye", ["get_time"]),
-    # text, a call, truncated markup at the end
-    ("a\n" + GOOD + '\n<tool_call>\n{"name": "get_', "a", ["get_time"]),
+    ('Sure.\n<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>\n' + GOOD, "Sure.", [UTC]),
+    # arguments nested past MAX_JSON_DEPTH stop there, no RecursionError; the next block is read on its own
+    ('<tool_call>\n{"name": "get_time", "arguments": ' + DEEP * 80 + "1" + "}" * 5000 + "}\n</tool_call>\n"
+     + GOOD + "\nbye", "bye", ['{"a": ' * MAX_JSON_DEPTH, UTC]),
+    # text, a call, markup cut before the name is known (no call), or inside the arguments (an unfinished one)
+    ("a\n" + GOOD + '\n<tool_call>\n{"name": "get_', "a", [UTC]),
+    ("a " + GOOD + ' b <tool_call>\n{"name": "get_time", "arguments": {"tz": "U', "a\nb", [UTC, '{"tz": "U']),
+    # markers inside argument strings end the block all the same, streamed or not
+    ('<tool_call>{"name": "get_time", "arguments": {"tz": "<tool_call>' + GOOD, "", ['{"tz": "', UTC]),
 ])
-def test_each_block_parses_on_its_own_and_streams_as_it_returns(text, content, names):
-    rest, calls = parse_tool_calls(text, names)
-    assert rest == content and [c.name for c in calls] == names and json.loads(calls[0].arguments) == {"tz": "UTC"}
-    for size in (1, 3, 7, 50):  # streamed in pieces of any size: the stream adds up to the content
+def test_each_block_parses_on_its_own_and_streams_as_it_returns(text, content, calls):
+    rest, parsed = parse_tool_calls(text, ["get_time"])
+    assert rest == content and [c.arguments for c in parsed] == calls and {c.name for c in parsed} == {"get_time"}
+    for size in (1, 3, 7, 50):  # streamed in pieces of any size: the stream says what the finished reply does
         out: list[str] = []
-        f = ToolCallFilter(out.append)
+        deltas: list[dict] = []
+        f = ToolCallFilter(out.append, ["get_time"], deltas.append)
         for i in range(0, len(text), size):
             f.feed(text[i: i + size])
-        f.finish(rest)
+        f.finish()
         assert "".join(out) == rest and not any("<tool" in p for p in out), (size, out)
+        assert _accumulate(deltas) == [("get_time", a) for a in calls], size
+
+
+def _accumulate(deltas: list[dict]) -> list[tuple[str, str]]:
+    """OpenAI's streamed tool-call deltas added up as clients do; each call opens with its id, type and name and
+    arguments "" (checked here)."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        fn = d["function"]
+        if d["index"] not in calls:
+            assert d["id"].startswith("call_") and d["type"] == "function" and fn["arguments"] == "", d
+            calls[d["index"]] = [fn["name"], ""]
+        else:
+            assert set(d) == {"index", "function"} and set(fn) == {"arguments"} and fn["arguments"], d
+            calls[d["index"]][1] += fn["arguments"]
+    assert list(calls) == list(range(len(calls)))
+    return [(n, a) for n, a in calls.values()]
+
+
+def test_tool_calls_stream_as_they_are_generated(session):
+    """A forced call's name and argument pieces reach on_tool_call while tokens are still being generated (the
+    cancel check runs once per token: each delta is tagged with how many ran), not all at the end."""
+    polls = [0]
+
+    def cancel() -> bool:
+        polls[0] += 1
+        return False
+
+    deltas: list[tuple[int, dict]] = []
+    r = session.complete([{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, tool_choice="required",
+                         sampling=Sampling(temperature=1.0, seed=3), cancel=cancel,
+                         on_tool_call=lambda d: deltas.append((polls[0], d)))
+    assert r.finish_reason == "tool_calls" and r.tool_calls, r.raw_text
+    assert _accumulate([d for _, d in deltas]) == [(c.name, c.arguments) for c in r.tool_calls]
+    arg_steps = [n for n, d in deltas if "id" not in d]
+    assert len(arg_steps) > 1 and deltas[0][0] <= arg_steps[0] < arg_steps[-1] < polls[0] - 1, (deltas, polls)
 
 
 def test_tool_call_markup_never_streams():

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import NotAvailable, QwenEdgeError, first_line
+from ..errors import NotAvailable, QwenEdgeError, crash_note, first_line
 from ..device.targets import Target, busy_cores, check_spin, load_target, physical_cores
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
@@ -183,6 +183,7 @@ class OrtRuntime(Runtime):
             so.optimized_model_filepath = str(optimized_model_path)
         if profile:
             so.enable_profiling = True
+        crash_note(f"onnxruntime running {model_path}")  # the supervised CLI's crash line names the artifact
         try:
             self._sess = ort.InferenceSession(model_bytes, so, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types

@@ -50,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..runtime.generate import generate, read_messages
     from ..runtime.meta import model_meta
     from ..text.tokenizer import Tokenizer, split_thinking
-    from ..tools import ToolCallFilter, load_tools, parse_tool_calls, template_messages
+    from ..tools import ToolCallFilter, load_tools, parse_tool_calls, template_messages, tool_calls_finish
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)
@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
     names = [t["function"]["name"] for t in tools or []]
     answer, calls = parse_tool_calls(answer, names) if calls_possible else (answer, [])
-    finish = "tool_calls" if calls and result.finish_reason != "cancelled" else result.finish_reason
+    finish = tool_calls_finish(calls, result.finish_reason)
     if args.json:
         doc = {"prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": answer,
                "thinking": thinking, "tool_calls": [c.to_openai() for c in calls], "finish_reason": finish,

@@ -37,8 +37,9 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health "
                    "(default: $QWEN_EDGE_API_KEY when set; the variable keeps the key out of the process list)")
     p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
-                   help="a browser origin allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any "
-                   "(repeatable; default none)")
+                   help="a browser origin allowed to call the API, with CORS headers, e.g. http://localhost:3000; "
+                   "'*' for any (repeatable). A request whose Origin is neither this nor a page on localhost, "
+                   "127.0.0.1 or [::1] gets 403; requests without an Origin (non-browser clients) are not affected")
     p.add_argument("--allow-host", action="append", metavar="NAME",
                    help="on a loopback bind, a Host name answered besides localhost, 127.0.0.1 and ::1 (e.g. a name "
                    "in /etc/hosts; repeatable). Other names get 403, so a DNS-rebinding web page cannot read replies")

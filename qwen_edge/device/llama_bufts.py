@@ -41,8 +41,9 @@ from typing import Any
 
 from ..errors import QwenEdgeError, signal_name
 from ..log import logger
+from .targets import LLAMA_EXTRA_BUFFERS
 
-POLICIES = ("auto", "all", "repack", "none")
+POLICIES = LLAMA_EXTRA_BUFFERS
 ENV = "QWEN_EDGE_LLAMA_EXTRA_BUFFERS"
 PROBE_VERSION = 1
 """Bump when the probe's models or checks change: cached verdicts of an older probe are not trusted."""

@@ -71,6 +71,11 @@ class Target:
         return getattr(self, key, default)
 
 
+LLAMA_EXTRA_BUFFERS = ("auto", "all", "repack", "none")
+"""`llama_extra_buffers` values (llama_bufts.POLICIES): here so that checking a profile does not import llama_bufts
+(ctypes, subprocess: load time of an ONNX artifact, issue 24)."""
+
+
 def check_spin(value: Any, name: str = "spin") -> bool | int | str:
     """A spin policy as given in a profile or to load(): true, false, auto, or microseconds (0 = false)."""
     if isinstance(value, bool) or value == "auto":
@@ -109,7 +114,28 @@ def busy_cores(samples: int = 5, interval_s: float = 0.01) -> float:
     return max(0.0, sum(counts) / len(counts) - 1)
 
 
+def _sysfs_cores() -> int:
+    """Linux: distinct cores in sysfs's CPU topology (psutil.cpu_count(logical=False)'s first method, without
+    importing psutil: ~0.03 s of every load, issue 24); 0 where sysfs does not say."""
+    import glob
+
+    cores = set()
+    for pattern in ("core_cpus_list", "thread_siblings_list"):  # the newer name, then the deprecated one
+        for path in glob.glob(f"/sys/devices/system/cpu/cpu[0-9]*/topology/{pattern}"):
+            try:
+                with open(path, "rb") as f:
+                    cores.add(f.read().strip())
+            except OSError:
+                pass
+        if cores:
+            break
+    return len(cores)
+
+
 def physical_cores() -> int:
+    n = _sysfs_cores()
+    if n:
+        return n
     try:
         import psutil
 
@@ -177,10 +203,8 @@ def load_target(name_or_path: str | dict | Target | None) -> Target:
         t.spin = check_spin(t.spin)
     except QwenEdgeError as e:
         raise QwenEdgeError(f"{src}: {e}") from None
-    from .llama_bufts import POLICIES
-
-    if t.llama_extra_buffers not in POLICIES:
-        raise QwenEdgeError(f"{src}: llama_extra_buffers must be one of {', '.join(POLICIES)}, "
+    if t.llama_extra_buffers not in LLAMA_EXTRA_BUFFERS:
+        raise QwenEdgeError(f"{src}: llama_extra_buffers must be one of {', '.join(LLAMA_EXTRA_BUFFERS)}, "
                             f"not {t.llama_extra_buffers!r:.60}")
     for key, allowed in (("onnx_block_size", (16, 32, 64, 128, 256)), ("onnx_lm_head_bits", (4, 8, 16))):
         v = getattr(t, key)

@@ -12,13 +12,19 @@ DEFAULT_MAX_LENGTH = 4096
 
 
 def spin_entries(spin: Any) -> dict[str, str]:
-    """onnxruntime session config entries for a target profile's `spin` (targets.check_spin values): `auto` and
-    false: idle compute threads sleep (what measured best for onnxruntime, as qwen-edge's own backend runs it); true:
-    onnxruntime's own spinning; N: spin up to N microseconds. onnxruntime-genai passes string-valued
-    `session_options` keys to onnxruntime as session config entries."""
-    if spin is True:
+    """onnxruntime session config entries for a target profile's `spin` (targets.check_spin values): `auto` and true:
+    onnxruntime's own spinning; false: idle compute threads sleep at once; N: spin up to N microseconds.
+    onnxruntime-genai passes string-valued `session_options` keys to onnxruntime as session config entries.
+
+    `auto` is decided at load by qwen-edge's backend (spin while its threads have the cores to themselves, else
+    sleep); the export cannot see the machine an app will load on, so it writes what that rule picks on a machine
+    the app has to itself. Measured on a 2-core AVX2 EPYC with benchmarks/bench_genai_threads.py (issue 24):
+    on the idle machine genai decoded our int4 0.5B at 0.98x qwen-edge's backend spinning, 0.70-0.75x sleeping;
+    beside busy cores (load average 6-7, where our backend stops spinning) at 0.56-0.69x spinning, 0.77-1.07x
+    sleeping (benchmarks/RESULTS.md): a device whose cores are shared wants a profile with `spin: false`."""
+    if spin in (True, "auto"):
         return {"session.intra_op.allow_spinning": "1"}
-    if spin in ("auto", False, None, 0):
+    if spin in (False, None, 0):
         return {"session.intra_op.allow_spinning": "0"}
     return {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": str(int(spin))}
 

@@ -10,13 +10,28 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .checkpoint import Checkpoint, sha256_file
 from ..errors import QwenEdgeError
-from ..families import family_of
-from ..families.qwen2 import ENDOFTEXT_ID, IM_END_ID
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+# Loading an artifact must not import .checkpoint / .families: they import gguf-py (~0.04 s), which an ONNX load
+# never needs (issue 24); the export-side helpers below import them where they are used.
+
+
+def sha256_file(path: Path) -> str:
+    from .checkpoint import sha256_file as sha256
+
+    return sha256(path)
+
+
+def family_of(arch: Any) -> Any:
+    from ..families import family_of as family
+
+    return family(arch)
 
 SCHEMA_VERSION = 1
 READ_BY_TOOLKIT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -195,7 +210,12 @@ class Artifact:
 
     @property
     def stop_ids(self) -> list[int]:
-        return list(self.manifest.get("tokenizer", {}).get("stop_ids", [IM_END_ID, ENDOFTEXT_ID]))
+        tok = self.manifest.get("tokenizer", {})
+        if "stop_ids" in tok:
+            return list(tok["stop_ids"])
+        from ..families.qwen2 import ENDOFTEXT_ID, IM_END_ID
+
+        return [IM_END_ID, ENDOFTEXT_ID]
 
     @property
     def context_length(self) -> int:

@@ -40,7 +40,8 @@ class TurnResult:
     context_length: int = 0
     raw_text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    """The reply's parsed tool calls (finish_reason "tool_calls"); `text` holds none of their markup."""
+    """The reply's parsed tool calls (finish_reason "tool_calls"; with "length" the last may be unfinished, its
+    arguments cut where the tokens ran out, as OpenAI's); `text` holds none of their markup."""
 
     @property
     def reused_tokens(self) -> int:
@@ -185,10 +186,11 @@ class ChatSession:
     def _run(self, ids: list[int], *, thinking_budget: int | None, tools: Sequence[dict[str, Any]] | None,
              tool_choice: ToolChoice, response_format: dict[str, Any] | None, sampling: Sampling | None,
              max_new_tokens: int, stop: Sequence[str], on_text: Callable[[str], None] | None,
-             on_thinking: Callable[[str], None] | None, cancel: Cancel, dropped: int = 0) -> TurnResult:
+             on_thinking: Callable[[str], None] | None, cancel: Cancel, dropped: int = 0,
+             on_tool_call: Callable[[dict[str, Any]], None] | None = None) -> TurnResult:
         """Generate the reply to prompt `ids`, reusing the cached common prefix; the history is the caller's."""
         from .constrain import from_response_format, tool_call
-        from ..tools import ToolCallFilter, choice_name, parse_tool_calls
+        from ..tools import ToolCallFilter, choice_name, tool_calls_finish
 
         mode, name = choice_name(tool_choice, tools or [])
         thinking_budget = self.thinking_budget if thinking_budget is None else thinking_budget
@@ -201,7 +203,10 @@ class ChatSession:
         elif self.runtime.n_cached > len(self._cached):  # or used it: trust nothing
             self._cached = []
         common = _common_prefix(self._cached, ids)
-        held = ToolCallFilter(on_text) if calls_possible else None
+        # only the tools offered: a call to any other is dropped, as OpenAI never returns one; the calls are read
+        # as they stream, streamed or not, so a streamed reply says what the finished one does
+        held = ToolCallFilter(on_text, [t["function"]["name"] for t in tools or []], on_tool_call) \
+            if calls_possible else None
         # A thinking-only template ends the generation prompt inside an open <think> block: the reply starts
         # in the thinking, with no opening tag of its own.
         opened = think_position(self.tokenizer, ids) == "thinking"
@@ -217,15 +222,15 @@ class ChatSession:
         self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
         thought, answer = split_thinking(res.text, opened=opened or None)  # as streamed
         calls: list[ToolCall] = []
-        if calls_possible:  # only the tools offered: a call to any other is dropped, as OpenAI never returns one
-            answer, calls = parse_tool_calls(answer, [t["function"]["name"] for t in tools or []])
         try:
             splitter.finish()
             if held is not None:
-                held.finish(answer)
+                held.finish()
         except KeyboardInterrupt:  # Ctrl-C while printing the tail: the reply is over anyway
             pass
-        finish = "tool_calls" if calls and res.finish_reason != "cancelled" else res.finish_reason
+        if held is not None:
+            answer, calls = held.content if held.content is not None else answer, held.calls
+        finish = tool_calls_finish(calls, res.finish_reason)
         return TurnResult(text=answer, thinking=thought, finish_reason=finish, stats=res.stats,
                           prompt_ids=res.prompt_ids, output_ids=res.output_ids, dropped_turns=dropped,
                           context_used=self.runtime.n_cached, context_length=self.context_length,
@@ -236,14 +241,15 @@ class ChatSession:
                  thinking: bool | None = None, thinking_budget: int | None = None, sampling: Sampling | None = None,
                  max_new_tokens: int | None = None, stop: Sequence[str] = (),
                  on_text: Callable[[str], None] | None = None, on_thinking: Callable[[str], None] | None = None,
-                 cancel: Cancel = None) -> TurnResult:
+                 cancel: Cancel = None, on_tool_call: Callable[[dict[str, Any]], None] | None = None) -> TurnResult:
         """The next assistant message of an OpenAI-shaped conversation, `history` left alone.
 
         `messages`: system/user/assistant/tool messages (an assistant's `tool_calls` with JSON-text arguments, a
         tool's `tool_call_id`), rendered by the model's chat template with `tools`. The KV cache keeps the prefix
         this conversation shares with the previous call on the session. `tool_choice` "required" or a named
         function, and `response_format` (json_object, json_schema), are enforced by constrained decoding. A
-        conversation longer than the context raises QwenEdgeError.
+        conversation longer than the context raises QwenEdgeError. `on_tool_call` gets each tool call as it is
+        generated, in OpenAI's streamed `delta.tool_calls` entries (ToolCallFilter).
         """
         from ..tools import check_messages, check_tools
 
@@ -258,7 +264,8 @@ class ChatSession:
                                     f"{self.context_length}")
             self.last = self._run(ids, thinking_budget=thinking_budget, tools=checked, tool_choice=tool_choice,
                                   response_format=response_format, sampling=sampling, max_new_tokens=budget,
-                                  stop=stop, on_text=on_text, on_thinking=on_thinking, cancel=cancel)
+                                  stop=stop, on_text=on_text, on_thinking=on_thinking, cancel=cancel,
+                                  on_tool_call=on_tool_call)
             return self.last
 
     def send(self, text: str, *, thinking: bool | None = None, on_text: Callable[[str], None] | None = None,
