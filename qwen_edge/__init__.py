@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time the same names resolve 
     from .runtime.generate import GenerationResult, generate
     from .runtime.sampling import Sampling
     from .text.tokenizer import Tokenizer
-    from .tools import ToolCall
+    from .runtime.tools import ToolCall
     from .quality.verify import verify
 
 _LAZY = {
@@ -39,7 +39,7 @@ _LAZY = {
     "verify": ".quality.verify", "bench": ".bench.run", "generate": ".runtime.generate",
     "GenerationResult": ".runtime.generate", "ChatSession": ".runtime.chat", "TurnResult": ".runtime.chat",
     "Sampling": ".runtime.sampling", "Artifact": ".model.artifact", "Tokenizer": ".text.tokenizer",
-    "ToolCall": ".tools", "Constraint": ".runtime.constrain",
+    "ToolCall": ".runtime.tools", "Constraint": ".runtime.constrain",
 }
 
 
@@ -98,10 +98,11 @@ _MOVED: dict[str, tuple[str, ...]] = {
     "adapters": ("model.adapters",), "synth": ("model.synth",), "train": ("model.train",),
     "targets": ("device.targets",), "datafiles": ("device.datafiles",), "hwinfo": ("device.hwinfo",),
     "llama_lib": ("device.llama_lib",), "llama_bufts": ("device.llama_bufts",),
-    "generate": ("runtime.generate", "runtime.meta", "runtime.inputs"), "sampling": ("runtime.sampling",),
+    "generate": ("runtime.generate", "runtime.meta", "runtime.inputs", "runtime.tools"),
+    "sampling": ("runtime.sampling",),
     "chat": ("runtime.chat",), "constrain": ("runtime.constrain",),
     "verify": ("quality.verify",), "verify_device": ("quality.verify_device", "quality.reference"),
-    "reports": ("quality.reports",), "bench_report": ("bench.report",),
+    "reports": ("quality.reports",), "bench_report": ("bench.report",), "tools": ("runtime.tools",),
     "recipe": ("recipes.recipe", "recipes.recipe_run"), "recipe_run": ("recipes.recipe_run",),
     "demo": ("cli.demo",), "inspect": ("cli.inspect",), "llama_probe": ("cli.llama_probe",),
 }

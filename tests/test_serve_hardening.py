@@ -277,7 +277,8 @@ def test_beyond_loopback_without_a_key_warns(thinking_artifact, tmp_path):
 @pytest.fixture(scope="module")
 def engine(thinking_artifact):
     from qwen_edge.runtime.chat import ChatSession
-    from qwen_edge.serve import Engine, Limits
+    from qwen_edge.serve.engine import Engine
+    from qwen_edge.serve.protocol import Limits
 
     session = ChatSession.load(thinking_artifact("gguf"), max_context=2048)
     e = Engine(session, "tiny", queue=2, limits=Limits(parse_timeout_s=0.5))
@@ -290,7 +291,7 @@ def test_parsing_runs_off_the_event_loop_and_is_bounded(engine, monkeypatch):
 
     from starlette.testclient import TestClient
 
-    from qwen_edge import serve
+    from qwen_edge.serve import app as serve
 
     threads: list[str] = []
     real = serve.parse_chat_request
@@ -316,7 +317,7 @@ def test_prefill_stops_between_chunks(engine):
     """A request cancelled while its (long) prompt is prefilled frees the model after one chunk; the KV cache is
     rewound to what it held before."""
     from qwen_edge.runtime.generate import generate
-    from qwen_edge.serve import PREFILL_CHUNK
+    from qwen_edge.serve.protocol import PREFILL_CHUNK
 
     rt = engine.session.runtime  # the engine's chunked view of the runtime
     inner = rt._runtime
@@ -342,7 +343,7 @@ def test_prefill_stops_between_chunks(engine):
 def test_api_key_compared_in_constant_time(engine, monkeypatch):
     from starlette.testclient import TestClient
 
-    from qwen_edge import serve
+    from qwen_edge.serve import app as serve
 
     compared: list[tuple[bytes, bytes]] = []
     real = serve.hmac.compare_digest
@@ -365,7 +366,7 @@ def test_allow_origin_star_allows_every_origin(engine):
     """--allow-origin '*': any page may call (with CORS headers); without it the same page gets 403."""
     from starlette.testclient import TestClient
 
-    from qwen_edge import serve
+    from qwen_edge.serve import app as serve
 
     for origins, status in ((["*"], 200), ([], 403)):
         with TestClient(serve.create_app(engine, allow_origins=origins), base_url="http://127.0.0.1") as client:

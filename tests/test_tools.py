@@ -12,7 +12,7 @@ import pytest
 from qwen_edge.runtime.chat import ChatSession
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.runtime.sampling import Sampling
-from qwen_edge.tools import MAX_JSON_DEPTH, ToolCallFilter, check_messages, parse_tool_calls
+from qwen_edge.runtime.tools import MAX_JSON_DEPTH, ToolCallFilter, check_messages, parse_tool_calls
 
 BACKENDS = [("tiny-qwen2", "gguf", "q8_0"), ("tiny-qwen3", "onnx", "int4")]
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},

@@ -19,7 +19,7 @@ Add = Callable[..., argparse.ArgumentParser]
 def _output_constraint(args: argparse.Namespace, tools: list[dict[str, Any]] | None) -> Any:
     """The constraint of --json-schema / --json-object / --regex / --grammar / --tool-choice (None: free text)."""
     from ..runtime import constrain
-    from ..tools import choice_name
+    from ..runtime.tools import choice_name
 
     mode, name = choice_name(_tool_choice(args.tool_choice), tools or [])
     if mode in ("required", "named"):
@@ -47,10 +47,11 @@ def _tool_choice(value: str | None) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`qwen-edge generate`: one prompt (or messages file) through the artifact, streamed or as one JSON document."""
     from ..backends import load
-    from ..runtime.generate import generate, read_messages
+    from ..runtime.generate import generate
     from ..runtime.meta import model_meta
     from ..text.tokenizer import Tokenizer, split_thinking
-    from ..tools import ToolCallFilter, load_tools, parse_tool_calls, template_messages, tool_calls_finish
+    from ..runtime.tools import (ToolCallFilter, load_tools, parse_tool_calls, read_messages, template_messages,
+                                 tool_calls_finish)
 
     meta = model_meta(args.artifact)
     tok = Tokenizer.from_dir(meta.tokenizer_dir)

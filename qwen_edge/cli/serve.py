@@ -9,11 +9,12 @@ Add = Callable[..., argparse.ArgumentParser]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..serve import require_extra
+    from ..serve.server import require_extra
 
     require_extra()  # one line and exit 2 without the extra, before loading anything
     from ..log import say
-    from ..serve import Limits, serve
+    from ..serve.protocol import Limits
+    from ..serve.server import serve
 
     limits = Limits(max_tokens=args.max_tokens, deadline_s=args.timeout, max_stop=args.max_stop)
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_context=args.max_context,
@@ -23,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_verbs(add: Add) -> None:
-    from ..serve import DEFAULT_LIMITS as DEFAULTS
+    from ..serve.protocol import DEFAULT_LIMITS as DEFAULTS
     from .options import add_runtime_args
 
     p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",

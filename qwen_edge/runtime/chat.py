@@ -13,7 +13,7 @@ from .meta import runtime_stop_ids
 from .sampling import Sampling
 from ..text.streaming import ThinkingSplitter, split_thinking, think_position
 from ..text.tokenizer import Tokenizer
-from ..tools import ToolCall, ToolChoice
+from .tools import ToolCall, ToolChoice
 
 if TYPE_CHECKING:
     from ..backends.base import Runtime
@@ -153,7 +153,7 @@ class ChatSession:
     def render(self, messages: Sequence[dict[str, Any]], thinking: bool | None,
                tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids of a conversation (with its tools) through the chat template, ending with the assistant's turn."""
-        from ..tools import template_messages
+        from .tools import template_messages
 
         return self.tokenizer.encode_chat(template_messages(messages), add_generation_prompt=True,
                                           enable_thinking=thinking, tools=tools or None)
@@ -190,7 +190,7 @@ class ChatSession:
              on_tool_call: Callable[[dict[str, Any]], None] | None = None) -> TurnResult:
         """Generate the reply to prompt `ids`, reusing the cached common prefix; the history is the caller's."""
         from .constrain import from_response_format, tool_call
-        from ..tools import ToolCallFilter, choice_name, tool_calls_finish
+        from .tools import ToolCallFilter, choice_name, tool_calls_finish
 
         mode, name = choice_name(tool_choice, tools or [])
         thinking_budget = self.thinking_budget if thinking_budget is None else thinking_budget
@@ -251,7 +251,7 @@ class ChatSession:
         conversation longer than the context raises QwenEdgeError. `on_tool_call` gets each tool call as it is
         generated, in OpenAI's streamed `delta.tool_calls` entries (ToolCallFilter).
         """
-        from ..tools import check_messages, check_tools
+        from .tools import check_messages, check_tools
 
         msgs = check_messages(messages)
         checked = check_tools(tools) if tools else None
@@ -305,7 +305,7 @@ class ChatSession:
               cancel: Cancel = None, max_new_tokens: int | None = None, sampling: Sampling | None = None,
               tools: Sequence[dict[str, Any]] | None = None, tool_choice: ToolChoice = "auto",
               response_format: dict[str, Any] | None = None, thinking_budget: int | None = None) -> TurnResult:
-        from ..tools import check_tools
+        from .tools import check_tools
 
         checked = check_tools(list(tools)) if tools else None
         with self._guard():

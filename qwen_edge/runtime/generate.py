@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 
 import numpy as np
@@ -302,18 +301,3 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
     if stats.prefill_s > 0 and stats.prefill_tokens:
         stats.prefill_tokens_per_s = stats.prefill_tokens / stats.prefill_s
     return GenerationResult(prompt, out, "".join(text_parts), finish, stats, stop_id)
-
-
-# --- the `generate` verb ---------------------------------------------------------------------------------------
-def read_messages(path: str | Path) -> list[dict[str, Any]]:
-    """A messages file: a JSON list of OpenAI-shaped messages (UTF-8), checked by the same rules as the library's
-    and the server's (`tools.check_messages`); errors name the file."""
-    from ..tools import check_messages
-    from .inputs import read_json
-
-    p = Path(path)
-    data = read_json(p)
-    try:
-        return check_messages(data)
-    except QwenEdgeError as e:
-        raise QwenEdgeError(f"{p}: {e}") from None

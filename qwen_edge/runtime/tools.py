@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union, cast
 
-from .errors import QwenEdgeError
+from ..errors import QwenEdgeError
+from ..text.streaming import held_back
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -69,7 +70,7 @@ def check_tools(tools: Any, where: str = "tools") -> list[dict[str, Any]]:
 
 def load_tools(path: str | Path) -> list[dict[str, Any]]:
     """`--tools FILE`: a JSON list of OpenAI tool dicts."""
-    from .runtime.inputs import read_json
+    from .inputs import read_json
 
     return check_tools(read_json(path), str(path))
 
@@ -156,12 +157,6 @@ _HEAD_MAX = 200
 """A block body this long that does not start with _HEAD never will (every match is shorter): it is no call."""
 
 
-def _held(text: str, markers: Sequence[str]) -> int:
-    """How many characters at the end of `text` could be the start of one of `markers` (held back until known)."""
-    return max((k for m in markers for k in range(min(len(m) - 1, len(text)), 0, -1) if text.endswith(m[:k])),
-               default=0)
-
-
 class ToolCallFilter:
     """Reads a streamed reply's `<tool_call>` blocks as they are generated, so the stream and the finished reply
     say the same (`parse_tool_calls` is this filter fed the whole text at once).
@@ -204,7 +199,7 @@ class ToolCallFilter:
                 at = self.text.find(TOOL_CALL_START, self.pos)
                 if at < 0:
                     if not self.pieces:
-                        hold = 0 if final else _held(self.text, (TOOL_CALL_START,))
+                        hold = 0 if final else held_back(self.text, (TOOL_CALL_START,))
                         self._emit(self.text[self.piece_at: len(self.text) - hold].rstrip())
                     self.pos = max(self.pos, len(self.text) - len(TOOL_CALL_START) + 1)
                     return
@@ -214,7 +209,7 @@ class ToolCallFilter:
                 self.state, self.pos = "head", at + len(TOOL_CALL_START)
                 continue
             end, marker = self._block_end()
-            avail = end if end >= 0 else len(self.text) - (0 if final else _held(self.text[self.pos:],
+            avail = end if end >= 0 else len(self.text) - (0 if final else held_back(self.text[self.pos:],
                                                                                  (TOOL_CALL_START, TOOL_CALL_END)))
             if self.state == "head":
                 m = _HEAD.match(self.text, self.pos, avail)
@@ -373,3 +368,16 @@ def _check_call(call: Any, n: int) -> None:
         raise QwenEdgeError(f"messages[{n}]: a tool call's function.arguments must be JSON text or an object")
     if (json_depth(args) if isinstance(args, str) else _depth_of(args)) > MAX_JSON_DEPTH:
         raise QwenEdgeError(f"messages[{n}]: tool call arguments nested deeper than {MAX_JSON_DEPTH}")
+
+
+def read_messages(path: str | Path) -> list[dict[str, Any]]:
+    """A messages file: a JSON list of OpenAI-shaped messages (UTF-8), checked by the same rules as the library's
+    and the server's (`check_messages`); errors name the file."""
+    from .inputs import read_json
+
+    p = Path(path)
+    data = read_json(p)
+    try:
+        return check_messages(data)
+    except QwenEdgeError as e:
+        raise QwenEdgeError(f"{p}: {e}") from None

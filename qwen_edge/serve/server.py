@@ -1,0 +1,120 @@
+"""`qwen-edge serve`'s process: `serve()` loads the artifact into one ChatSession and its Engine, binds host:port (a
+loopback host answers loopback Host names only; beyond loopback without an API key, a warning), runs the app on
+uvicorn and stops on SIGINT/SIGTERM, cancelling running generations. `require_extra`: the one-line error when the
+[serve] extra is missing."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..errors import NotAvailable, QwenEdgeError
+from ..log import logger
+from .app import API_KEY_ENV, LOOPBACK_HOSTS, create_app, is_loopback
+from .engine import Engine
+from .protocol import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    import uvicorn
+
+
+EXTRA_HINT = "pip install 'qwen-edge[serve]'"
+
+
+def require_extra() -> None:
+    """NotAvailable (exit 2, one line) when the [serve] extra is not installed."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise NotAvailable(f"qwen-edge serve needs the [serve] extra ({e.name or e} missing): {EXTRA_HINT}") from None
+
+
+# --- the server ---------------------------------------------------------------------------------------------------
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise QwenEdgeError(f"--host {host}: cannot resolve ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise QwenEdgeError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8080,
+          api_key: str | None = None, max_context: int | None = None, threads: int | None = None,
+          queue: int = 8, target: str | None = None, device: str = "cpu", verbose: bool = False,
+          allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (), limits: Limits = DEFAULT_LIMITS,
+          announce: Callable[[str], None] | None = None) -> int:
+    """Load `artifact`, bind host:port (port 0: any free one) and serve until SIGINT/SIGTERM; returns 0.
+
+    A bad artifact or a port that cannot be bound is a QwenEdgeError before anything listens. `announce` gets the
+    one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set. On a
+    loopback `host` only loopback Host names and `allow_hosts` are answered; beyond loopback without a key, a
+    warning says that anyone who reaches the port can use the model.
+    """
+    require_extra()
+    import uvicorn
+
+    from ..runtime.chat import ChatSession
+    from ..runtime.meta import model_meta
+
+    if queue < 0:
+        raise QwenEdgeError(f"--queue must be >= 0, not {queue}")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key)):
+        raise QwenEdgeError("the API key must be a non-empty string without spaces")
+    meta = model_meta(os.fspath(artifact))
+    session = ChatSession.load(artifact, device=device, target=target, max_context=max_context, threads=threads)
+    session.max_new_tokens = session.context_length  # no max_tokens: until a stop or the context is full
+    model_id = os.path.basename(os.path.normpath(str(artifact)))
+    engine = Engine(session, model_id, queue=queue, generation_config=meta.generation_config, limits=limits)
+    try:
+        sock = _bind(host, port)
+    except BaseException:
+        engine.close()
+        raise
+    loopback = is_loopback(host)
+    if not loopback and api_key is None:
+        logger.warning(f"warning: serving on {host} without an API key: anyone who can reach this port can use the "
+                       f"model (--api-key or ${API_KEY_ENV} to require one)")
+    app = create_app(engine, api_key=api_key, allow_origins=allow_origins,
+                     allowed_hosts=[*LOOPBACK_HOSTS, *allow_hosts] if loopback else None)
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                            timeout_graceful_shutdown=5, lifespan="off")
+    server = _server(config, engine)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    info = session.runtime.info
+    line = (f"serving {model_id} ({info.backend} {info.format}/{info.quant}, context {info.context_length}) on "
+            f"http://{shown}:{bound[1]}/v1")
+    (announce or (lambda s: None))(line)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        engine.close()
+    return 0
+
+
+def _server(config: uvicorn.Config, engine: Engine) -> uvicorn.Server:
+    """A uvicorn.Server that cancels running generations on SIGINT/SIGTERM and exits 0 instead of re-raising them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.shutdown.set()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a clean stop: exit 0, not the signal again
+
+    return Server(config)
