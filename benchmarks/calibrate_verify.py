@@ -67,7 +67,10 @@ def measure(ckpt: Path, pairs: list[tuple[str, str]], workdir: Path, log: Any) -
     rows = []
     for fmt, quant in pairs:
         t0 = time.perf_counter()
-        art = export(ckpt, fmt, quant, workdir, name=f"cal-{fmt}-{quant}")
+        from qwen_edge.formats.quants import QUANTS
+
+        opts = {"imatrix": "auto"} if QUANTS[quant].needs_imatrix else {}  # llama.cpp refuses these without one
+        art = export(ckpt, fmt, quant, workdir, name=f"cal-{fmt}-{quant}", options=opts)
         row: dict[str, Any] = {"format": fmt, "quant": quant, "export_s": round(time.perf_counter() - t0, 2),
                                "types": tensor_types(art)}
         for mode, quick in (("full", False), ("quick", True)):
