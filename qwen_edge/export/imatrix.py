@@ -118,9 +118,11 @@ class _Stats:
             self.counts[n] = self.counts.get(n, 0) + x.shape[0]
 
 
-def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | None = None) -> Imatrix:
+def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | None = None,
+            final: list[np.ndarray] | None = None) -> Imatrix:
     """Run the checkpoint over `windows` in float32 and gather each block linear's input statistics (`layers`:
-    the block indices in order, e.g. wrapped in a progress bar)."""
+    the block indices in order, e.g. wrapped in a progress bar; `final`, when given, receives each window's last
+    hidden states, before the final norm)."""
     a, fam = ckpt.arch, family_of(ckpt.arch)
     refs = fam.tensor_map(a)
 
@@ -178,6 +180,8 @@ def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | 
             act = (g / (1.0 + np.exp(-g))) * (x @ wu.T)
             stats.add(gguf_names("down_proj", i), act)
             hs[j] = (h + act @ wd.T).astype(np.float32)
+    if final is not None:
+        final.extend(hs)
     sums = {n: s.astype(np.float32) for n, s in stats.sums.items()}
     return Imatrix(sums, dict(stats.counts), chunk_count=len(windows))
 
