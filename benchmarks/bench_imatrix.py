@@ -1,0 +1,98 @@
+"""Calibrated (importance-matrix) quantization against round-to-nearest, measured by the verify gate (issue 31).
+
+    python benchmarks/bench_imatrix.py                       # the 512-wide fidelity checkpoint, every quant below
+    python benchmarks/bench_imatrix.py --checkpoint DIR --quants q4_k_m,iq4_xs [--quick]
+
+For each GGUF quantization: an export without and one with `--imatrix auto` (the matrix computed over the shipped
+calibration text, qwen_edge/data/calib_text.json), each verified against the PyTorch reference on the evaluation
+text (qwen_edge/data/eval_text.json), which the calibration never saw: KL mean, KL p99, top-1 agreement,
+perplexity change, and whether the default gate passes. iq3_xxs and iq2_xs exist only calibrated (llama.cpp
+refuses them without a matrix). The checkpoint is tests/fidelity.py's `tiny-qwen3-512`: 512 wide, 4 layers,
+trained deterministically on the evaluation text (so its distributions are peaked and quantization error shows).
+Needs the verify extra (torch, transformers). Writes a record (benchmarks/results/imatrix-*.json), rendered in
+RESULTS.md by report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _record import write_record  # noqa: E402
+
+QUANTS = ("q4_0", "q4_k_m", "q3_k_m", "iq4_xs", "iq3_xxs", "iq2_xs")
+ARCH = "tiny-qwen3-512"
+KEEP = ("kl_mean", "kl_p99", "top1_agreement", "ppl_rel_change", "max_abs_logit_error")
+
+
+def measure(ckpt: Path, quant: str, imatrix: bool, work: Path, quick: bool) -> dict:
+    from qwen_edge.export import export
+    from qwen_edge.verify import verify
+
+    t0 = time.perf_counter()
+    art = export(ckpt, "gguf", quant, work, name=f"{quant}-{'imatrix' if imatrix else 'plain'}",
+                 options={"imatrix": "auto"} if imatrix else {}, force=True)
+    export_s = time.perf_counter() - t0
+    rep = verify(art, quick=quick, store=False)
+    return {"export_s": round(export_s, 1), "passed": rep["passed"], "failed": rep["failed"],
+            "tokens": rep["tokens_evaluated"], **{k: rep["metrics"][k] for k in KEEP},
+            "ppl_reference": rep["metrics"]["ppl_reference"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help=f"reference checkpoint (default: tests/fidelity.py's {ARCH})")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated GGUF quantizations")
+    ap.add_argument("--quick", action="store_true", help="verify on the short evaluation text")
+    ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
+    ap.add_argument("--label", default="", help="suffix of the record's file name")
+    args = ap.parse_args(argv)
+    from qwen_edge.formats.quants import QUANTS as TABLE
+
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    bad = [q for q in quants if q not in TABLE or TABLE[q].format != "gguf"]
+    if bad:
+        print(f"error: not a GGUF quantization: {bad[0]}", file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        desc = f"checkpoint `{ckpt.name}`"
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fidelity import fidelity_checkpoint
+
+        from qwen_edge.train import DEFAULT_STEPS
+
+        t0 = time.perf_counter()
+        ckpt = fidelity_checkpoint(ARCH)
+        print(f"checkpoint {ckpt} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        desc = (f"tests/fidelity.py's {ARCH} (hidden 512, 4 layers, 8 heads x 64, 2 KV heads, intermediate 1536, "
+                f"tied, real 151,936 vocabulary), trained deterministically for {DEFAULT_STEPS} steps on the "
+                "evaluation text")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qwen-edge-imatrix-") as tmp:
+        work = Path(args.workdir or tmp)
+        for q in quants:
+            row = {"quant": q, "plain": None if TABLE[q].needs_imatrix else measure(ckpt, q, False, work, args.quick),
+                   "imatrix": measure(ckpt, q, True, work, args.quick)}
+            if row["plain"]:
+                row["kl_reduction"] = round(1 - row["imatrix"]["kl_mean"] / row["plain"]["kl_mean"], 4)
+            print(f"{q}: KL {row['plain'] and row['plain']['kl_mean']} -> {row['imatrix']['kl_mean']}"
+                  f"  ({row.get('kl_reduction')})", file=sys.stderr, flush=True)
+            rows.append(row)
+    write_record("imatrix", {"rows": rows}, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
+                                                      "quick": args.quick, "quants": quants,
+                                                      "calibration_text": "qwen_edge/data/calib_text.json",
+                                                      "evaluation_text": "qwen_edge/data/eval_text.json"},
+                 label=args.label, rendered_in="benchmarks/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
