@@ -26,7 +26,7 @@ RECIPES_DIR = packaged_dir("recipes")
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 ONNX_ONLY = ("block_size", "symmetric", "accuracy_level", "lm_head_bits", "lm_head_block_size",
              "quantize_embeddings", "kv_dtype")
-GGUF_ONLY = ("intermediate", "imatrix", "calibration_text")
+GGUF_ONLY = ("intermediate",)
 
 
 @dataclass
@@ -53,10 +53,11 @@ class QuantConfig:
     intermediate: str | None = None
     """GGUF k-/i-quants: float type written before llama.cpp quantizes (`bf16`, `f16`, `f32`; default: the source's)."""
     imatrix: str | None = None
-    """GGUF 4-bit and below: importance matrix the quantizer weighs each weight's error by: `auto` (computed over the
-    calibration text, cached) or a llama.cpp imatrix file (GGUF or legacy .dat). Required by iq3_xxs and iq2_xs."""
+    """GGUF 4-bit and below, ONNX int4/int8 (symmetric): importance matrix the quantizer weighs each weight's error
+    by: `auto` (computed over the calibration text, cached) or a llama.cpp imatrix file (GGUF or legacy .dat).
+    Required by iq3_xxs and iq2_xs."""
     calibration_text: str | None = None
-    """GGUF with `imatrix: auto`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
+    """With `imatrix: auto`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
     qwen_edge/data/calib_text.json; default: that shipped text)."""
 
     def options(self) -> dict[str, Any]:

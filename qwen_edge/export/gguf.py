@@ -20,6 +20,7 @@ from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
 from ..safetensors_io import release_pages, to_float32
 from . import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
+from .imatrix import imatrix_option
 
 __all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names", "write_adapter_gguf"]
 
@@ -134,29 +135,6 @@ def _threads(target: Any, options: dict[str, Any]) -> int:
     return physical_cores()
 
 
-def _imatrix(ckpt: Checkpoint, quant: str, options: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None,
-                                                                          dict[str, Any] | None]:
-    """The importance vectors the quantizer gets (option `imatrix`: `auto` or a llama.cpp imatrix file), checked
-    against the model, with the manifest's record; a type that needs one and has none is a one-line error."""
-    spec, text = options.get("imatrix"), options.get("calibration_text")
-    if spec is None:
-        if text is not None:
-            raise QwenEdgeError("gguf option calibration_text needs imatrix=auto (--imatrix auto)")
-        if ALL_QUANTS[quant].needs_imatrix:
-            raise QwenEdgeError(f"gguf {quant} needs an importance matrix (llama.cpp refuses its very-low-bit IQ "
-                                "types without one): --imatrix auto, or --imatrix FILE (a llama.cpp imatrix)")
-        return None, None
-    if not isinstance(spec, str) or not spec:
-        raise QwenEdgeError(f"gguf option imatrix: expected 'auto' or a file path, not {spec!r:.40}")
-    if quant in NO_IMATRIX:
-        raise QwenEdgeError(f"gguf {quant} does not use an importance matrix (drop --imatrix; it weighs the "
-                            "4-bit-and-below types)")
-    from .imatrix import resolve_imatrix
-
-    im, record = resolve_imatrix(spec, ckpt, None if text is None else str(text))
-    return im.values(), record
-
-
 def quantization_report(g: GGUFFile, quant: str, direct: bool | None = None) -> dict[str, Any]:
     """Per-tensor types, counts, bits per weight and every 2-D tensor that did not get the requested type."""
     base = _weight_type(quant)
@@ -201,7 +179,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     for _, hf in names:
         ckpt.tensor_info(hf)  # a missing tensor is a one-line error before anything is written
     dst = out / MODEL_FILE
-    imatrix, imatrix_record = _imatrix(ckpt, quant, options)
+    imatrix, imatrix_record = imatrix_option(ckpt, "gguf", quant, options, NO_IMATRIX)
     if quant in DIRECT and imatrix is None:
         plan = [_planned(g, hf, ckpt.tensor_info(hf).shape, _direct_type(quant, g, ckpt.tensor_info(hf).shape, arch))
                 for g, hf in names]

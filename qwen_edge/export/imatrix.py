@@ -367,6 +367,30 @@ def compute_imatrix(ckpt: Checkpoint, text_path: str | os.PathLike[str] | None =
     return im, path
 
 
+def imatrix_option(ckpt: Checkpoint, fmt: str, quant: str, options: dict[str, Any],
+                   refuse: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
+    """An exporter's options `imatrix` (`auto` or a llama.cpp imatrix file) and `calibration_text`: the importance
+    vectors by GGUF weight name, checked against the model, and the manifest's record of them (None, None without).
+    A quantization in `refuse` has nothing to weigh; one that needs a matrix and has none is a one-line error."""
+    from ..formats.quants import QUANTS
+
+    spec, text = options.get("imatrix"), options.get("calibration_text")
+    if spec is None:
+        if text is not None:
+            raise QwenEdgeError(f"{fmt} option calibration_text needs imatrix=auto (--imatrix auto)")
+        if QUANTS[quant].needs_imatrix:
+            raise QwenEdgeError(f"{fmt} {quant} needs an importance matrix (llama.cpp refuses its very-low-bit IQ "
+                                "types without one): --imatrix auto, or --imatrix FILE (a llama.cpp imatrix)")
+        return None, None
+    if not isinstance(spec, str) or not spec:
+        raise QwenEdgeError(f"{fmt} option imatrix: expected 'auto' or a file path, not {spec!r:.40}")
+    if quant in refuse:
+        raise QwenEdgeError(f"{fmt} {quant} does not use an importance matrix (drop --imatrix; it weighs the "
+                            "4-bit-and-below types)")
+    im, record = resolve_imatrix(spec, ckpt, None if text is None else str(text))
+    return im.values(), record
+
+
 def resolve_imatrix(spec: str, ckpt: Checkpoint, text_path: str | None = None) -> tuple[Imatrix, dict[str, Any]]:
     """`auto` (computed over the calibration text, cached) or a llama.cpp imatrix file; checked against `ckpt`.
     Returns it with the manifest's record of it."""
