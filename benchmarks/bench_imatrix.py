@@ -1,9 +1,9 @@
 """Calibrated (importance-matrix) quantization against round-to-nearest, measured by the verify gate (issue 31).
 
     python benchmarks/bench_imatrix.py                       # the 512-wide fidelity checkpoint, every quant below
-    python benchmarks/bench_imatrix.py --checkpoint DIR --quants q4_k_m,iq4_xs [--quick]
+    python benchmarks/bench_imatrix.py --checkpoint DIR --quants gguf:q4_k_m,onnx:int4 [--quick]
 
-For each GGUF quantization: an export without and one with `--imatrix auto` (the matrix computed over the shipped
+For each quantization (GGUF, and ONNX int4): an export without and one with `--imatrix auto` (the matrix computed over the shipped
 calibration text, qwen_edge/data/calib_text.json), each verified against the PyTorch reference on the evaluation
 text (qwen_edge/data/eval_text.json), which the calibration never saw: KL mean, KL p99, top-1 agreement,
 perplexity change, and whether the default gate passes. iq3_xxs and iq2_xs exist only calibrated (llama.cpp
@@ -26,17 +26,17 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _record import write_record  # noqa: E402
 
-QUANTS = ("q4_0", "q4_k_m", "q3_k_m", "iq4_xs", "iq3_xxs", "iq2_xs")
+QUANTS = ("gguf:q4_0", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:iq4_xs", "gguf:iq3_xxs", "gguf:iq2_xs", "onnx:int4")
 ARCH = "tiny-qwen3-512"
 KEEP = ("kl_mean", "kl_p99", "top1_agreement", "ppl_rel_change", "max_abs_logit_error")
 
 
-def measure(ckpt: Path, quant: str, imatrix: bool, work: Path, quick: bool) -> dict:
+def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: bool) -> dict:
     from qwen_edge.export import export
     from qwen_edge.verify import verify
 
     t0 = time.perf_counter()
-    art = export(ckpt, "gguf", quant, work, name=f"{quant}-{'imatrix' if imatrix else 'plain'}",
+    art = export(ckpt, fmt, quant, work, name=f"{fmt}-{quant}-{'imatrix' if imatrix else 'plain'}",
                  options={"imatrix": "auto"} if imatrix else {}, force=True)
     export_s = time.perf_counter() - t0
     rep = verify(art, quick=quick, store=False)
@@ -48,17 +48,18 @@ def measure(ckpt: Path, quant: str, imatrix: bool, work: Path, quick: bool) -> d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help=f"reference checkpoint (default: tests/fidelity.py's {ARCH})")
-    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated GGUF quantizations")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated FORMAT:QUANT")
     ap.add_argument("--quick", action="store_true", help="verify on the short evaluation text")
     ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
     ap.add_argument("--label", default="", help="suffix of the record's file name")
     args = ap.parse_args(argv)
     from qwen_edge.formats.quants import QUANTS as TABLE
 
-    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
-    bad = [q for q in quants if q not in TABLE or TABLE[q].format != "gguf"]
+    pairs = [tuple(q.strip().split(":", 1)) for q in args.quants.split(",") if q.strip()]
+    bad = [":".join(p) for p in pairs if len(p) != 2 or p[1] not in TABLE or TABLE[p[1]].format != p[0]
+           or p[1] in ("f32", "f16", "bf16", "q8_0", "fp32", "fp16")]
     if bad:
-        print(f"error: not a GGUF quantization: {bad[0]}", file=sys.stderr)
+        print(f"error: not a quantization an importance matrix applies to: {bad[0]}", file=sys.stderr)
         return 2
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
@@ -78,16 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qwen-edge-imatrix-") as tmp:
         work = Path(args.workdir or tmp)
-        for q in quants:
-            row = {"quant": q, "plain": None if TABLE[q].needs_imatrix else measure(ckpt, q, False, work, args.quick),
-                   "imatrix": measure(ckpt, q, True, work, args.quick)}
+        for fmt, q in pairs:
+            row = {"format": fmt, "quant": q,
+                   "plain": None if TABLE[q].needs_imatrix else measure(ckpt, fmt, q, False, work, args.quick),
+                   "imatrix": measure(ckpt, fmt, q, True, work, args.quick)}
             if row["plain"]:
                 row["kl_reduction"] = round(1 - row["imatrix"]["kl_mean"] / row["plain"]["kl_mean"], 4)
-            print(f"{q}: KL {row['plain'] and row['plain']['kl_mean']} -> {row['imatrix']['kl_mean']}"
+            print(f"{fmt} {q}: KL {row['plain'] and row['plain']['kl_mean']} -> {row['imatrix']['kl_mean']}"
                   f"  ({row.get('kl_reduction')})", file=sys.stderr, flush=True)
             rows.append(row)
     write_record("imatrix", {"rows": rows}, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
-                                                      "quick": args.quick, "quants": quants,
+                                                      "quick": args.quick,
+                                                      "quants": [":".join(p) for p in pairs],
                                                       "calibration_text": "qwen_edge/data/calib_text.json",
                                                       "evaluation_text": "qwen_edge/data/eval_text.json"},
                  label=args.label, rendered_in="benchmarks/RESULTS.md")

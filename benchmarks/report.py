@@ -653,7 +653,7 @@ def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
 def render_imatrix(recs: list[Record], root: Path) -> list[str]:
     out = ["## Calibrated quantization: importance matrix vs round-to-nearest (issue 31; "
            "`benchmarks/bench_imatrix.py`)", "",
-           "Each GGUF quantization exported twice, without and with `--imatrix auto` (computed over the shipped "
+           "Each quantization exported twice, without and with `--imatrix auto` (computed over the shipped "
            "calibration text), both verified against the PyTorch reference on the evaluation text the calibration "
            "never saw. KL reduction = 1 - KL(calibrated) / KL(round-to-nearest). iq3_xxs and iq2_xs exist only "
            "calibrated (llama.cpp refuses them without a matrix).", ""]
@@ -666,7 +666,7 @@ def render_imatrix(recs: list[Record], root: Path) -> list[str]:
         for x in r["figures"]["rows"]:
             p, c = x["plain"] or {}, x["imatrix"]
             pair = lambda k: f"{g(p.get(k))} / {g(c[k])}"  # noqa: E731
-            rows.append([x["quant"], pair("kl_mean"), pair("kl_p99"), pair("top1_agreement"), pair("ppl_rel_change"),
+            rows.append([f"{x.get('format', 'gguf')} {x['quant']}", pair("kl_mean"), pair("kl_p99"), pair("top1_agreement"), pair("ppl_rel_change"),
                          f"{100 * x['kl_reduction']:.0f}%" if x.get("kl_reduction") is not None else "-",
                          f"{'-' if not p else 'pass' if p['passed'] else 'FAIL'} / {'pass' if c['passed'] else 'FAIL'}",
                          c["tokens"]])
