@@ -293,3 +293,16 @@ def test_onnx_imatrix_refuses_what_it_cannot_weigh(ckpt):
         export(ckpt, "onnx", "fp16", "/nonexistent-out", options={"imatrix": "auto"})
     with pytest.raises(QwenEdgeError, match="symmetric blocks"):
         export(ckpt, "onnx", "int4", "/nonexistent-out", options={"imatrix": "auto", "symmetric": False})
+
+
+def test_a_recipe_carries_the_imatrix(ckpt, imatrix_file, cli, tmp_path):
+    recipe = tmp_path / "iq2.yaml"
+    recipe.write_text(f"source: {ckpt}\nformat: gguf\nquant:\n  type: iq2_xs\n  imatrix: {imatrix_file}\n"
+                      "verify:\n  enabled: false\n")
+    r = cli("export", "--recipe", str(recipe), "-o", str(tmp_path / "out"), "--name", "iq2")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "iq2" / "manifest.json").read_text())
+    assert m["recipe"]["quant"]["imatrix"] == str(imatrix_file) and m["quantization"]["imatrix"]["source"] == "file"
+    recipe.write_text(f"source: {ckpt}\nformat: gguf\nquant:\n  type: q4_k_m\n  calibration_text: notes.txt\n")
+    r = cli("export", "--recipe", str(recipe), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "'quant.calibration_text' needs 'quant.imatrix: auto'" in r.stderr
