@@ -31,6 +31,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..errors import QwenEdgeError
 from ..families import family_of
+from ..safetensors_io import release_pages, to_float32
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +130,24 @@ def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | 
     def gguf_names(role: str, bid: int) -> list[str]:
         return [t.gguf for t in refs if t.bid == bid and (t.onnx == role or t.onnx.startswith(role + ":"))]
 
+    def widened(name: str) -> np.ndarray:
+        """float32 copy; the mapped pages it was read from leave the resident set (as the exporters do)."""
+        raw = ckpt.raw(name)
+        x = to_float32(raw, ckpt.tensor_info(name).dtype)  # always a fresh array
+        release_pages(raw)
+        return x
+
     def one(role: str, bid: int | None = None) -> np.ndarray:
         (name,) = fam.checkpoint_names(a, role, bid)
-        return ckpt.tensor(name)
+        return widened(name)
 
     def many(role: str, bid: int) -> list[np.ndarray]:
-        return [ckpt.tensor(n) for n in fam.checkpoint_names(a, role, bid)]
+        return [widened(n) for n in fam.checkpoint_names(a, role, bid)]
 
     emb_name = fam.checkpoint_names(a, "embed_tokens")[0]
     table = ckpt.raw(emb_name)
-    from ..safetensors_io import to_float32
-
     hs = [to_float32(np.asarray(table[np.asarray(w)]), ckpt.tensor_info(emb_name).dtype) for w in windows]
+    release_pages(table)
     d = a.head_dim
     inv = 1.0 / (a.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     stats = _Stats()
