@@ -111,10 +111,11 @@ def captured_fds() -> Iterator[list[str]]:
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int,
-                   imatrix: "Mapping[str, np.ndarray] | None" = None) -> None:
+                   imatrix: "Mapping[str, np.ndarray] | None" = None, output_type: int | None = None) -> None:
     """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for llama_ftype `ftype`
     (`quant` names it in errors); `imatrix` maps GGUF weight names to their importance vectors (float32, one value
-    per input column), passed as llama.cpp's `llama_model_imatrix_data` array."""
+    per input column), passed as llama.cpp's `llama_model_imatrix_data` array; `output_type` (a ggml type) overrides
+    the type of the output head (the embedding when tied)."""
     llama_cpp = import_llama_cpp()
     with _lock:
         silence_llama_log(llama_cpp)
@@ -122,6 +123,8 @@ def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int,
         params = llama_cpp.llama_model_quantize_default_params()
         params.nthread = max(1, int(nthread))
         params.ftype = ftype
+        if output_type is not None:
+            params.output_tensor_type = output_type
         keep = _imatrix_array(llama_cpp, imatrix) if imatrix else None
         if keep is not None:
             params.imatrix = keep[0]

@@ -306,3 +306,13 @@ def test_a_recipe_carries_the_imatrix(ckpt, imatrix_file, cli, tmp_path):
     recipe.write_text(f"source: {ckpt}\nformat: gguf\nquant:\n  type: q4_k_m\n  calibration_text: notes.txt\n")
     r = cli("export", "--recipe", str(recipe), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "'quant.calibration_text' needs 'quant.imatrix: auto'" in r.stderr
+
+
+def test_calibrated_q4_0_keeps_the_plain_type_mixture(exported):
+    """q4_0 with a matrix goes through llama.cpp; its output head (the tied embedding) stays Q8_0 as the direct
+    writer makes it, so plain and calibrated differ only by the matrix."""
+    plain = _tensors(exported(ARCH, "gguf", "q4_0") / "model.gguf")
+    calib = _tensors(exported(ARCH, "gguf", "q4_0", imatrix="auto") / "model.gguf")
+    assert {n: t for n, (t, _) in calib.items()} == {n: t for n, (t, _) in plain.items()}
+    assert calib["token_embd.weight"][0] == "Q8_0"
+    assert calib["token_embd.weight"][1] == plain["token_embd.weight"][1]  # no imatrix entry: the same bytes

@@ -193,8 +193,10 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         tmp = out / f".{MODEL_FILE}.{inter.name.lower()}.tmp"
         try:
             _write(ckpt, tmp, plan, int(ALL_QUANTS[inter.name.lower()].file_type), out, tokenizer)
+            # q4_0 through llama.cpp (with a matrix): the output head at Q8_0 as the direct writer has it (llama.cpp
+            # would give it Q6_K), so a calibrated q4_0 differs from the plain one only by the matrix
             llama_quantize(tmp, dst, int(ALL_QUANTS[quant].file_type), quant, _threads(target, options),
-                           imatrix=imatrix)
+                           imatrix=imatrix, output_type=int(T.Q8_0) if quant in DIRECT else None)
         finally:
             tmp.unlink(missing_ok=True)
     g = check_gguf_file(dst)
