@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="verify on the short evaluation text")
     ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
     ap.add_argument("--label", default="", help="suffix of the record's file name")
+    ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     args = ap.parse_args(argv)
     from qwen_edge.formats.quants import QUANTS as TABLE
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "quants": [":".join(p) for p in pairs],
                                                       "calibration_text": "qwen_edge/data/calib_text.json",
                                                       "evaluation_text": "qwen_edge/data/eval_text.json"},
-                 label=args.label, rendered_in="benchmarks/RESULTS.md")
+                 label=args.label, rendered_in="benchmarks/RESULTS.md", notes=args.note)
     return 0
 
 
