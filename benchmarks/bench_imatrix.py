@@ -45,12 +45,61 @@ def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: 
             "ppl_reference": rep["metrics"]["ppl_reference"]}
 
 
+def with_outliers(src: Path, out: Path, n: int, alpha: float) -> Path:
+    """A function-preserving copy of `src` with activation outliers, as real models have: in every layer, `n` hidden
+    channels of both RMS norms' weights times `alpha`, the matching input columns of q/k/v and gate/up divided by it.
+    The float model computes the same function (the norm's weight multiplies after normalization), but the inputs
+    of those linears carry `alpha`-times channels, whose tiny weight columns round-to-nearest quantizes badly."""
+    import shutil
+
+    import numpy as np
+
+    from qwen_edge.safetensors_io import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
+
+    if (out / "model.safetensors").is_file():
+        return out
+    shutil.copytree(src, out)
+    st = SafetensorsFile(src / "model.safetensors")
+    try:
+        tensors = {name: (i.dtype, i.shape, np.array(st.raw(name))) for name, i in sorted(st.tensors.items())}
+        meta = dict(st.metadata)
+    finally:
+        st.close()
+    layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")})
+    rng = np.random.default_rng(0)
+    for i in layers:
+        pre = f"model.layers.{i}."
+        hidden = tensors[pre + "input_layernorm.weight"][1][0]
+        ch = rng.permutation(hidden)[:n]
+        for norm, linears in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            for name, fn in [(pre + norm + ".weight", lambda w: _scale(w, ch, alpha, axis=0))] + \
+                    [(pre + lin + ".weight", lambda w: _scale(w, ch, 1.0 / alpha, axis=1)) for lin in linears]:
+                dtype, shape, raw = tensors[name]
+                assert dtype == "BF16", name
+                tensors[name] = (dtype, shape, f32_to_bf16(fn(bf16_to_f32(raw))))
+    meta["qwen_edge_outliers"] = f"{n} channels x {alpha} per layer"
+    write_safetensors(out / "model.safetensors", [(k, d, s, x) for k, (d, s, x) in tensors.items()], metadata=meta)
+    return out
+
+
+def _scale(w, ch, factor: float, axis: int):
+    w = w.copy()
+    if axis == 0:
+        w[ch] *= factor
+    else:
+        w[:, ch] *= factor
+    return w
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help=f"reference checkpoint (default: tests/fidelity.py's {ARCH})")
     ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated FORMAT:QUANT")
     ap.add_argument("--quick", action="store_true", help="verify on the short evaluation text")
     ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
+    ap.add_argument("--outliers", metavar="N,ALPHA", help="measure a function-preserving copy with activation "
+                    "outliers: N channels per layer scaled by ALPHA (see with_outliers)")
     ap.add_argument("--label", default="", help="suffix of the record's file name")
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     args = ap.parse_args(argv)
@@ -80,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qwen-edge-imatrix-") as tmp:
         work = Path(args.workdir or tmp)
+        if args.outliers:
+            n, alpha = args.outliers.split(",")
+            ckpt = with_outliers(ckpt, work / "outliers-ckpt", int(n), float(alpha))
+            desc += (f"; made function-preserving with activation outliers: {n} channels per layer x {alpha} in both "
+                     "norms' weights, the matching q/k/v and gate/up input columns divided by it (with_outliers)")
         for fmt, q in pairs:
             row = {"format": fmt, "quant": q,
                    "plain": None if TABLE[q].needs_imatrix else measure(ckpt, fmt, q, False, work, args.quick),
@@ -90,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  ({row.get('kl_reduction')})", file=sys.stderr, flush=True)
             rows.append(row)
     write_record("imatrix", {"rows": rows}, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
-                                                      "quick": args.quick,
+                                                      "quick": args.quick, "outliers": args.outliers,
                                                       "quants": [":".join(p) for p in pairs],
                                                       "calibration_text": "qwen_edge/data/calib_text.json",
                                                       "evaluation_text": "qwen_edge/data/eval_text.json"},
