@@ -35,6 +35,9 @@ import qwen_edge
 from qwen_edge.export import export
 ckpt, fmt, quant, out, threads = sys.argv[1:6]
 options = {"threads": int(threads)} if fmt == "gguf" else {}
+quant, _, extra = quant.partition("+")
+if extra == "imatrix":  # calibrated: the importance matrix computed in this process (the child's cache dir is empty)
+    options["imatrix"] = "auto"
 t = time.perf_counter()
 p = export(ckpt, fmt, quant, out, name=f"{fmt}-{quant}", options=options)
 wall = time.perf_counter() - t
@@ -62,6 +65,8 @@ def machine() -> dict:
 def run_one(ckpt: Path, fmt: str, quant: str, out: Path, threads: int, repo: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+    cache = tempfile.TemporaryDirectory(prefix="qwen-edge-bench-cache-")
+    env["QWEN_EDGE_CACHE_DIR"] = cache.name  # nothing computed before (an imatrix) is reused
     t = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), fmt, quant, str(out), str(threads)],
@@ -77,6 +82,7 @@ def run_one(ckpt: Path, fmt: str, quant: str, out: Path, threads: int, repo: Pat
     art = Path(res["path"])
     size = sum(p.stat().st_size for p in art.iterdir() if p.name.startswith("model."))
     shutil.rmtree(art)
+    cache.cleanup()
     if not res["module"].startswith(str(repo)):
         raise SystemExit(f"the child imported {res['module']}, not qwen_edge from {repo}")
     return {"export_s": round(res["export_s"], 1), "process_s": round(process_s, 1),
@@ -88,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", action="append", required=True, help="LABEL=DIR of a checkpoint (repeatable)")
     ap.add_argument("--exports", default="gguf:q4_0,gguf:q4_k_m,onnx:int4,onnx:fp16",
-                    help="comma-separated FORMAT:QUANT list")
+                    help="comma-separated FORMAT:QUANT list; QUANT+imatrix exports with --imatrix auto (computed)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qwen-edge-bench/export-memory"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repo", type=Path, default=ROOT, help="tree to import qwen_edge from (default: this one)")

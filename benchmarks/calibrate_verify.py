@@ -67,7 +67,10 @@ def measure(ckpt: Path, pairs: list[tuple[str, str]], workdir: Path, log: Any) -
     rows = []
     for fmt, quant in pairs:
         t0 = time.perf_counter()
-        art = export(ckpt, fmt, quant, workdir, name=f"cal-{fmt}-{quant}")
+        from qwen_edge.formats.quants import QUANTS
+
+        opts = {"imatrix": "auto"} if QUANTS[quant].needs_imatrix else {}  # llama.cpp refuses these without one
+        art = export(ckpt, fmt, quant, workdir, name=f"cal-{fmt}-{quant}", options=opts)
         row: dict[str, Any] = {"format": fmt, "quant": quant, "export_s": round(time.perf_counter() - t0, 2),
                                "types": tensor_types(art)}
         for mode, quick in (("full", False), ("quick", True)):
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="reference checkpoint (default: the tests' fidelity checkpoint)")
     ap.add_argument("--quants", help="comma-separated fmt:quant (default: every shipped quantization)")
     ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
+    ap.add_argument("--extend", action="store_true", help="measure only --quants and write a record that is the "
+                    "latest one with those rows added or replaced (new quantization types without re-measuring the "
+                    "rest; the record names the one it extends)")
     ap.add_argument("--results", default=str(RESULTS), help="record directory (default: benchmarks/results)")
     args = ap.parse_args(argv)
     results = Path(args.results)
@@ -269,16 +275,28 @@ def calibrate(args: argparse.Namespace, results: Path) -> int:
         ckpt = fidelity_checkpoint()
         desc = (f"The fidelity checkpoint (tests/fidelity.py: {FIDELITY_ARCH}, real 151,936 vocabulary, trained "
                 f"deterministically for {DEFAULT_STEPS} steps on the evaluation text)")
+    if args.extend:  # the same checkpoint files (e.g. --checkpoint naming the path the record measured)
+        base = latest_record(results)
+        if base["settings"].get("checkpoint") != str(ckpt):
+            raise BadInput(f"--extend: {base['_file']} measured {base['settings'].get('checkpoint')}, not {ckpt}")
+        desc = base["settings"]["checkpoint_desc"]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="qwen-edge-calibrate-") as tmp:
         rows = measure(ckpt, pairs, Path(args.workdir or tmp), log)
+    notes = []
+    if args.extend:
+        fresh = {(r["format"], r["quant"]) for r in rows}
+        rows = [r for r in base["figures"]["artifacts"] if (r["format"], r["quant"]) not in fresh] + rows
+        notes.append(f"extends {base['_file']}: rows {', '.join(':'.join(p) for p in sorted(fresh))} measured by this "
+                     f"run, the others carried from that record ({base['date'][:10]}, {base['machine'].get('cpu')})")
+        pairs = [(r["format"], r["quant"]) for r in rows]
     first = rows[0]
     figures = {"ppl_reference": first["full"]["metrics"]["ppl_reference"], "tokens_full": first["full"]["tokens"],
                "tokens_quick": first["quick"]["tokens"], "artifacts": rows}
     write_record(BENCH, figures, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
                                            "quants": [":".join(p) for p in pairs], "margins": MARGINS,
                                            "floors": FLOORS},
-                 out_dir=results, rendered_in="docs/verify.md")
+                 out_dir=results, rendered_in="docs/verify.md", notes=notes)
     return 0
 
 

@@ -694,13 +694,41 @@ def render_extra_buffers(recs: list[Record], root: Path) -> list[str]:
     return section(top, recs, body)
 
 
+def render_imatrix(recs: list[Record], root: Path) -> list[str]:
+    top = ["## Calibrated quantization: importance matrix vs round-to-nearest (issue 31; "
+           "`benchmarks/bench_imatrix.py`)", "",
+           "Each quantization exported twice, without and with `--imatrix auto` (computed over the shipped "
+           "calibration text), both verified against the PyTorch reference on the evaluation text the calibration "
+           "never saw. KL reduction = 1 - KL(calibrated) / KL(round-to-nearest). iq3_xxs and iq2_xs exist only "
+           "calibrated (llama.cpp refuses them without a matrix).", ""]
+    g = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
+        s = r["settings"]
+        out += [f"Checkpoint: {s['checkpoint_desc']}. Verify text: {'--quick' if s.get('quick') else 'full'}.", ""]
+        rows = []
+        for x in r["figures"]["rows"]:
+            p, c = x["plain"] or {}, x["imatrix"]
+            pair = lambda k: f"{g(p.get(k))} / {g(c[k])}"  # noqa: E731
+            rows.append([f"{x.get('format', 'gguf')} {x['quant']}", pair("kl_mean"), pair("kl_p99"), pair("top1_agreement"), pair("ppl_rel_change"),
+                         f"{100 * x['kl_reduction']:.0f}%" if x.get("kl_reduction") is not None else "-",
+                         f"{'-' if not p else 'pass' if p['passed'] else 'FAIL'} / {'pass' if c['passed'] else 'FAIL'}",
+                         c["tokens"]])
+        out += table(["quant", "KL mean (plain / imatrix)", "KL p99", "top-1", "ppl change", "KL reduction",
+                      "gate", "tokens"], rows, " rrrrr r")
+        return out
+
+    return section(top, recs, body)
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
-    "schema_closed": render_schema_closed,
+    "schema_closed": render_schema_closed, "imatrix": render_imatrix,
 }
 
 

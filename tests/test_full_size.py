@@ -11,6 +11,7 @@ from qwen_edge.model.artifact import Artifact
 from qwen_edge.backends import load
 from qwen_edge.export import export
 from qwen_edge.export.gguf import QUANTS as GGUF_QUANTS
+from qwen_edge.formats.quants import QUANTS as QUANT_TABLE
 from qwen_edge.model.synth import synth
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,8 @@ PROMPT = [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]
 # leaves near-independent logits of the same spread, KL ~0.3-0.7, far above every ceiling.
 KL_CEILING = {16: 0.002, 8: 0.004, 6: 0.005, 5: 0.02, 4: 0.1, 3: 0.15, 2: 0.2}
 BITS = {"f32": 16, "fp32": 16, "f16": 16, "fp16": 16, "bf16": 16, "q8_0": 8, "int8": 8, "q6_k": 6, "q5_k_m": 5,
-        "q5_k_s": 5, "q4_0": 4, "q4_k_m": 4, "q4_k_s": 4, "iq4_nl": 4, "iq4_xs": 4, "int4": 4, "q3_k_m": 3, "q2_k": 2}
+        "q5_k_s": 5, "q4_0": 4, "q4_k_m": 4, "q4_k_s": 4, "iq4_nl": 4, "iq4_xs": 4, "int4": 4, "q3_k_m": 3, "q2_k": 2,
+        "iq3_xxs": 3, "iq2_xs": 2}
 
 
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
@@ -64,7 +66,8 @@ def f32_logits(ckpt_05b, tmp_path_factory):
 
 @pytest.mark.parametrize("quant", GGUF_QUANTS)
 def test_every_gguf_quant_of_05b_loads_and_generates(ckpt_05b, f32_logits, tmp_path, quant):
-    art = export(ckpt_05b, "gguf", quant, tmp_path, name=f"q05-{quant}")
+    opts = {"imatrix": "auto"} if QUANT_TABLE[quant].needs_imatrix else {}
+    art = export(ckpt_05b, "gguf", quant, tmp_path, name=f"q05-{quant}", options=opts)
     manifest = Artifact.open(art).manifest
     q = manifest["quantization"]
     assert q["requested"] == quant and q["bits_per_weight"] > 0

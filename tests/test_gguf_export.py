@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from qwen_edge.errors import QwenEdgeError
-from qwen_edge.export.gguf import QUANTS
+from qwen_edge.export.gguf import QUANTS as ALL_GGUF
+from qwen_edge.formats.quants import QUANTS as QUANT_TABLE
 from qwen_edge.formats.gguf import check_gguf_file, gguf_file_info, read_gguf
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
+QUANTS = tuple(q for q in ALL_GGUF if not QUANT_TABLE[q].needs_imatrix)
+"""The types that need an importance matrix are tested on 256-wide rows in tests/test_imatrix.py."""
 ARCHS = ("tiny-qwen2", "tiny-qwen2-untied", "tiny-qwen3", "tiny-qwen3-untied")
 
 

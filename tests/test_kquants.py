@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qwen_edge.export.gguf import BASE_TYPES, tensor_names
+from qwen_edge.formats.quants import QUANTS as ALL_QUANTS
 from qwen_edge.formats.gguf import read_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -23,7 +24,9 @@ pytest.importorskip("llama_cpp")
 
 ARCH = "tiny-qwen3-256"
 N_LAYERS = 2
-QUANTS = tuple(BASE_TYPES)  # every quantization the exporter hands to llama.cpp's quantizer
+QUANTS = tuple(q for q in BASE_TYPES if not ALL_QUANTS[q].needs_imatrix)
+"""Every quantization the exporter hands to llama.cpp's quantizer without an importance matrix (the types that need
+one: tests/test_imatrix.py)."""
 
 # Relative RMS error |dequant - w| / |w| of one tensor, N(0, 0.02) bf16 weights (synth seed 0), no imatrix.
 # Measured on llama.cpp 0.3.36 over every 2-D tensor of every export here (min-max):

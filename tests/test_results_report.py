@@ -154,3 +154,15 @@ def test_write_record_keeps_run_metadata(tmp_path):
                                           if p.name.startswith(("bench_", "run_"))))
 def test_every_benchmark_script_writes_a_record(script):
     assert "write_record(" in (BENCH / script).read_text(), f"{script} measures without writing a record"
+
+
+def test_every_renderer_has_the_one_section_shape():
+    """A bench's section is written by report.section (title and intro, an optional table over the records, then
+    each record's header and body): no renderer writes the record headers itself."""
+    src = (BENCH / "report.py").read_text(encoding="utf-8")
+    assert len(re.findall(r"\bheader\(r\)", src)) == 1, "a renderer writes record headers outside section()"
+    renderers = re.findall(r"^def (render_\w+)\(recs: list\[Record\], root: Path\)", src, flags=re.M)
+    bodies = re.split(r"^def ", src, flags=re.M)
+    for name in renderers:
+        body = next(b for b in bodies if b.startswith(name + "("))
+        assert "return section(" in body or "= section(" in body, f"{name} does not use section()"

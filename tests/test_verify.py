@@ -37,7 +37,8 @@ def fid_export(fidelity_ckpt, tmp_path_factory):
 
     def make(fmt: str, quant: str) -> Path:
         if (fmt, quant) not in cache:
-            cache[(fmt, quant)] = export(fidelity_ckpt, fmt, quant, out, name=f"fid-{fmt}-{quant}")
+            opts = {"imatrix": "auto"} if QUANTS[quant].needs_imatrix else {}  # llama.cpp refuses them without
+            cache[(fmt, quant)] = export(fidelity_ckpt, fmt, quant, out, name=f"fid-{fmt}-{quant}", options=opts)
         return cache[(fmt, quant)]
 
     return make

@@ -37,9 +37,13 @@ def cmd_synth(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from ..recipes.recipe_run import run_export
 
+    overrides = _overrides(a.set)
+    for key, value in (("quant.imatrix", a.imatrix), ("quant.calibration_text", a.calibration_text)):
+        if value is not None:
+            overrides[key] = value
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
                       revision=a.revision,
-                      recipe_path=a.recipe, overrides=_overrides(a.set), name=a.name, verify=a.verify,
+                      recipe_path=a.recipe, overrides=overrides, name=a.name, verify=a.verify,
                       force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or (),
                       adapters=a.adapter or (), adapter_mode=a.adapter_mode)
 
@@ -113,6 +117,11 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--recipe", help="export recipe: a YAML path, or a name from `qwen-edge recipes`")
     _add_recipes_dir_arg(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted recipe override, e.g. quant.block_size=64")
+    p.add_argument("--imatrix", metavar="auto|FILE", help="gguf: importance matrix for 4-bit and below (auto: "
+                   "computed over the shipped calibration text and cached; FILE: a llama.cpp imatrix); iq3_xxs and "
+                   "iq2_xs need one")
+    p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto: the text to calibrate on (.txt, "
+                   "or .json like qwen_edge/data/calib_text.json)")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
     p.add_argument("--max-context", type=int, help="context length recorded in the artifact")
     p.add_argument("--adapter", action="append", metavar="ADAPTER", help="PEFT LoRA adapter directory or hub id "

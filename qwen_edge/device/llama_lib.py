@@ -9,7 +9,10 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError
 
@@ -107,9 +110,12 @@ def captured_fds() -> Iterator[list[str]]:
             out.append(tmp.read().decode("utf-8", "replace"))
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int) -> None:
+def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int,
+                   imatrix: "Mapping[str, np.ndarray] | None" = None, output_type: int | None = None) -> None:
     """Quantize `src` (an f32/f16/bf16 GGUF) to `dst` with llama.cpp's mixture rules for llama_ftype `ftype`
-    (`quant` names it in errors)."""
+    (`quant` names it in errors); `imatrix` maps GGUF weight names to their importance vectors (float32, one value
+    per input column), passed as llama.cpp's `llama_model_imatrix_data` array; `output_type` (a ggml type) overrides
+    the type of the output head (the embedding when tied)."""
     llama_cpp = import_llama_cpp()
     with _lock:
         silence_llama_log(llama_cpp)
@@ -117,8 +123,30 @@ def llama_quantize(src: Path, dst: Path, ftype: int, quant: str, nthread: int) -
         params = llama_cpp.llama_model_quantize_default_params()
         params.nthread = max(1, int(nthread))
         params.ftype = ftype
+        if output_type is not None:
+            params.output_tensor_type = output_type
+        keep = _imatrix_array(llama_cpp, imatrix) if imatrix else None
+        if keep is not None:
+            params.imatrix = keep[0]
         with llama_log_capture() as logged, captured_fds() as printed:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         detail = last_log_line(logged + printed) or f"return code {rc}"
         raise QwenEdgeError(f"{dst.name}: llama.cpp quantizer failed for {quant} ({detail})")
+
+
+def _imatrix_array(llama_cpp, imatrix: "Mapping[str, np.ndarray]") -> tuple:
+    """A name-NULL-terminated `llama_model_imatrix_data` array over `imatrix`, with the buffers it points into
+    (the caller keeps the tuple alive while llama.cpp reads it)."""
+    import numpy as np
+
+    entry = llama_cpp.llama_model_imatrix_data
+    arr = (entry * (len(imatrix) + 1))()
+    bufs = []
+    for i, (name, values) in enumerate(sorted(imatrix.items())):
+        v = np.ascontiguousarray(values, dtype=np.float32)
+        bufs.append((name.encode(), v))
+        arr[i].name = bufs[-1][0]
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = v.size
+    return ctypes.cast(arr, ctypes.POINTER(entry)), arr, bufs

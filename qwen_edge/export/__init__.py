@@ -101,6 +101,7 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
                   "source_config_sha256": source_config_sha256(src.path)}
         if adapters:
             recipe.update(adapter=[os.fspath(a) for a in adapters], adapter_mode=adapter_mode)
+    recipe = {**recipe, **_input_file_shas(opts)}
     loaded = _adapters(adapters)
     if loaded:  # the adapters' bytes are build inputs too: a changed adapter at the same path rebuilds
         recipe = {**recipe, "adapter_sha256": [ad.sha256 for ad in loaded]}
@@ -110,6 +111,18 @@ def export_artifact(source: str | os.PathLike[str] | Source, fmt: str, quant: st
     finally:
         for ad in loaded:
             ad.close()
+
+
+def _input_file_shas(opts: dict[str, Any]) -> dict[str, str]:
+    """sha256 of the files options name (an imatrix, a calibration text): a changed file at the same path rebuilds."""
+    from ..model.checkpoint import sha256_file
+
+    out = {}
+    for key in ("imatrix", "calibration_text"):
+        value = opts.get(key)
+        if isinstance(value, str) and value != "auto" and Path(value).is_file():
+            out[f"{key}_sha256"] = sha256_file(Path(value))
+    return out
 
 
 def _adapters(specs: Sequence[str | os.PathLike[str]]) -> list[Any]:

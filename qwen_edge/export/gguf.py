@@ -20,6 +20,7 @@ from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
 from ..model.safetensors_io import release_pages, to_float32
 from .registry import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
+from .imatrix import imatrix_option
 
 __all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names", "write_adapter_gguf"]
 
@@ -32,7 +33,9 @@ INTERMEDIATE = {"bf16": T.BF16, "f16": T.F16, "f32": T.F32}
 """The 16/32-bit file llama.cpp's quantizer reads, by the `intermediate` option's name."""
 CHUNK_BYTES = 32 << 20
 """Rows are converted in slices of about this many float32 bytes, so peak memory stays far below one tensor."""
-KNOWN_OPTIONS = ("threads", "intermediate")
+KNOWN_OPTIONS = ("threads", "intermediate", "imatrix", "calibration_text")
+NO_IMATRIX = ("f32", "f16", "bf16", "q8_0")
+"""Types ggml quantizes without an importance matrix (float, or 8 bits per weight: nothing to weigh)."""
 
 
 def _planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], t: T) -> tuple[PlannedTensor, str]:
@@ -132,7 +135,7 @@ def _threads(target: Any, options: dict[str, Any]) -> int:
     return physical_cores()
 
 
-def quantization_report(g: GGUFFile, quant: str) -> dict[str, Any]:
+def quantization_report(g: GGUFFile, quant: str, direct: bool | None = None) -> dict[str, Any]:
     """Per-tensor types, counts, bits per weight and every 2-D tensor that did not get the requested type."""
     base = _weight_type(quant)
     block = PlannedTensor("", (1,), base).block_size
@@ -142,7 +145,7 @@ def quantization_report(g: GGUFFile, quant: str) -> dict[str, Any]:
             continue
         if t.shape[0] % block:
             reason = f"row length {t.shape[0]} is not a multiple of {block}"
-        elif quant == "q4_0":
+        elif quant == "q4_0" and direct is not False:
             reason = "output head kept at 8 bits"
         else:
             reason = f"llama.cpp {quant} mixture"
@@ -151,7 +154,7 @@ def quantization_report(g: GGUFFile, quant: str) -> dict[str, Any]:
         "requested": quant,
         "base_type": base.name,
         "file_type": file_type_name(g.kv.get("general.file_type")),
-        "method": "gguf-py" if quant in DIRECT else "llama.cpp llama_model_quantize",
+        "method": "gguf-py" if (quant in DIRECT if direct is None else direct) else "llama.cpp llama_model_quantize",
         "tensor_types": {t.name: t.type_name for t in g.tensors},
         "type_counts": type_counts(g),
         "bits_per_weight": round(g.bits_per_weight(), 4),
@@ -176,7 +179,8 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     for _, hf in names:
         ckpt.tensor_info(hf)  # a missing tensor is a one-line error before anything is written
     dst = out / MODEL_FILE
-    if quant in DIRECT:
+    imatrix, imatrix_record = imatrix_option(ckpt, "gguf", quant, options, NO_IMATRIX)
+    if quant in DIRECT and imatrix is None:
         plan = [_planned(g, hf, ckpt.tensor_info(hf).shape, _direct_type(quant, g, ckpt.tensor_info(hf).shape, arch))
                 for g, hf in names]
         _write(ckpt, dst, plan, int(ALL_QUANTS[quant].file_type), out, tokenizer)
@@ -189,15 +193,20 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         tmp = out / f".{MODEL_FILE}.{inter.name.lower()}.tmp"
         try:
             _write(ckpt, tmp, plan, int(ALL_QUANTS[inter.name.lower()].file_type), out, tokenizer)
-            llama_quantize(tmp, dst, int(ALL_QUANTS[quant].file_type), quant, _threads(target, options))
+            # q4_0 through llama.cpp (with a matrix): the output head at Q8_0 as the direct writer has it (llama.cpp
+            # would give it Q6_K), so a calibrated q4_0 differs from the plain one only by the matrix
+            llama_quantize(tmp, dst, int(ALL_QUANTS[quant].file_type), quant, _threads(target, options),
+                           imatrix=imatrix, output_type=int(T.Q8_0) if quant in DIRECT else None)
         finally:
             tmp.unlink(missing_ok=True)
     g = check_gguf_file(dst)
-    report = quantization_report(g, quant)
+    report = quantization_report(g, quant, direct=quant in DIRECT and imatrix is None)
+    if imatrix_record is not None:
+        report["imatrix"] = imatrix_record
     write_modelfile(out, MODEL_FILE, stop_texts(out, list(tokenizer.get("stop_ids", []))))
     extra = {"gguf": {"architecture": g.architecture, "file_type": report["file_type"],
-                      "intermediate": None if quant in DIRECT else inter.name,
-                      "llama_cpp": _llama_cpp_version() if quant not in DIRECT else None}}
+                      "intermediate": None if report["method"] == "gguf-py" else inter.name,
+                      "llama_cpp": _llama_cpp_version() if report["method"] != "gguf-py" else None}}
     return ExportResult(model_file=MODEL_FILE, quantization=report, context_length=arch.max_position_embeddings,
                         extra=extra)
 

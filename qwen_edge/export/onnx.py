@@ -31,6 +31,9 @@ OPTIONS = {
                       "0 is about 25x slower to decode on CPU)",
     "context_length": "rotary cache length (default: the model's max_position_embeddings)",
     "genai_max_length": "onnxruntime-genai search.max_length (default min(context, 4096))",
+    "imatrix": "int4/int8: importance matrix ('auto' or a llama.cpp imatrix file); each linear's block scales are "
+               "searched to minimize the importance-weighted error (symmetric blocks; same graph)",
+    "calibration_text": "with imatrix=auto: the calibration text (.txt or .json; default the shipped one)",
     "kv_dtype": "KV cache dtype, float16 or float32 (default float16 for fp16 exports and memory-capped targets such "
                 "as arm64-mobile, else float32); the attention runs in this dtype",
 }
@@ -112,6 +115,23 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     return plan
 
 
+def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Options imatrix / calibration_text: the plan's importance vectors by checkpoint name (the matrix is keyed by
+    GGUF names, as llama.cpp's files are), and the manifest's record of them."""
+    from ..families import family_of
+    from .imatrix import imatrix_option
+
+    refuse = tuple(q for q in QUANTS if q not in ("int4", "int8"))
+    if options.get("imatrix") is not None and quant not in refuse and not plan.symmetric:
+        raise QwenEdgeError("onnx option imatrix: the weighted search makes symmetric blocks (drop symmetric=false)")
+    values, record = imatrix_option(ckpt, "onnx", quant, options, refuse)
+    if values is not None:
+        hf = {t.gguf: t.hf for t in family_of(ckpt.arch).tensor_map(ckpt.arch)}
+        plan.importance = {hf[name]: v for name, v in values.items()}
+        record = {**record, "method": "importance-weighted scale search per block (onnx_imatrix)"}
+    return record
+
+
 HF_CONFIG = "config.json"
 
 
@@ -148,6 +168,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     if a.head_dim % 16:
         raise QwenEdgeError(f"{ckpt.path.name}: head_dim {a.head_dim} is not a multiple of 16 "
                             "(onnxruntime GroupQueryAttention rotary needs it)")
+    imatrix_record = _importance(ckpt, quant, plan, options)
     data = DataFile(out / DATA_FILE)
     try:
         g = GraphBuilder(data)
@@ -186,6 +207,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         "lm_head_block_size": plan.lm_head_block_size if plan.lm_head_bits else None,
         "embedding": rec.embedding,
     }
+    if imatrix_record is not None:
+        quantization["imatrix"] = imatrix_record
     facts: dict[str, Any] = {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
                              "kv_dtype": np.dtype(plan.kv).name,
                              "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],

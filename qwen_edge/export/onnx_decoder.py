@@ -11,6 +11,7 @@ from ..model.checkpoint import Checkpoint
 from ..families import family_of
 from ..formats.onnx_graph import MS, GraphBuilder
 from .onnx_lora import LoraLinear
+from .onnx_imatrix import quantize_rows_weighted
 from .onnx_quant import QuantLayout, quantize_rows
 from .onnx_source import Source
 
@@ -51,6 +52,9 @@ class QuantPlan:
     kv_dtype: type | None = None
     """KV cache (and GroupQueryAttention) dtype; None: the float dtype. When it differs, Casts wrap the attention:
     onnxruntime's CPU GQA has no float32-query/float16-cache kernel (it would cast the whole cache every step)."""
+    importance: dict[str, np.ndarray] | None = None
+    """`--imatrix`: importance of each input column by checkpoint weight name; those weights get the weighted scale
+    search (onnx_imatrix), the rest round-to-nearest."""
 
     @property
     def elem(self) -> int:
@@ -132,9 +136,14 @@ class DecoderBuilder:
         scales: list[np.ndarray] = []
         zps: list[np.ndarray] = []
 
+        imp = (self.plan.importance or {}).get(src[0])  # fused parts (q/k/v, gate/up) share their input
+
         def data():
             for x in self.src.rows(src):
-                d, sc, zp = quantize_rows(x, q.bits, q.block_size, q.symmetric)
+                if imp is not None:
+                    d, sc, zp = quantize_rows_weighted(x, q.bits, q.block_size, imp)
+                else:
+                    d, sc, zp = quantize_rows(x, q.bits, q.block_size, q.symmetric)
                 scales.append(sc)
                 if zp is not None:
                     zps.append(zp)

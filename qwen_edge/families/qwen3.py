@@ -55,5 +55,9 @@ FAMILY.models = (
     # = 512. So q2_k .. q6_k and iq4_xs quantize every weight as asked instead of falling back (issue 14.2).
     ModelSpec("tiny-qwen3-256", _a(256, 2, 4, 2, 64, 512, max_position_embeddings=4096), "qwen3", size_label="tiny",
               thinking=True, generation=GEN_Q3),
+    # The calibrated-quantization fidelity model (issue 31): wide and deep enough, once trained, for activation
+    # outliers an importance matrix can act on; rows again multiples of 256 (512, heads*head_dim 512, down 1536).
+    ModelSpec("tiny-qwen3-512", _a(512, 4, 8, 2, 64, 1536, max_position_embeddings=4096), "qwen3",
+              size_label="tiny", thinking=True, generation=GEN_Q3),
 )
 del _a

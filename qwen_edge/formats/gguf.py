@@ -177,3 +177,53 @@ def write_lora_gguf(path: Path, arch: str, name: str, alpha: float, tensors: Ite
         w.write_tensors_to_file()
     finally:
         w.close()
+
+
+# --- llama.cpp's imatrix files (export/imatrix.py) ----------------------------------------------------------------
+def write_imatrix_gguf(path: Path, sums: dict[str, np.ndarray], counts: dict[str, int], datasets: list[str],
+                       chunk_count: int, chunk_size: int) -> None:
+    """llama.cpp's GGUF imatrix file (what `llama-imatrix -o FILE.gguf` writes; `llama-quantize --imatrix` reads):
+    per matrix its `in_sum2` and `counts`."""
+    w = GGUFWriter(str(path), arch="imatrix")
+    w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes none: the file is no model
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", datasets)
+    w.add_uint32("imatrix.chunk_count", chunk_count)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name in sorted(sums):
+        w.add_tensor(f"{name}.in_sum2", sums[name].astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[float(counts[name])]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def read_imatrix_gguf(p: Path) -> tuple[dict[str, np.ndarray], dict[str, int], list[str], int, int]:
+    """A GGUF imatrix file's sums, counts, datasets, chunk count and chunk size (a one-line QwenEdgeError when the
+    file is another GGUF or has sums without one count)."""
+    r = GGUFReader(str(p))
+    kind = r.fields.get("general.type")
+    if kind is None or bytes(kind.parts[kind.data[0]]).decode() != "imatrix":
+        raise QwenEdgeError(f"imatrix {p}: a GGUF file, but not an imatrix (general.type is not 'imatrix')")
+    arrays = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in r.tensors}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for name, arr in arrays.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        c = arrays.get(base + ".counts")
+        if c is None or c.size != 1:
+            raise QwenEdgeError(f"imatrix {p}: {base} has sums without one count (expert matrices are not supported)")
+        sums[base], counts[base] = arr, int(round(float(c[0])))
+
+    def scalar(key: str) -> int:
+        f = r.fields.get(key)
+        return int(f.parts[f.data[0]][0]) if f is not None else 0
+
+    ds = r.fields.get("imatrix.datasets")
+    datasets = [bytes(ds.parts[i]).decode("utf-8", "replace") for i in ds.data] if ds is not None else []
+    if not sums:
+        raise QwenEdgeError(f"imatrix {p}: no entries")
+    return sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size")

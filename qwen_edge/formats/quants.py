@@ -22,6 +22,8 @@ class Quant:
     direct: bool = False
     """GGUF: written by gguf-py itself (bit-exact with ggml's reference quantizers); else quantized by llama.cpp
     from a 16-bit intermediate file."""
+    needs_imatrix: bool = False
+    """GGUF: llama.cpp refuses the type without an importance matrix (`--imatrix`): its very-low-bit IQ types."""
     float_dtype: str = "float32"
     """ONNX: the float dtype of the graph."""
     bits: int | None = None
@@ -41,6 +43,8 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
     Quant("q6_k", "gguf", "6bit", T.Q6_K, F.MOSTLY_Q6_K),
     Quant("q3_k_m", "gguf", "3bit", T.Q3_K, F.MOSTLY_Q3_K_M),
     Quant("q2_k", "gguf", "2bit", T.Q2_K, F.MOSTLY_Q2_K),
+    Quant("iq3_xxs", "gguf", "3bit", T.IQ3_XXS, F.MOSTLY_IQ3_XXS, needs_imatrix=True),
+    Quant("iq2_xs", "gguf", "2bit", T.IQ2_XS, F.MOSTLY_IQ2_XS, needs_imatrix=True),
     Quant("iq4_nl", "gguf", "4bit", T.IQ4_NL, F.MOSTLY_IQ4_NL),
     Quant("iq4_xs", "gguf", "4bit", T.IQ4_XS, F.MOSTLY_IQ4_XS),
     Quant("fp32", "onnx", "exact"),

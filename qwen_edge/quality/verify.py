@@ -58,8 +58,12 @@ _CLASS_THRESHOLDS: dict[str, dict[str, float]] = {c: dict(zip(_THRESHOLD_COLUMNS
     # faithful 0.5B int4. A wrong model still fails it (rope theta 1e4 at q4_k_m: 0.196; swapped layers, zeroed
     # tensor: far above) and fails top-1 as well.
     "4bit": (7.0, 0.5, 0.15, 0.5, 0.2, 0.85, 1.0, 0.0),
-    "3bit": (10.0, 0.7, 0.3, 0.9, 0.3, 0.8, 1.0, 0.0),
-    "2bit": (30.0, 1.0, 0.5, 3.0, 0.7, 0.5, 1.0, 0.0),
+    # 3-bit and 2-bit: loosened for iq3_xxs and iq2_xs (issue 31; record verify_calibration-20261206T093615Z, which
+    # extends the AVX2 one with them): llama.cpp's iq3_xxs mixture puts IQ2_S on some tensors of this model, and
+    # the derivation from their worst figures (KL p99 0.0896 and 0.144, top-1 0.973 and 0.945, ppl change 0.0299
+    # and 0.0623) sets these with the margins above; KL mean stays 0.3 for 3-bit.
+    "3bit": (15.0, 1.0, 0.3, 3.0, 1.0, 0.7, 1.0, 0.0),
+    "2bit": (30.0, 1.5, 0.7, 5.0, 2.0, 0.3, 1.0, 0.0),
 }.items()}
 QUANT_CLASS: dict[str, str] = precision_classes()
 """Quantization name -> threshold class, from the one table of quantizations (`formats.quants`)."""

@@ -48,6 +48,13 @@ class QuantConfig:
     targets such as arm64-mobile, else float32). float16 halves the cache; the attention then runs in float16."""
     intermediate: str | None = None
     """GGUF k-/i-quants: float type written before llama.cpp quantizes (`bf16`, `f16`, `f32`; default: the source's)."""
+    imatrix: str | None = None
+    """GGUF 4-bit and below, ONNX int4/int8 (symmetric): importance matrix the quantizer weighs each weight's error
+    by: `auto` (computed over the calibration text, cached) or a llama.cpp imatrix file (GGUF or legacy .dat).
+    Required by iq3_xxs and iq2_xs."""
+    calibration_text: str | None = None
+    """With `imatrix: auto`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
+    qwen_edge/data/calib_text.json; default: that shipped text)."""
 
     def options(self) -> dict[str, Any]:
         """The exporter options this config sets (everything but `type`, unset fields left out)."""
@@ -342,6 +349,8 @@ def validate_recipe(r: Recipe, src: str) -> None:
         bad = [k for k in GGUF_ONLY if getattr(q, k) is not None]
         if bad:
             raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to GGUF only")
+    if q.calibration_text is not None and q.imatrix != "auto":
+        raise QwenEdgeError(f"{src}: 'quant.calibration_text' needs 'quant.imatrix: auto'")
     if q.intermediate is not None and q.intermediate not in ("bf16", "f16", "f32"):
         raise QwenEdgeError(f"{src}: 'quant.intermediate' must be bf16, f16 or f32, not {q.intermediate!r}")
     if r.format == "onnx":  # the exporter's own table of option values (an ONNX recipe imported it for its quants)
