@@ -321,16 +321,17 @@ def test_calibrated_q4_0_keeps_the_plain_type_mixture(exported):
 @requires_torch
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,quant", [("gguf", "iq2_xs"), ("gguf", "iq3_xxs"), ("gguf", "q4_k_m"), ("onnx", "int4")])
-def test_calibrated_exports_of_the_512_fidelity_checkpoint_pass_the_gate(tmp_path, fmt, quant):
-    """The trained tiny-qwen3-512 (benchmarks/bench_imatrix.py's checkpoint; trained once, cached): calibrated
-    exports verify against the reference on the evaluation text the calibration never saw."""
+def test_calibrated_exports_of_the_fidelity_checkpoint_pass_the_gate(tmp_path, fmt, quant):
+    """The trained tiny-qwen3-256 (the default suite's fidelity checkpoint; the 512-wide one bench_imatrix.py
+    measures takes most of an hour to train on 2 cores, too long for CI): calibrated exports verify against the
+    reference on the evaluation text the calibration never saw."""
     from fidelity import fidelity_checkpoint
 
     from qwen_edge.export import export
     from qwen_edge.quality.verify import verify
 
-    art = export(fidelity_checkpoint("tiny-qwen3-512"), fmt, quant, tmp_path, options={"imatrix": "auto"})
+    art = export(fidelity_checkpoint("tiny-qwen3-256"), fmt, quant, tmp_path, options={"imatrix": "auto"})
     report = verify(art, quick=True, store=False)
     assert report["passed"] is True, report["failed"]
-    # 13.4 on --quick: 100 steps fit the 512-wide model less than the 256-wide one (2.5); a random model: ~150,000
+    # ~2.5 on --quick for the trained 256-wide model; a random model: ~150,000
     assert report["metrics"]["ppl_reference"] < 30.0 and report["random_weights"] is False
