@@ -52,8 +52,14 @@ def _expected() -> dict:
 def test_exports_are_byte_identical(arch, fmt, synth_ckpt, tmp_path):
     src = synth_ckpt(arch)
     got = {}
+    from qwen_edge.export import export
+    from qwen_edge.formats.quants import QUANTS
+
     for quant in get_exporter(fmt).quants:
-        from qwen_edge.export import export
+        if QUANTS[quant].needs_imatrix:
+            # Made only with an importance matrix, which a float32 numpy forward computes: BLAS may round it
+            # differently per CPU, so its bytes are no fixed table's. tests/test_imatrix.py pins what it changes.
+            continue
 
         art = export(src, fmt, quant, tmp_path, name=f"{arch}-{fmt}-{quant}", options={"threads": 2} if fmt == "gguf" else {})
         got[quant] = artifact_hashes(art)
