@@ -11,7 +11,6 @@ import logging
 import sys
 from typing import Iterable, Iterator, TypeVar
 
-from .errors import CRASH_NOTE_ENV, crash_note  # noqa: F401  (defined in errors, which a backend imports anyway)
 
 T = TypeVar("T")
 

@@ -45,7 +45,7 @@ def crash_message(signum: int, note: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    from .log import CRASH_NOTE_ENV
+    from .errors import CRASH_NOTE_ENV
 
     if (os.name != "posix" or not hasattr(signal, "sigtimedwait") or os.environ.get("QWEN_EDGE_SUPERVISE") == "0"
             or os.environ.get(CRASH_NOTE_ENV)):

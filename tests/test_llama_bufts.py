@@ -239,7 +239,7 @@ def test_the_cli_crashing_in_native_code_is_one_line_and_exit_1(tmp_path):
     from qwen_edge.supervisor import _supervise
 
     note = tmp_path / "note"
-    code = ("import ctypes, os; from qwen_edge.log import crash_note; "
+    code = ("import ctypes, os; from qwen_edge.errors import crash_note; "
             "crash_note('llama.cpp running /a/model.gguf'); ctypes.string_at(0)")
     r = subprocess.run([sys.executable, "-c",
                         "import sys; from qwen_edge.supervisor import _supervise; "

@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import NotAvailable, QwenEdgeError
 from ..formats.gguf import check_gguf_file
 from ..device.llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
-from ..log import crash_note, logger
+from ..errors import crash_note
+from ..log import logger
 from .base import Runtime, RuntimeInfo, register_backend, resolve_context
 
 N_BATCH = 512
