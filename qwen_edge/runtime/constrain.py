@@ -116,7 +116,7 @@ class Constraint:
         if m.is_error():
             raise ConstraintError(f"{self.kind}: {first_line(m.get_error())}")
         # without stop ids llguidance falls back on the tokenizer's own end token: nothing may end the output then
-        return Matcher(m, n_vocab, refused=() if stop_ids else tuple(llt.eos_tokens))
+        return Matcher(m, n_vocab, refused=() if stop_ids else tuple(llt.eos_tokens), ends=stop_ids)
 
 
 def _validated(kind: str, grammar: str, source: str) -> Constraint:
@@ -245,8 +245,9 @@ def _ll_tokenizer(tokenizer: Tokenizer, n_vocab: int, stop_ids: tuple[int, ...])
 class Matcher:
     """One generation's position in a grammar: `mask` the logits, then `advance` with the chosen token."""
 
-    def __init__(self, matcher: Any, n_vocab: int, refused: Sequence[int] = ()):
+    def __init__(self, matcher: Any, n_vocab: int, refused: Sequence[int] = (), ends: Sequence[int] = ()):
         self._m = matcher
+        self._ends = {int(i) for i in ends}
         self.n_vocab = n_vocab
         self._refused = [int(i) for i in refused if 0 <= int(i) < n_vocab]
 
@@ -268,6 +269,16 @@ class Matcher:
         if not allowed.any():
             raise QwenEdgeError("constrained decoding: the grammar allows no token here")
         return np.where(allowed, x, np.float32(-np.inf))
+
+    def ff_tokens(self) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward: the one continuation it allows, in its
+        canonical tokenization); [] when there is a choice."""
+        out = []
+        for t in self._m.compute_ff_tokens():
+            if int(t) in self._refused or int(t) in self._ends:  # an end is chosen by the mask, never forced
+                break
+            out.append(int(t))
+        return out
 
     def advance(self, token: int) -> None:
         if not self._m.consume_token(int(token)):

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import QwenEdgeError
 from ..text.streaming import held_back
 from .sampling import Sampling
+from .speculative import Speculative
 
 if TYPE_CHECKING:
     from ..backends.base import Runtime
@@ -44,6 +45,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
+    speculative: dict[str, int] | None = None
+    """Drafted and accepted tokens when prompt lookup or a draft model ran."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +124,11 @@ class _ThinkState:
         """The constraint is complete and there is no stop id to end on: the generation ends here ("stop")."""
         return not self.stops and not self.forced and self.matcher is not None and self.matcher.stopped
 
-    def next_token(self, runtime: Runtime, sampler: Callable[..., int], context: Sequence[int]) -> int:
+    def next_token(self, logits: np.ndarray, sampler: Callable[..., int], context: Sequence[int],
+                   draft: int | None = None, q: np.ndarray | None = None) -> int:
+        """The next token from `logits` (the model's, at this position); `draft`/`q`: a speculative draft to verify
+        (`Sampler.__call__`). Forced tokens (the budget's closing of the block, the grammar's fast-forward span) come
+        first, whatever the logits or the draft."""
         if self.forced:
             return self.forced.pop(0)
         if self.state == "thinking" and self.budget is not None and self.thought >= self.budget:
@@ -129,7 +136,6 @@ class _ThinkState:
             self.forced = self.tokenizer.encode("\n</think>\n\n", parse_special=True)
             self.state = "answer"
             return self.forced.pop(0)
-        logits = runtime.logits()
         if self.constraint is not None:
             if self.state == "thinking":  # no stopping inside the block: the constrained answer must follow
                 logits = np.array(logits, dtype=np.float32, copy=True)
@@ -137,13 +143,25 @@ class _ThinkState:
             else:
                 if self.matcher is None:
                     self.matcher = self.constraint.matcher(self.tokenizer, int(np.shape(logits)[-1]), self.stops)
+                if self.state == "answer":
+                    ff = self.matcher.ff_tokens()
+                    if ff:  # the one continuation the grammar allows, in llguidance's canonical tokens
+                        for t in ff:
+                            self.matcher.advance(t)
+                        self.forced = ff
+                        return self.forced.pop(0)
                 masked = self.matcher.mask(logits)
                 if self.state == "maybe":  # a thinking model may open its block first
                     masked[self.start_id] = np.asarray(logits)[self.start_id]
                 logits = masked
-        tok = int(sampler(logits, context))
+        tok = int(sampler(logits, context) if draft is None else sampler(logits, context, draft=draft, q=q))
         self._chosen(tok)
         return tok
+
+    def take_forced(self, limit: int) -> list[int]:
+        """Up to `limit` queued forced tokens, taken out of the queue (fast-forward feeds them in one batch)."""
+        out, self.forced = self.forced[:max(0, limit)], self.forced[max(0, limit):]
+        return out
 
     def _chosen(self, tok: int) -> None:
         if self.state == "maybe":
@@ -175,7 +193,7 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
              max_new_tokens: int = 256, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
              tokenizer: Tokenizer | None = None, on_text: Callable[[str], None] | None = None, cancel: Cancel = None,
              cached_prefix: int = 0, constraint: Constraint | None = None,
-             thinking_budget: int | None = None) -> GenerationResult:
+             thinking_budget: int | None = None, speculative: Speculative | None = None) -> GenerationResult:
     """Run one generation on `runtime` from `prompt_ids`.
 
     `cached_prefix`: how many leading prompt ids the runtime's KV cache already holds (a chat's shared
@@ -245,17 +263,22 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
         t_prefilled = time.perf_counter()
         stats.prefill_s = t_prefilled - t0
         context = list(prompt)
-        while len(out) < max_new_tokens:
-            if think is not None and think.grammar_done:
-                finish = "stop"
-                break
-            tok = think.next_token(runtime, sampler, context) if think is not None else sampler(runtime.logits(),
-                                                                                                  context)
-            if t_first is None:
-                t_first = time.perf_counter()
+        spec = speculative if speculative is not None else Speculative()
+        logits = runtime.logits()
+        proposer = spec.proposer(sampling, int(np.shape(logits)[-1]))
+        next_tok: int | None = None  # chosen while verifying drafts: emitted next, not sampled again
+
+        def choose(row: np.ndarray, draft: int | None = None, q: np.ndarray | None = None) -> int:
+            if think is not None:
+                return think.next_token(row, sampler, context, draft, q)
+            return int(sampler(row, context) if draft is None else sampler(row, context, draft=draft, q=q))
+
+        def take(tok: int) -> bool:
+            """Emit one token; False when the generation ends on it (a stop id, a stop string, the token limit)."""
+            nonlocal finish, stop_id
             if tok in stops:
                 finish, stop_id = "stop", tok
-                break
+                return False
             out.append(tok)
             context.append(tok)
             if decoder is not None:
@@ -263,16 +286,68 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
                 emit(safe)
                 if hit:
                     finish = "stop_string"
-                    break
-            if len(out) >= max_new_tokens:
+                    return False
+            return len(out) < max_new_tokens
+
+        while len(out) < max_new_tokens:
+            if next_tok is None and think is not None and think.grammar_done:
+                finish = "stop"
+                break
+            if next_tok is not None:
+                tok, next_tok = next_tok, None
+            else:
+                tok = choose(logits)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if not take(tok):
                 break
             if runtime.n_cached + 1 > ctx:
                 finish = "context"
                 break
+            run = [tok]
+            if spec.fast_forward and think is not None and think.forced:
+                ended = False
+                for t in think.take_forced(min(max_new_tokens - len(out), ctx - runtime.n_cached - 1)):
+                    run.append(t)
+                    if not take(t):
+                        ended = True
+                        break
+                if ended:
+                    break  # ended inside the forced span (nothing of it fed yet)
             if _is_cancelled(cancel):
                 raise KeyboardInterrupt
-            runtime.decode(tok)
+            room = min(max_new_tokens - len(out), ctx - runtime.n_cached - len(run))
+            drafts = proposer.propose(context, room) if proposer is not None and room > 0 and not (
+                think is not None and think.forced) else []
+            if not drafts:
+                runtime.prefill(run)
+                logits = runtime.logits()
+                good = runtime.n_cached
+                continue
+            rows = runtime.prefill_all_logits(run + drafts)
+            good = len(prompt) + len(out)
+            proposer.proposed += len(drafts)
+            ended = False
+            for i, d in enumerate(drafts):
+                t = choose(rows[len(run) - 1 + i], d, proposer.q(i))
+                if t != d:
+                    next_tok = t
+                    break
+                proposer.accepted += 1
+                if not take(d):
+                    ended = True
+                    break
+            if ended:
+                break
+            if next_tok is not None:  # drop the rejected drafts; the cache is prompt + out
+                runtime.rewind(len(prompt) + len(out))
+            else:
+                logits = rows[-1]
             good = runtime.n_cached
+        if runtime.n_cached > len(prompt) + len(out):  # fed past the end (drafts, a forced span, a stop id)
+            runtime.rewind(len(prompt) + len(out))
+        good = runtime.n_cached
+        stats.speculative = {"proposed": proposer.proposed, "accepted": proposer.accepted} if proposer else None
     except KeyboardInterrupt:
         finish = "cancelled"
         try:

@@ -133,7 +133,13 @@ class Sampler:
         self.rng = np.random.default_rng(sampling.seed)
         self.counts: dict[int, int] = {}  # how often this sampler has chosen each token (presence/frequency)
 
-    def __call__(self, logits: np.ndarray, context_ids: Iterable[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, context_ids: Iterable[int] = (), *, draft: int | None = None,
+                 q: np.ndarray | None = None) -> int:
+        """The next token. With `draft` (speculative decoding), the token chosen at a drafted position: greedy takes
+        the argmax as always; sampled keeps the draft with probability min(1, p(draft) / q(draft)) (one uniform
+        draw), else draws (one more uniform) from max(0, p - q) normalized; `q` None is a one-hot draft (prompt
+        lookup): keep it with p(draft), else draw from p without it. p is this sampler's own distribution (the same
+        penalties, temperature, top-k, top-p, min-p as a plain step), so the result is distributed as p."""
         s = self.sampling
         x = np.asarray(logits)
         if x.ndim != 1 or x.size == 0:
@@ -146,9 +152,32 @@ class Sampler:
             n = np.fromiter(self.counts.values(), dtype=np.float32)
             keep = ids < x.shape[-1]
             x[ids[keep]] -= s.presence_penalty + s.frequency_penalty * n[keep]
-        tok = self._choose(x)
+        tok = self._choose(x) if draft is None else self._verify(x, int(draft), q)
         self.counts[tok] = self.counts.get(tok, 0) + 1
         return tok
+
+    def _verify(self, x: np.ndarray, draft: int, q: np.ndarray | None) -> int:
+        if self.sampling.greedy:
+            return int(np.argmax(x))
+        ids, p = candidate_probs(x, self.sampling)
+        hit = np.flatnonzero(ids == draft)
+        p_d = float(p[hit[0]]) if hit.size else 0.0
+        q_d = 1.0 if q is None else float(q[draft]) if draft < q.shape[-1] else 0.0
+        if p_d > 0.0 and (q_d <= p_d or self.rng.random() * q_d < p_d):
+            return draft
+        rest = p.copy()
+        if q is None:
+            rest[hit] = 0.0
+        else:
+            qq = np.zeros(ids.size)
+            inside = ids < q.shape[-1]
+            qq[inside] = q[ids[inside]]
+            rest = np.maximum(rest - qq, 0.0)
+        total = rest.sum()
+        if total <= 0.0:  # only reachable through rounding: p and q agree everywhere
+            return draft if p_d > 0.0 else int(ids[0])
+        k = int(np.searchsorted(np.cumsum(rest / total), self.rng.random(), side="right"))
+        return int(ids[min(k, ids.size - 1)])
 
     def _choose(self, x: np.ndarray) -> int:
         s = self.sampling
