@@ -11,6 +11,7 @@ from ..errors import QwenEdgeError
 from .generate import Cancel, GenerationStats, generate
 from .meta import runtime_stop_ids
 from .sampling import Sampling
+from .speculative import Speculative
 from ..text.streaming import ThinkingSplitter, split_thinking, think_position
 from ..text.tokenizer import Tokenizer
 from .tools import ToolCall, ToolChoice
@@ -92,6 +93,8 @@ class ChatSession:
         self.last: TurnResult | None = None
         self._cached: list[int] = []
         self._lock = threading.Lock()
+        self.speculative: Speculative | None = None
+        """Fast-forward, prompt lookup or a draft model for every reply (None: the default, fast-forward only)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str = "cpu", target: str | None = None,
@@ -215,7 +218,7 @@ class ChatSession:
             res = generate(self.runtime, ids, sampling=sampling or self.sampling, max_new_tokens=max_new_tokens,
                            stop_ids=self.stop_ids, stop_strings=[*self.stop_strings, *stop], tokenizer=self.tokenizer,
                            on_text=splitter.feed, cancel=cancel, cached_prefix=common, constraint=constraint,
-                           thinking_budget=thinking_budget)
+                           thinking_budget=thinking_budget, speculative=self.speculative)
         except BaseException:
             self._cached = []
             raise
