@@ -209,3 +209,20 @@ def test_sampled_lookup_follows_the_target_distribution(exported):
     keep = expected.min(0) >= 5
     stat = float(((table[:, keep] - expected[:, keep]) ** 2 / expected[:, keep]).sum())
     assert keep.sum() >= 3 and stat < chi2_critical(int(keep.sum()) - 1), (stat, keys, table)
+
+
+def test_cli_lookup_and_draft_same_output_bad_flags_exit_2(cli, exported):
+    import json
+
+    art, other = exported("tiny-qwen2", "gguf", "q8_0"), exported("tiny-qwen2", "onnx", "int4")
+    args = ["generate", str(art), "--prompt", "say it twice: one two three, one two", "--max-new-tokens", "12",
+            "--frequency-penalty", "0.2", "--json"]
+    docs = []
+    for extra in ([], ["--lookup", "4"], ["--draft", str(other), "--draft-tokens", "3"]):
+        r = cli(*args, *extra)
+        assert r.returncode == 0, r.stderr
+        docs.append(json.loads(r.stdout))
+    assert docs[1]["output_ids"] == docs[0]["output_ids"] == docs[2]["output_ids"]
+    assert docs[0]["stats"]["speculative"] is None and docs[2]["stats"]["speculative"]["proposed"] > 0
+    r = cli(*args, "--draft", str(other), "--lookup", "2")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr

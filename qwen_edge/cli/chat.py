@@ -217,9 +217,8 @@ class ChatRepl:
 
 
 def run_chat_cli(args: Any) -> int:
-    from ..backends import load
     from ..runtime.meta import model_meta
-    from .options import adapter_options, sampling_from_args
+    from .options import close_speculative, load_with_speculative, sampling_from_args
     from ..text.tokenizer import Tokenizer
 
     meta = model_meta(args.artifact)
@@ -229,12 +228,12 @@ def run_chat_cli(args: Any) -> int:
         from ..log import say
 
         say(f"loading {args.artifact} ...")
-    runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads, **adapter_options(args))
+    runtime, spec = load_with_speculative(args, tok)
     try:
         session = ChatSession(runtime, tok, system=args.system, thinking=args.think, sampling=sampling,
                               max_new_tokens=args.max_new_tokens, stop_ids=meta.stop_ids,
                               stop_strings=args.stop or (), thinking_budget=args.thinking_budget)
+        session.speculative = spec
         i = runtime.info
         label = f"{os.path.basename(os.path.normpath(str(args.artifact)))}: {i.backend} {i.format}/{i.quant} " \
                 f"on {i.device}, {i.threads} threads, context {i.context_length}"
@@ -242,3 +241,4 @@ def run_chat_cli(args: Any) -> int:
                         stats=bool(getattr(args, "stats", False))).loop()
     finally:
         runtime.close()
+        close_speculative(spec)

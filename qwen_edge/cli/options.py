@@ -59,3 +59,59 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, help="OpenAI's: lowers a token once per time it was generated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="extra stop string (repeatable)")
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lookup", type=int, metavar="N", default=0,
+                   help="prompt-lookup decoding: draft up to N tokens copied from the prompt and reply, verified in "
+                   "one pass (exact: the output is what plain decoding gives; 0 = off)")
+    p.add_argument("--draft", metavar="ARTIFACT", help="speculative decoding with this smaller artifact (same "
+                   "tokenizer, any format) as the draft model; exact")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per step "
+                   "(default 4)")
+    p.add_argument("--no-fast-forward", dest="fast_forward", action="store_false",
+                   help="feed the tokens a constraint forces one step each (the output is the same; slower)")
+
+
+def speculative_from_args(args: Any, tokenizer: Any) -> Any:
+    """The Speculative of --lookup/--draft/--draft-tokens/--no-fast-forward; with --draft it holds a loaded draft
+    runtime the caller closes (`close_speculative`). A draft with another vocabulary is a QwenEdgeError."""
+    from ..errors import QwenEdgeError
+    from ..runtime.speculative import Speculative
+
+    if getattr(args, "lookup", 0) and getattr(args, "draft", None):
+        raise QwenEdgeError("use either --lookup or --draft, not both")
+    spec = Speculative(fast_forward=getattr(args, "fast_forward", True), lookup=getattr(args, "lookup", 0) or 0,
+                       draft_tokens=getattr(args, "draft_tokens", 4))
+    if getattr(args, "draft", None):
+        from ..backends import load
+        from ..runtime.meta import model_meta
+        from ..text.tokenizer import Tokenizer
+
+        theirs = Tokenizer.from_dir(model_meta(args.draft).tokenizer_dir)
+        probe = "Hello, world! 123 <|im_start|>user\n def f(x): return x"
+        if theirs.vocab_size != tokenizer.vocab_size or \
+                theirs.encode(probe, parse_special=True) != tokenizer.encode(probe, parse_special=True):
+            raise QwenEdgeError(f"--draft {args.draft}: its tokenizer is not the target's (a draft must share the "
+                                "vocabulary)")
+        spec.draft = load(args.draft, device=getattr(args, "device", "cpu"), max_context=args.max_context,
+                          threads=args.threads)
+    return spec
+
+
+def close_speculative(spec: Any) -> None:
+    if spec is not None and spec.draft is not None:
+        spec.draft.close()
+
+
+def load_with_speculative(args: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(the target runtime, its Speculative) for generate and chat; the caller closes both (`close_speculative`)."""
+    from ..backends import load
+
+    spec = speculative_from_args(args, tokenizer)
+    try:
+        return load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
+                    threads=args.threads, **adapter_options(args)), spec
+    except BaseException:
+        close_speculative(spec)
+        raise

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import GateFailed, QwenEdgeError
 from ..log import say
-from .options import adapter_options, add_runtime_args, add_sampling_args, sampling_from_args
+from .options import (add_runtime_args, add_sampling_args, add_speculative_args, close_speculative,
+                      load_with_speculative, sampling_from_args)
 
 Add = Callable[..., argparse.ArgumentParser]
 
@@ -46,7 +47,6 @@ def _tool_choice(value: str | None) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`qwen-edge generate`: one prompt (or messages file) through the artifact, streamed or as one JSON document."""
-    from ..backends import load
     from ..runtime.generate import generate
     from ..runtime.meta import model_meta
     from ..text.tokenizer import Tokenizer, split_thinking
@@ -77,8 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt_ids:
         raise QwenEdgeError("empty prompt: nothing to generate from")
     sampling = sampling_from_args(args, meta.generation_config, default_greedy=True)
-    runtime = load(args.artifact, device=args.device, target=args.target, max_context=args.max_context,
-                   threads=args.threads, **adapter_options(args))
+    runtime, spec = load_with_speculative(args, tok)
     stream = not args.json
 
     def on_text(piece: str) -> None:
@@ -90,10 +89,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = generate(runtime, prompt_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
                           stop_ids=meta.stop_ids, stop_strings=args.stop or (), tokenizer=tok,
                           on_text=(held.feed if held else on_text) if stream else None, constraint=constraint,
-                          thinking_budget=args.thinking_budget)
+                          thinking_budget=args.thinking_budget, speculative=spec)
         info = runtime.info.to_dict()
     finally:
         runtime.close()
+        close_speculative(spec)
     thinking, answer = split_thinking(result.text) if not args.raw else (None, result.text)
     names = [t["function"]["name"] for t in tools or []]
     answer, calls = parse_tool_calls(answer, names) if calls_possible else (answer, [])
@@ -187,6 +187,7 @@ def add_verbs(add: Add) -> None:
     out.add_argument("--tool-choice", metavar="auto|none|required|NAME",
                      help="with --tools: auto (default), none, required (at least one call) or a tool's name")
     add_sampling_args(p)
+    add_speculative_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -204,6 +205,7 @@ def add_verbs(add: Add) -> None:
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
     add_sampling_args(p)
+    add_speculative_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_chat, max_new_tokens=1024)
 

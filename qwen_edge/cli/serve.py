@@ -13,19 +13,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_extra()  # one line and exit 2 without the extra, before loading anything
     from ..log import say
+    from ..runtime.meta import model_meta
     from ..serve.protocol import Limits
     from ..serve.server import serve
+    from ..text.tokenizer import Tokenizer
+    from .options import close_speculative, speculative_from_args
 
     limits = Limits(max_tokens=args.max_tokens, deadline_s=args.timeout, max_stop=args.max_stop)
-    return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_context=args.max_context,
-                 threads=args.threads, queue=args.queue, target=args.target, device=args.device,
-                 allow_origins=args.allow_origin or (), allow_hosts=args.allow_host or (), limits=limits,
-                 verbose=bool(getattr(args, "verbose", False)), announce=say)
+    spec = speculative_from_args(args, Tokenizer.from_dir(model_meta(args.artifact).tokenizer_dir))
+    try:
+        return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key,
+                     max_context=args.max_context, threads=args.threads, queue=args.queue, target=args.target,
+                     device=args.device, allow_origins=args.allow_origin or (), allow_hosts=args.allow_host or (),
+                     limits=limits, verbose=bool(getattr(args, "verbose", False)), announce=say, speculative=spec)
+    finally:
+        close_speculative(spec)
 
 
 def add_verbs(add: Add) -> None:
     from ..serve.protocol import DEFAULT_LIMITS as DEFAULTS
-    from .options import add_runtime_args
+    from .options import add_runtime_args, add_speculative_args
 
     p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",
             description="Serve one artifact on an OpenAI-compatible HTTP API: POST /v1/chat/completions (streamed "
@@ -55,5 +62,6 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
                    help=f"stop strings one request may send (default {DEFAULTS.max_stop}, each at most "
                    f"{DEFAULTS.max_stop_chars} characters)")
+    add_speculative_args(p)
     add_runtime_args(p)
     p.set_defaults(func=cmd_serve)

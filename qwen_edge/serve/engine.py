@@ -201,7 +201,7 @@ class Engine:
                 return generate(s.runtime, ids, sampling=req.sampling, max_new_tokens=req.max_tokens,
                                 stop_ids=s.stop_ids, stop_strings=req.stop, tokenizer=s.tokenizer,
                                 on_text=(lambda t: job.put("text", t)) if req.stream else None,
-                                cancel=self.cancelled_now(job))
+                                cancel=self.cancelled_now(job), speculative=s.speculative)
             finally:
                 s.runtime.reset()  # the chat session's cached prefix is gone: it sees an empty cache next time
         return work

@@ -54,13 +54,14 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
           api_key: str | None = None, max_context: int | None = None, threads: int | None = None,
           queue: int = 8, target: str | None = None, device: str = "cpu", verbose: bool = False,
           allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (), limits: Limits = DEFAULT_LIMITS,
-          announce: Callable[[str], None] | None = None) -> int:
+          announce: Callable[[str], None] | None = None, speculative: Any = None) -> int:
     """Load `artifact`, bind host:port (port 0: any free one) and serve until SIGINT/SIGTERM; returns 0.
 
     A bad artifact or a port that cannot be bound is a QwenEdgeError before anything listens. `announce` gets the
     one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set. On a
     loopback `host` only loopback Host names and `allow_hosts` are answered; beyond loopback without a key, a
-    warning says that anyone who reaches the port can use the model.
+    warning says that anyone who reaches the port can use the model. `speculative` (runtime.speculative.Speculative:
+    prompt lookup, a draft model, fast-forward) applies to every generation.
     """
     require_extra()
     import uvicorn
@@ -77,6 +78,7 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     meta = model_meta(os.fspath(artifact))
     session = ChatSession.load(artifact, device=device, target=target, max_context=max_context, threads=threads)
     session.max_new_tokens = session.context_length  # no max_tokens: until a stop or the context is full
+    session.speculative = speculative
     model_id = os.path.basename(os.path.normpath(str(artifact)))
     engine = Engine(session, model_id, queue=queue, generation_config=meta.generation_config, limits=limits)
     try:
