@@ -722,13 +722,53 @@ def render_imatrix(recs: list[Record], root: Path) -> list[str]:
     return section(top, recs, body)
 
 
+def render_speculative(recs: list[Record], root: Path) -> list[str]:
+    top = ["## Fast-forward and speculative decoding (issue 30; `benchmarks/bench_speculative.py`)", "",
+           "Verification: one pass that returns the logits of k tokens (llama.cpp: logits flags on every batch token; "
+           "ONNX: `logits_to_keep = k`), then the rollback, over one decode step (medians). Fast-forward: greedy "
+           "decode tokens/s of a reply constrained by a schema with fixed keys and enums, with and without feeding "
+           "the forced tokens in one batch (the output ids identical; random weights, which the forced tokens do not "
+           "depend on). Draft model: speedup = tokens per step (1 - a^(k+1)) / (1 - a) over the step's cost c_k + "
+           "k r, from the measured c_k, for acceptance rates a (not measured: random weights have none). Lookup: "
+           "prompt lookup on the trained fidelity checkpoint (tiny-qwen3-256, trained on the shipped evaluation "
+           "text) with copy-heavy prompts (a document, then its first half again): its acceptance, as measured.", ""]
+    f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+
+    def body(r: Record) -> list[str]:
+        fig = r["figures"]
+        out = table(["size", "format", "threads", "decode ms", *[f"verify k={k}" for k in r["settings"]["ks"]],
+                     "fast-forward tok/s off / on", "speedup", "passes off / on"],
+                    [[x["size"], x["format"], x["threads"], f"{x['decode_ms']:.1f}",
+                      *[f"{x['ratio'][str(k)]:.2f}x" for k in r["settings"]["ks"]],
+                      f"{x['fast_forward']['tok_s_off']:.1f} / {x['fast_forward']['tok_s_on']:.1f}",
+                      f"{x['fast_forward']['speedup']:.2f}x",
+                      f"{x['fast_forward']['passes_off']} / {x['fast_forward']['passes_on']}"] for x in fig["rows"]],
+                    "   rrrrrrrr")
+        for d in fig["draft"]:
+            accs = sorted({t["accept"] for t in d["table"]})
+            out += [f"Draft-model speedup, target {d['target']} ({d['format']}), r = {f2(d['draft_cost_ratio'])}:", ""]
+            out += table(["k", *[f"a={a:g}" for a in accs]],
+                         [[k, *[f"{t['speedup']:.2f}x" for t in d["table"] if t["k"] == k]]
+                          for k in sorted({t["k"] for t in d["table"]})], " " + "r" * len(accs))
+        lk = fig.get("lookup")
+        if lk:
+            out += [f"Prompt lookup, `{lk['artifact']}`, {lk['prompts']} prompts x {lk['new_tokens']} new tokens "
+                    "(greedy, ids identical to plain decoding):", ""]
+            out += table(["N", "drafted", "accepted", "acceptance", "decode speedup"],
+                         [[n, v["proposed"], v["accepted"], f2(v["acceptance"]), f"{v['speedup']:.2f}x"]
+                          for n, v in lk["per_lookup"].items()], " rrrr")
+        return out
+
+    return section(top, recs, body)
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
     "kv_dtype": render_kv_dtype, "kv_dtype_verify": render_kv_dtype_verify, "busy": render_busy,
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
-    "schema_closed": render_schema_closed, "imatrix": render_imatrix,
+    "schema_closed": render_schema_closed, "imatrix": render_imatrix, "speculative": render_speculative,
 }
 
 
