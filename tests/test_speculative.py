@@ -117,6 +117,29 @@ def test_draft_model_greedy_identical(session, exported):
     assert all(0 < a < 1 for a in accepted), accepted
 
 
+def test_draft_cache_follows_the_context(exported):
+    """The draft's KV cache is rewound to the shared prefix of each new context: its drafts are those of a fresh
+    draft runtime given the whole context (greedy)."""
+    art = exported("tiny-qwen2", "gguf", "q8_0", seed=1)
+    kept, fresh = load(art, max_context=256), load(art, max_context=256)
+    try:
+        rng = np.random.default_rng(4)
+        ctx1 = rng.integers(0, 5000, 20).tolist()
+        ctx2 = ctx1[:12] + rng.integers(0, 5000, 6).tolist()
+        p = Speculative(draft=kept, draft_tokens=4).proposer(Sampling(), kept.info.vocab_size)
+        p.propose(ctx1, 4)
+        got = [p.propose(ctx2, 4), p.propose(ctx2 + [7], 4)]
+        want = [Speculative(draft=fresh).proposer(Sampling(), fresh.info.vocab_size).propose(c, 4)
+                for c in (ctx2, ctx2 + [7])]
+        assert got == want and len(got[0]) == 4
+        # the kept cache holds exactly the context and the drafts it decoded, as the fresh one does
+        assert kept.n_cached == fresh.n_cached == len(ctx2) + 1 + 3
+        np.testing.assert_allclose(kept.logits(), fresh.logits(), atol=1e-5, rtol=0)
+    finally:
+        kept.close()
+        fresh.close()
+
+
 def test_fast_forward_identical_with_fewer_passes(session):
     tok, rt = session.tokenizer, session.runtime
     ids = tok.encode_chat([{"role": "user", "content": "A pet?"}], enable_thinking=False)
@@ -136,8 +159,10 @@ def test_fast_forward_identical_with_fewer_passes(session):
 
 def test_tools_thinking_and_chat_reuse_identical(thinking_artifact):
     art = thinking_artifact("gguf")
+    draft = load(thinking_artifact("onnx"), max_context=1024)  # the same weights on the other backend
     replies = []
-    for spec in (None, Speculative(lookup=4)):
+    # plain; fast-forward + lookup; fast-forward + a draft model whose cache is kept across the turns
+    for spec in (Speculative(fast_forward=False), Speculative(lookup=4), Speculative(draft=draft)):
         s = ChatSession.load(art, max_context=1024, max_new_tokens=60, thinking=True, thinking_budget=6)
         s.speculative = spec
         try:
@@ -145,9 +170,13 @@ def test_tools_thinking_and_chat_reuse_identical(thinking_artifact):
             got.append(s.send("And the weather in Paris tomorrow? Paris, Paris."))
             assert got[1].stats.reused_tokens > 0  # the second turn reused the cached prefix
             replies.append([(r.output_ids, r.finish_reason) for r in got])
+            if spec.draft is not None:  # the same weights: its drafts are mostly taken, in the second turn too
+                st = got[1].stats.speculative
+                assert st["accepted"] > 0.5 * st["proposed"], st
         finally:
             s.close()
-    assert replies[1] == replies[0]
+    draft.close()
+    assert replies[1] == replies[0] and replies[2] == replies[0]
     assert replies[0][0][1] == "tool_calls"
 
 

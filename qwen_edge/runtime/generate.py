@@ -287,7 +287,11 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
                 if hit:
                     finish = "stop_string"
                     return False
-            return len(out) < max_new_tokens
+            if len(out) >= max_new_tokens:
+                return False
+            if _is_cancelled(cancel):  # polled once per token, whether it is fed alone or in a batch
+                raise KeyboardInterrupt
+            return True
 
         while len(out) < max_new_tokens:
             if next_tok is None and think is not None and think.grammar_done:
@@ -314,8 +318,6 @@ def generate(runtime: Runtime, prompt_ids: Sequence[int], *, sampling: Sampling 
                         break
                 if ended:
                     break  # ended inside the forced span (nothing of it fed yet)
-            if _is_cancelled(cancel):
-                raise KeyboardInterrupt
             room = min(max_new_tokens - len(out), ctx - runtime.n_cached - len(run))
             drafts = proposer.propose(context, room) if proposer is not None and room > 0 and not (
                 think is not None and think.forced) else []

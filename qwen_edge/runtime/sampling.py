@@ -137,7 +137,8 @@ class Sampler:
                  q: np.ndarray | None = None) -> int:
         """The next token. With `draft` (speculative decoding), the token chosen at a drafted position: greedy takes
         the argmax as always; sampled keeps the draft with probability min(1, p(draft) / q(draft)) (one uniform
-        draw), else draws (one more uniform) from max(0, p - q) normalized; `q` None is a one-hot draft (prompt
+        draw from this sampler's seeded stream, none when p(draft) >= q(draft) or p(draft) = 0), else draws (one
+        more uniform) from max(0, p - q) normalized; `q` None is a one-hot draft (prompt
         lookup): keep it with p(draft), else draw from p without it. p is this sampler's own distribution (the same
         penalties, temperature, top-k, top-p, min-p as a plain step), so the result is distributed as p."""
         s = self.sampling

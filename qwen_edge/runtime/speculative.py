@@ -27,7 +27,7 @@ near-exact tie.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -53,6 +53,8 @@ class Speculative:
     """A draft `Runtime` sharing the target's vocabulary (None = no draft model); the caller owns and closes it."""
     draft_tokens: int = 4
     """Tokens the draft model proposes per step."""
+    draft_cached: list[int] = field(default_factory=list, repr=False, compare=False)
+    """The ids the draft's KV cache holds (kept across generations, so a chat's next turn reuses them)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lookup, bool) or not isinstance(self.lookup, int) or self.lookup < 0:
@@ -66,7 +68,7 @@ class Speculative:
 
     def proposer(self, sampling: Sampling, vocab: int) -> "Proposer | None":
         if self.draft is not None:
-            return DraftProposer(self.draft, self.draft_tokens, sampling, vocab)
+            return DraftProposer(self.draft, self.draft_tokens, sampling, vocab, self.draft_cached)
         if self.lookup:
             return LookupProposer(self.lookup, self.ngram)
         return None
@@ -112,13 +114,13 @@ class LookupProposer(Proposer):
 class DraftProposer(Proposer):
     """A draft runtime kept in step with the context (its own KV cache, rewound to the shared prefix)."""
 
-    def __init__(self, runtime: Runtime, k: int, sampling: Sampling, vocab: int):
+    def __init__(self, runtime: Runtime, k: int, sampling: Sampling, vocab: int, cached: list[int]):
         self.rt, self.max_tokens, self.sampling, self.vocab = runtime, k, sampling, vocab
-        self.ids: list[int] = []  # what the draft's cache holds
+        self.ids = cached  # what the draft's cache holds (the Speculative's list, updated in place)
         # the draft's own draws come from their own stream, so the target's sampler sees the same draws per decision
         self.rng = np.random.default_rng(None if sampling.seed is None else [int(sampling.seed), 1])
         self._q: list[np.ndarray | None] = []
-        self.rt.reset()
+        del self.ids[runtime.n_cached:]  # someone else rewound it: what is left is still ours
 
     def _choose(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
         if self.sampling.greedy:
@@ -152,7 +154,7 @@ class DraftProposer(Proposer):
             self._q.append(q)
             if j < k - 1:
                 self.rt.decode(tok)
-        self.ids = (ctx + drafts)[: self.rt.n_cached]
+        self.ids[:] = (ctx + drafts)[: self.rt.n_cached]
         return drafts
 
     def q(self, i: int) -> np.ndarray | None:
