@@ -255,3 +255,26 @@ def test_cli_lookup_and_draft_same_output_bad_flags_exit_2(cli, exported):
     assert docs[0]["stats"]["speculative"] is None and docs[2]["stats"]["speculative"]["proposed"] > 0
     r = cli(*args, "--draft", str(other), "--lookup", "2")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_serve_with_lookup_answers_as_plain_decoding(thinking_artifact, tmp_path):
+    from server_proc import Server
+
+    art = thinking_artifact("gguf")
+    s = Server(art, tmp_path / "server.log", "--lookup", "4", "--queue", "0", "--max-context", "1024")
+    try:
+        assert "prompt lookup 4)" in s.log()
+        c = s.client(key=None)
+        got = c.completions.create(model="m", prompt="The lighthouse on the cape, the lighthouse on the", max_tokens=16,
+                                   temperature=0, frequency_penalty=0.2).choices[0].text
+        msgs = [{"role": "user", "content": "Repeat: red green blue, red green blue."}]
+        chat = c.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    finally:
+        s.stop()
+    with ChatSession.load(art, max_context=1024) as plain:
+        want = generate(plain.runtime, plain.tokenizer.encode("The lighthouse on the cape, the lighthouse on the"),
+                        tokenizer=plain.tokenizer, stop_ids=plain.stop_ids, max_new_tokens=16,
+                        sampling=Sampling(frequency_penalty=0.2))
+        ref = plain.complete(msgs, thinking=False, max_new_tokens=16, sampling=Sampling())
+    assert got == want.text and chat.choices[0].message.content == ref.text

@@ -98,8 +98,8 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     info = session.runtime.info
-    line = (f"serving {model_id} ({info.backend} {info.format}/{info.quant}, context {info.context_length}) on "
-            f"http://{shown}:{bound[1]}/v1")
+    line = (f"serving {model_id} ({info.backend} {info.format}/{info.quant}, context {info.context_length}"
+            f"{_speculative_label(speculative)}) on http://{shown}:{bound[1]}/v1")
     (announce or (lambda s: None))(line)
     try:
         server.run(sockets=[sock])
@@ -107,6 +107,14 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
         sock.close()
         engine.close()
     return 0
+
+
+def _speculative_label(spec: Any) -> str:
+    if spec is None:
+        return ""
+    how = f", prompt lookup {spec.lookup}" if spec.lookup else \
+        f", draft {os.path.basename(str(spec.draft.info.artifact))} x{spec.draft_tokens}" if spec.draft else ""
+    return how + ("" if spec.fast_forward else ", no fast-forward")
 
 
 def _server(config: uvicorn.Config, engine: Engine) -> uvicorn.Server:
