@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reference_cache_dir(tmp_path_factory) -> Path:
+    """verify's reference cache (quality/refcache.py) in a session directory, shared by the verifies of one source
+    (and by the CLI subprocesses, through the environment), never the user's cache: an entry of the full text is
+    1.4 GB. $QWEN_EDGE_REFERENCE_CACHE set by the caller (a CI cache path) is kept."""
+    from qwen_edge.quality.refcache import ENV
+
+    if not os.environ.get(ENV):
+        os.environ[ENV] = str(tmp_path_factory.mktemp("reference_cache"))
+    return Path(os.environ[ENV])
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("qwen_edge")

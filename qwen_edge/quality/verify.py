@@ -386,11 +386,14 @@ def _require_torch() -> None:
 
 def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = None, *, quick: bool = False,
            thresholds: dict[str, float] | None = None, threads: int | None = None, store: bool = True,
-           log: Log = None) -> VerifyReport:
+           log: Log = None, reference_cache: bool | str | os.PathLike | None = True) -> VerifyReport:
     """Compare `artifact` with its reference checkpoint on the shipped text; returns (and stores) the report.
 
     The report's `passed` is False when any metric is outside its threshold; this function does not raise
     for that (the CLI turns it into exit 1). Bad input raises QwenEdgeError.
+    `reference_cache`: True (the default) reads and writes the reference cache (refcache.py) in its default place,
+    a path uses that directory, False computes the reference without it; the report's `reference_cache` says
+    whether a cached reference was used (`state` hit, computed, or off).
     """
     from ..model.artifact import Artifact
     from ..backends import load
@@ -417,35 +420,57 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     src_sha = (art.manifest.get("source") or {}).get("weights_sha256")
     acc = Accumulator()
     from .reference import ReferenceRecorder
+    from .refcache import ReferenceCache, key_digest, reference_key
 
     recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
+    lengths = [len(w) for w in ev.windows]
+    cache = None if reference_cache is False else ReferenceCache(
+        None if reference_cache is True or reference_cache is None else Path(reference_cache), log)
+    key = reference_key(ref_dir, ref_sha, adapters, ev.sha256, quick, ev.windows, ev.prompts, GREEDY_TOKENS,
+                        WINDOW) if cache else None
+    cached = cache.load(key, lengths, len(ev.prompts)) if cache and key else None
+    cache_record: dict[str, Any] = {"used": cached is not None, "key": key_digest(key) if key else None,
+                                    "state": "off" if cache is None else "hit" if cached else "computed"}
+    writer = cache.writer(key, lengths) if cache and key and not cached else None
     prefixes: list[int] = []
     ties: list[int] = []
     ref_options: dict[str, Any] = {"adapters": adapters} if adapters else {}
-    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads, **ref_options)
+    ref_rt = None if cached else load(ref_dir, max_context=longest + 8, threads=threads, **ref_options)
     try:
         art_rt = load(art.path, max_context=longest + 8, threads=threads)
         try:
             from ..log import progress
 
             for i, w in enumerate(progress(ev.windows, desc="verify", unit="window")):
-                ref_rt.reset()
                 art_rt.reset()
-                ref_logits = ref_rt.prefill_all_logits(w)
+                if cached is not None:
+                    ref_logits = cached.window(i)
+                else:
+                    ref_rt.reset()
+                    ref_logits = ref_rt.prefill_all_logits(w)
+                    if writer:
+                        writer.add_window(ref_logits)
                 recorded.add_window(w, ref_logits)
                 acc.add(w, ref_logits, art_rt.prefill_all_logits(w))
                 if log:
                     log(f"window {i + 1}/{len(ev.windows)}: {len(w)} tokens")
-            for p in ev.prompts:
-                recorded.add_greedy(*greedy_with_margins(ref_rt, p, GREEDY_TOKENS))
+            for j, p in enumerate(ev.prompts):
+                recorded.add_greedy(*((cached.greedy[j], cached.margins[j]) if cached is not None
+                                      else greedy_with_margins(ref_rt, p, GREEDY_TOKENS)))
                 agreed, tied = greedy_agreement(art_rt, p, recorded.greedy[-1], recorded.greedy_margins[-1])
                 prefixes.append(agreed)
                 ties.append(tied)
-            backends = {"artifact": art_rt.info.backend, "reference": ref_rt.info.backend}
+            ref_backend = cached.backend if cached is not None else ref_rt.info.backend
+            backends = {"artifact": art_rt.info.backend, "reference": ref_backend}
+            if writer and not writer.commit(recorded.greedy, recorded.greedy_margins, ref_backend):
+                cache_record["state"] = "computed, not stored"
         finally:
             art_rt.close()
     finally:
-        ref_rt.close()
+        if writer:
+            writer.abort()
+        if ref_rt is not None:
+            ref_rt.close()
     metrics, failed = finish_metrics(acc.metrics(), prefixes, limits)
     tok_parity = tokenizer_parity(tok, art.path, ref_dir)
     if not tok_parity["matches_reference"]:
@@ -475,6 +500,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
         "ungated": ungated,
         "eval_text_sha256": ev.sha256,
         "backends": backends,
+        "reference_cache": cache_record,
         "seconds": round(time.perf_counter() - t0, 3),
         "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -508,6 +534,9 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"  {'tokenizer':<28} {'same' if tp['matches_reference'] else 'DIFFERENT':>12}  "
                      f"as the reference's ({tp['texts_compared']} texts, added tokens) "
                      f"{'ok' if tp['matches_reference'] else 'FAIL'}")
+    rc = report.get("reference_cache") or {}
+    if rc.get("used"):
+        lines.append(f"  reference: cached entry {str(rc.get('key'))[:12]} (--no-reference-cache recomputes it)")
     if report.get("reference_matches_source") is False:
         lines.append("  note: the reference's weights differ from the artifact's recorded source")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"]))
@@ -526,6 +555,8 @@ def emit_gated(report: Any, as_json: bool, render: Callable[[Any], str]) -> int:
     return 0
 
 
-def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False) -> int:
+def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False,
+               reference_cache: bool = True) -> int:
     """`qwen-edge verify`: prints the report (JSON on stdout with --json); GateFailed (exit 1) on drift."""
-    return emit_gated(verify(artifact, reference, quick=quick), as_json, render_report)
+    return emit_gated(verify(artifact, reference, quick=quick, reference_cache=reference_cache), as_json,
+                      render_report)

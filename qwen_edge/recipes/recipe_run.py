@@ -65,7 +65,7 @@ class ExportOutcome:
 
 def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | None = None, verify: bool = True,
                   force: bool = False, revision: str | None = None, log: Log = None,
-                  announce: Log = None) -> ExportOutcome:
+                  announce: Log = None, reference_cache: bool = True) -> ExportOutcome:
     """Export (or reuse) the artifact a recipe describes, then verify it when the extra is installed.
 
     The source (`source`, else the recipe's) is resolved once: a hub id through the Hugging Face cache at `revision`
@@ -120,10 +120,11 @@ def export_recipe(recipe: Recipe, out_dir: str | os.PathLike, *, source: str | N
     if not (verify and recipe.verify.enabled):
         outcome.verify = "off (--no-verify)" if not verify else "off (recipe)"
         return outcome
-    return verify_outcome(outcome, recipe, str(source_dir), log=log)
+    return verify_outcome(outcome, recipe, str(source_dir), log=log, reference_cache=reference_cache)
 
 
-def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Log = None) -> ExportOutcome:
+def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Log = None,
+                   reference_cache: bool = True) -> ExportOutcome:
     """Verify an exported artifact against `src` with the recipe's settings; a recorded pass of an unchanged
     artifact under the same gate is reused. Fills `outcome.verify`, `passed`, `report`, `failure`."""
     final = outcome.path
@@ -140,7 +141,7 @@ def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Log = 
             return outcome
     t1 = time.perf_counter()
     report = run_verify(final, reference=src, thresholds=recipe.verify.thresholds or None, quick=recipe.verify.quick,
-                        log=log)
+                        log=log, reference_cache=reference_cache)
     outcome.verify_seconds = time.perf_counter() - t1
     outcome.report = report
     outcome.passed = bool(report.get("passed"))
@@ -151,6 +152,8 @@ def verify_outcome(outcome: ExportOutcome, recipe: Recipe, src: str, log: Log = 
     shown = ", ".join(f"{k} {m[k]:.3g}" for k in ("kl_mean", "top1_agreement") if isinstance(m.get(k), (int, float)))
     if outcome.passed and shown:
         outcome.verify += f" ({shown})"
+    if (report.get("reference_cache") or {}).get("used"):
+        outcome.verify += " [cached reference]"
     if report.get("ungated"):
         outcome.verify += " [random weights: top-1 and greedy agreement not gated]"
     return outcome
@@ -176,7 +179,8 @@ def _recorded_parity(final: Path, recipe: Recipe, thresholds_for: Any) -> str | 
     want.update({k: RANDOM_WEIGHT_THRESHOLDS[k] for k in ungated})
     if p.get("thresholds") != want:
         return None
-    return f"passed (recorded {p.get('verified_at', 'earlier')})"
+    cached = " against a cached reference" if (p.get("reference_cache") or {}).get("used") else ""
+    return f"passed (recorded {p.get('verified_at', 'earlier')}{cached})"
 
 
 SHAPE_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -205,7 +209,8 @@ def _check_model(recipe: Recipe, source_dir: Path) -> None:
 def run_export(source: str | None, fmt: str | None, quant: str | None, target: str | None, out_dir: str,
                recipe_path: str | None = None, overrides: dict[str, str] | None = None, name: str | None = None,
                verify: bool = True, force: bool = False, max_context: int | None = None, revision: str | None = None,
-               recipe_dirs: Sequence[str] = (), adapters: Sequence[str] = (), adapter_mode: str | None = None) -> int:
+               recipe_dirs: Sequence[str] = (), adapters: Sequence[str] = (), adapter_mode: str | None = None,
+               reference_cache: bool = True) -> int:
     """`qwen-edge export`: a recipe (plus flags/overrides) or plain flags; prints one summary line to stderr."""
     overrides = dict(overrides or {})
     if recipe_path:
@@ -233,7 +238,8 @@ def run_export(source: str | None, fmt: str | None, quant: str | None, target: s
     from ..log import logger, say
 
     outcome = export_recipe(recipe, out_dir, verify=verify, force=force, revision=revision,
-                            log=lambda msg: logger.debug(f"verify: {msg}"), announce=say)
+                            log=lambda msg: logger.debug(f"verify: {msg}"), announce=say,
+                            reference_cache=reference_cache)
     say(outcome.summary())
     if not outcome.passed:
         raise GateFailed(f"verify: {outcome.failure}")

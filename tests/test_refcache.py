@@ -1,0 +1,158 @@
+"""verify's reference cache: a cached reference gives the uncached report; a bad entry is recomputed, never trusted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import requires_torch
+from qwen_edge.quality.verify import METRICS
+
+pytestmark = requires_torch
+TOL = dict(rel=1e-9, abs=1e-12)
+"""Cached and uncached metrics: the cache holds the reference's float32 logits bit for bit, so they agree to the
+last float64 rounding of the accumulator (the tolerance only guards a BLAS reordering between runs)."""
+
+
+@pytest.fixture(scope="module")
+def fid(tmp_path_factory):
+    """(fidelity checkpoint, its GGUF q8_0 export in a module directory)."""
+    from fidelity import fidelity_checkpoint
+    from qwen_edge.export import export
+
+    ckpt = fidelity_checkpoint()
+    return ckpt, export(ckpt, "gguf", "q8_0", tmp_path_factory.mktemp("refcache_art"), name="fid-gguf-q8_0")
+
+
+@pytest.fixture(scope="module")
+def uncached(fid):
+    from qwen_edge.quality.verify import verify
+
+    return verify(fid[1], fid[0], quick=True, store=False, reference_cache=False)
+
+
+@pytest.fixture(scope="module")
+def entry(fid, tmp_path_factory):
+    """A cache directory holding the fidelity checkpoint's quick-text entry, and the report that computed it."""
+    from qwen_edge.quality.verify import verify
+
+    root = tmp_path_factory.mktemp("refcache")
+    return root, verify(fid[1], fid[0], quick=True, store=False, reference_cache=root)
+
+
+def same_report(a, b):
+    for k in METRICS + ("ppl_reference", "ppl_artifact"):
+        assert a["metrics"][k] == pytest.approx(b["metrics"][k], **TOL), k
+    for k in ("passed", "failed", "greedy_prefixes", "greedy_ties", "tokens_evaluated", "windows"):
+        assert a[k] == b[k], k
+
+
+def test_cached_reference_gives_the_uncached_report(fid, uncached, entry, tmp_path):
+    from qwen_edge.model.artifact import Artifact
+    from qwen_edge.quality.reference import MANIFEST_KEY
+    from qwen_edge.quality.verify import render_report, verify
+
+    root, computed = entry
+    assert computed["reference_cache"]["state"] == "computed" and not computed["reference_cache"]["used"]
+    assert uncached["reference_cache"] == {"used": False, "key": None, "state": "off"}
+    art = Path(shutil.copytree(fid[1], tmp_path / "art"))
+    hit = verify(art, fid[0], quick=True, reference_cache=root)  # stores the parity and the on-device record
+    assert hit["reference_cache"] == {"used": True, "key": computed["reference_cache"]["key"], "state": "hit"}
+    assert hit["backends"]["reference"] == computed["backends"]["reference"] == "torch"
+    same_report(hit, uncached)
+    same_report(computed, uncached)
+    assert "reference: cached entry " + hit["reference_cache"]["key"][:12] in render_report(hit)
+    assert "cached entry" not in render_report(computed)
+    manifest = Artifact.open(art).manifest
+    assert manifest["parity"]["reference_cache"]["used"] is True
+    # the on-device record made from the cached logits is the one the reference itself gives
+    verify(art, fid[0], quick=True, reference_cache=False)
+    assert Artifact.open(art).manifest[MANIFEST_KEY] == manifest[MANIFEST_KEY]
+
+
+def _key(fid):
+    """The cache key and window layout verify() computes for the fidelity checkpoint's quick text."""
+    from qwen_edge.model.checkpoint import Checkpoint
+    from qwen_edge.quality.refcache import reference_key
+    from qwen_edge.quality.verify import GREEDY_TOKENS, WINDOW, load_eval_set
+    from qwen_edge.text.tokenizer import Tokenizer
+
+    ev = load_eval_set(Tokenizer.from_dir(fid[1]), quick=True)
+    ck = Checkpoint(fid[0])
+    try:
+        sha = ck.weights_sha256
+    finally:
+        ck.close()
+    key = reference_key(fid[0], sha, [], ev.sha256, True, ev.windows, ev.prompts, GREEDY_TOKENS, WINDOW)
+    return key, [len(w) for w in ev.windows], len(ev.prompts)
+
+
+def _flip_logit(npy: Path) -> None:
+    """One float32 logit in the middle of the array made 1000 larger (a flipped sector, a bad copy)."""
+    a = np.load(npy, mmap_mode="r+")
+    a[a.shape[0] // 2, 7] += 1000.0
+    a.flush()
+
+
+def _edit_meta(field: str, value):
+    def edit(meta_path: Path) -> None:
+        meta = json.loads(meta_path.read_text())
+        (meta["key"] if field in meta["key"] else meta)[field] = value
+        meta_path.write_text(json.dumps(meta))
+    return edit
+
+
+@pytest.mark.parametrize("damage", ["flipped logit", "truncated", "no logits", "key echo", "greedy"])
+def test_a_damaged_entry_is_not_used(fid, entry, tmp_path, damage):
+    """Each check on read: the logits' sha256, their shape, the file pair, the key echo, the greedy runs."""
+    from qwen_edge.quality.refcache import ReferenceCache, key_digest
+
+    key, lengths, prompts = _key(fid)
+    digest = key_digest(key)
+    assert digest == entry[1]["reference_cache"]["key"]
+    root = Path(shutil.copytree(entry[0], tmp_path / "cache"))
+    lines: list[str] = []
+    cache = ReferenceCache(root, log=lines.append)
+    assert cache.load(key, lengths, prompts) is not None
+    meta, npy = cache.paths(digest)
+    {"flipped logit": lambda: _flip_logit(npy),
+     "truncated": lambda: npy.write_bytes(npy.read_bytes()[:-4096]),
+     "no logits": npy.unlink,
+     "key echo": lambda: _edit_meta("transformers", "0.0")(meta),
+     "greedy": lambda: _edit_meta("greedy", [[1, 2]] * prompts)(meta)}[damage]()
+    assert cache.load(key, lengths, prompts) is None
+    assert len(lines) == 1 and "unusable" in lines[0] and digest[:12] in lines[0]
+    assert not meta.exists() and not npy.exists()  # dropped: the next verify replaces it
+
+
+def test_a_corrupted_entry_is_recomputed_and_replaced(fid, uncached, entry, tmp_path):
+    """A corrupted entry (one logit changed) never reaches the gate: verify recomputes the reference, reports the
+    same metrics as without the cache, and stores a sound entry in its place."""
+    from qwen_edge.quality.refcache import ReferenceCache
+    from qwen_edge.quality.verify import verify
+
+    key, lengths, prompts = _key(fid)
+    root = Path(shutil.copytree(entry[0], tmp_path / "cache"))
+    meta, npy = ReferenceCache(root).paths(entry[1]["reference_cache"]["key"])
+    _flip_logit(npy)
+    lines: list[str] = []
+    report = verify(fid[1], fid[0], quick=True, store=False, reference_cache=root, log=lines.append)
+    assert report["reference_cache"]["state"] == "computed"
+    assert any("unusable" in line for line in lines) and any("stored entry" in line for line in lines)
+    same_report(report, uncached)
+    assert ReferenceCache(root).load(key, lengths, prompts) is not None
+
+
+def test_no_reference_cache_flag(fid, entry, cli):
+    """`verify --no-reference-cache` leaves a present entry unread and writes none; the report says so."""
+    root = entry[0]
+    before = sorted(p.name for p in root.iterdir())
+    r = cli("verify", str(fid[1]), "--reference", str(fid[0]), "--quick", "--json", "--no-reference-cache",
+            env={"QWEN_EDGE_REFERENCE_CACHE": str(root)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["reference_cache"] == {"used": False, "key": None, "state": "off"}
+    assert sorted(p.name for p in root.iterdir()) == before
