@@ -156,3 +156,47 @@ def test_no_reference_cache_flag(fid, entry, cli):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["reference_cache"] == {"used": False, "key": None, "state": "off"}
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_accumulator_matches_a_per_position_computation_on_real_logits(fid, entry):
+    """The chunked float64 accumulator against a plain per-position log-softmax computation, on the fidelity
+    checkpoint's reference logits (from the cache entry) and its q8_0 artifact's (llama.cpp), one window; and the
+    compact record built from the accumulator's log-sum-exp is the one the recorder computes alone."""
+    from qwen_edge.backends import load
+    from qwen_edge.quality.reference import ReferenceRecorder
+    from qwen_edge.quality.verify import Accumulator
+
+    from qwen_edge.quality.refcache import ReferenceCache
+    from qwen_edge.quality.verify import load_eval_set
+    from qwen_edge.text.tokenizer import Tokenizer
+
+    cached = ReferenceCache(entry[0]).load(*_key(fid))
+    ids = load_eval_set(Tokenizer.from_dir(fid[1]), quick=True).windows[0]
+    ref = np.array(cached.window(0))
+    rt = load(fid[1], max_context=len(ids) + 8)
+    try:
+        art = np.array(rt.prefill_all_logits(ids))
+    finally:
+        rt.close()
+    acc = Accumulator()
+    acc.add(ids, ref, art)
+    m = acc.metrics()
+    kl, nll_r, nll_a, err = [], 0.0, 0.0, []
+    for i in range(len(ids)):
+        r, a = ref[i].astype(np.float64), art[i].astype(np.float64)
+        lp = r - (r.max() + np.log(np.exp(r - r.max()).sum()))
+        lq = a - (a.max() + np.log(np.exp(a - a.max()).sum()))
+        kl.append(max(float((np.exp(lp) * (lp - lq)).sum()), 0.0))
+        err.append(np.abs(r - a))
+        if i + 1 < len(ids):
+            nll_r, nll_a = nll_r - lp[ids[i + 1]], nll_a - lq[ids[i + 1]]
+    assert m["kl_mean"] == pytest.approx(np.mean(kl), rel=1e-9) and m["kl_mean"] > 1e-6
+    assert m["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-9)
+    assert m["max_abs_logit_error"] == np.max(err) and m["mean_abs_logit_error"] == pytest.approx(np.mean(err), rel=1e-9)
+    assert m["ppl_reference"] == pytest.approx(np.exp(nll_r / (len(ids) - 1)), rel=1e-9)
+    assert m["ppl_artifact"] == pytest.approx(np.exp(nll_a / (len(ids) - 1)), rel=1e-9)
+    assert m["top1_agreement"] == np.mean(ref.argmax(1) == art.argmax(1))
+    alone, shared = ReferenceRecorder(), ReferenceRecorder()
+    alone.add_window(ids, ref)
+    shared.add_window(ids, ref, lse=acc.lse_ref)
+    assert alone.record("x", True, 0) == shared.record("x", True, 0)
