@@ -41,7 +41,8 @@ def entry(fid, tmp_path_factory):
     from qwen_edge.quality.verify import verify
 
     root = tmp_path_factory.mktemp("refcache")
-    return root, verify(fid[1], fid[0], quick=True, store=False, reference_cache=root)
+    art = Path(shutil.copytree(fid[1], tmp_path_factory.mktemp("refcache_computed") / "art"))
+    return root, verify(art, fid[0], quick=True, reference_cache=root), art
 
 
 def same_report(a, b):
@@ -56,7 +57,7 @@ def test_cached_reference_gives_the_uncached_report(fid, uncached, entry, tmp_pa
     from qwen_edge.quality.reference import MANIFEST_KEY
     from qwen_edge.quality.verify import render_report, verify
 
-    root, computed = entry
+    root, computed, computed_art = entry
     assert computed["reference_cache"]["state"] == "computed" and not computed["reference_cache"]["used"]
     assert uncached["reference_cache"] == {"used": False, "key": None, "state": "off"}
     art = Path(shutil.copytree(fid[1], tmp_path / "art"))
@@ -69,9 +70,8 @@ def test_cached_reference_gives_the_uncached_report(fid, uncached, entry, tmp_pa
     assert "cached entry" not in render_report(computed)
     manifest = Artifact.open(art).manifest
     assert manifest["parity"]["reference_cache"]["used"] is True
-    # the on-device record made from the cached logits is the one the reference itself gives
-    verify(art, fid[0], quick=True, reference_cache=False)
-    assert Artifact.open(art).manifest[MANIFEST_KEY] == manifest[MANIFEST_KEY]
+    # the on-device record made from the cached logits is the one the reference itself gave
+    assert Artifact.open(computed_art).manifest[MANIFEST_KEY] == manifest[MANIFEST_KEY]
 
 
 def _key(fid):
@@ -147,15 +147,16 @@ def test_a_corrupted_entry_is_recomputed_and_replaced(fid, uncached, entry, tmp_
     assert ReferenceCache(root).load(key, lengths, prompts) is not None
 
 
-def test_no_reference_cache_flag(fid, entry, cli):
-    """`verify --no-reference-cache` leaves a present entry unread and writes none; the report says so."""
-    root = entry[0]
-    before = sorted(p.name for p in root.iterdir())
-    r = cli("verify", str(fid[1]), "--reference", str(fid[0]), "--quick", "--json", "--no-reference-cache",
-            env={"QWEN_EDGE_REFERENCE_CACHE": str(root)})
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["reference_cache"] == {"used": False, "key": None, "state": "off"}
-    assert sorted(p.name for p in root.iterdir()) == before
+def test_verify_no_reference_cache_flag(monkeypatch):
+    """`verify --no-reference-cache` reaches verify() as reference_cache=False, the default as True (the export
+    flag is exercised end to end by the matrix test)."""
+    import qwen_edge.quality.verify as v
+    from qwen_edge.cli import main
+
+    seen = []
+    monkeypatch.setattr(v, "run_verify", lambda *a, **k: seen.append(k["reference_cache"]) or 0)
+    assert main(["verify", "ART", "--no-reference-cache"]) == 0 and main(["verify", "ART"]) == 0
+    assert seen == [False, True]
 
 
 def test_accumulator_matches_a_per_position_computation_on_real_logits(fid, entry):
@@ -200,3 +201,32 @@ def test_accumulator_matches_a_per_position_computation_on_real_logits(fid, entr
     alone.add_window(ids, ref)
     shared.add_window(ids, ref, lse=acc.lse_ref)
     assert alone.record("x", True, 0) == shared.record("x", True, 0)
+
+
+def test_export_matrix_verifies_every_pair_against_one_reference(fid, cli, tmp_path):
+    """`export SRC --format gguf,onnx --quant q8_0,int4 --no-reference-cache`: the two pairs the exporters know,
+    the reference computed once (the second verify reads it from the matrix's temporary cache; the user's cache is
+    neither read nor written), one table, exit 1 naming only the artifact that failed (a KL gate of 1e-3 between the
+    q8_0's and the int4's KL on this checkpoint)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    r = cli("export", str(fid[0]), "--format", "gguf,onnx", "--quant", "q8_0,int4", "-o", str(tmp_path / "out"),
+            "--set", "verify.quick=true", "--set", "verify.thresholds.kl_mean=0.001", "--no-reference-cache",
+            env={"QWEN_EDGE_REFERENCE_CACHE": str(cache)})
+    assert r.returncode == 1, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert rows[0][:5] == ["artifact", "format", "quant", "size", "verify"]
+    assert [(row[1], row[2], row[5], row[8]) for row in rows[1:3]] == [
+        ("gguf", "q8_0", "passed", "computed"), ("onnx", "int4", "FAILED", "cached")]
+    assert rows[3] == ["2", "artifacts,", "1", "FAILED"]
+    err = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
+    assert len(err) == 1 and "onnx-int4 (int4): kl_mean" in err[0] and "q8_0" not in err[0]
+    assert not any(cache.iterdir())
+
+
+def test_export_matrix_bad_pair_is_bad_input(fid, cli, tmp_path):
+    r = cli("export", str(fid[0]), "--format", "gguf", "--quant", "q8_0,int4", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --quant int4: not a quantization of gguf"
+    assert not (tmp_path / "out").exists()
+    r = cli("export", str(fid[0]), "--format", "gguf,tflite", "--quant", "q8_0", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "expected gguf, onnx or a comma list" in r.stderr

@@ -98,6 +98,13 @@ def _add_recipes_dir_arg(p: argparse.ArgumentParser) -> None:
                    "(repeatable)")
 
 
+def _formats(value: str) -> str:
+    bad = [f for f in value.split(",") if f.strip() not in ("gguf", "onnx")]
+    if bad or not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r:.40}: expected gguf, onnx or a comma list of them")
+    return value
+
+
 def _add_reference_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
                    help="compute the PyTorch reference afresh instead of reading (and writing) the reference cache "
@@ -118,8 +125,10 @@ def add_verbs(add: Add) -> None:
                    "(overrides the recipe's source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub-id source; the manifest records "
                    "the commit")
-    p.add_argument("--format", choices=["gguf", "onnx"])
-    p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 int4")
+    p.add_argument("--format", type=_formats, metavar="gguf|onnx[,...]", help="gguf or onnx; a comma list (with "
+                   "--quant's) exports the matrix of the pairs the exporters know, each verified against one reference")
+    p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 "
+                   "int4; a comma list exports each (a matrix: one summary table, exit 1 naming the failures)")
     p.add_argument("--target", help="target profile (cpu-x86_64, arm64-mobile, cuda) or a YAML path")
     p.add_argument("--recipe", help="export recipe: a YAML path, or a name from `qwen-edge recipes`")
     _add_recipes_dir_arg(p)
