@@ -106,10 +106,11 @@ class ReferenceCache:
         self.root = Path(root) if root is not None else cache_root()
         self.log = log
 
-    def _say(self, msg: str) -> None:
+    def _say(self, msg: str, quiet: bool = False) -> None:
+        """A log line (and the caller's `log`): a bad entry on stderr, a stored one with -v only."""
         from ..log import logger
 
-        logger.info(msg)
+        (logger.debug if quiet else logger.info)(msg)
         if self.log:
             self.log(msg)
 
@@ -207,7 +208,7 @@ class EntryWriter:
                 Path(str(meta_path) + self.tmp).write_text(json.dumps(meta))
                 os.replace(str(npy_path) + self.tmp, npy_path)
                 os.replace(str(meta_path) + self.tmp, meta_path)
-                self.cache._say(f"reference cache: stored entry {self.digest[:12]} in {self.cache.root}")
+                self.cache._say(f"reference cache: stored entry {self.digest[:12]} in {self.cache.root}", quiet=True)
                 return True
             except OSError as e:
                 self._fail(e)
