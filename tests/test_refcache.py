@@ -230,3 +230,28 @@ def test_export_matrix_bad_pair_is_bad_input(fid, cli, tmp_path):
     assert not (tmp_path / "out").exists()
     r = cli("export", str(fid[0]), "--format", "gguf,tflite", "--quant", "q8_0", "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "expected gguf, onnx or a comma list" in r.stderr
+
+
+def test_batched_greedy_agreement_is_the_stepwise_one(fid, entry):
+    """The artifact's greedy agreement from one prefill equals the token-by-token one (llama.cpp, the fidelity q8_0
+    artifact, the reference's quick-text continuations), also when the reference run is made to diverge at a clear
+    step or at a near-tie."""
+    from qwen_edge.backends import load
+    from qwen_edge.quality.refcache import ReferenceCache
+    from qwen_edge.quality.verify import greedy_agreement, greedy_agreement_batched, load_eval_set
+    from qwen_edge.text.tokenizer import Tokenizer
+
+    cached = ReferenceCache(entry[0]).load(*_key(fid))
+    prompts = load_eval_set(Tokenizer.from_dir(fid[1]), quick=True).prompts
+    rt = load(fid[1], max_context=256)
+    try:
+        seen = []
+        for p, g, m in zip(prompts, cached.greedy, cached.margins):
+            wrong = list(g)
+            wrong[5] = (wrong[5] + 1) % 1000  # the reference "chose" another token at step 5
+            for tokens, margins in ((g, m), (wrong, m), (wrong, m[:5] + [0.0] + m[6:])):
+                seen.append(greedy_agreement_batched(rt, p, tokens, margins))
+                assert seen[-1] == greedy_agreement(rt, p, tokens, margins)
+    finally:
+        rt.close()
+    assert seen[0][0] == 32 and seen[1][0] == 5 and seen[2][0] > 5 and seen[2][1] > seen[1][1]
