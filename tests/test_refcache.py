@@ -28,6 +28,14 @@ def fid(tmp_path_factory):
     return ckpt, export(ckpt, "gguf", "q8_0", tmp_path_factory.mktemp("refcache_art"), name="fid-gguf-q8_0")
 
 
+@pytest.fixture
+def copy_entry(entry, tmp_path):
+    """A copy of the entry's cache directory for a test to damage (removed after it)."""
+    root = Path(shutil.copytree(entry[0], tmp_path / "cache"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def uncached(fid):
     from qwen_edge.quality.verify import verify
@@ -42,7 +50,8 @@ def entry(fid, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("refcache")
     art = Path(shutil.copytree(fid[1], tmp_path_factory.mktemp("refcache_computed") / "art"))
-    return root, verify(art, fid[0], quick=True, reference_cache=root), art
+    yield root, verify(art, fid[0], quick=True, reference_cache=root), art
+    shutil.rmtree(root, ignore_errors=True)  # 362 MB: pytest keeps the last sessions' temporary directories
 
 
 def same_report(a, b):
@@ -107,14 +116,14 @@ def _edit_meta(field: str, value):
 
 
 @pytest.mark.parametrize("damage", ["flipped logit", "truncated", "no logits", "key echo", "greedy"])
-def test_a_damaged_entry_is_not_used(fid, entry, tmp_path, damage):
+def test_a_damaged_entry_is_not_used(fid, entry, copy_entry, damage):
     """Each check on read: the logits' sha256, their shape, the file pair, the key echo, the greedy runs."""
     from qwen_edge.quality.refcache import ReferenceCache, key_digest
 
     key, lengths, prompts = _key(fid)
     digest = key_digest(key)
     assert digest == entry[1]["reference_cache"]["key"]
-    root = Path(shutil.copytree(entry[0], tmp_path / "cache"))
+    root = copy_entry
     lines: list[str] = []
     cache = ReferenceCache(root, log=lines.append)
     assert cache.load(key, lengths, prompts) is not None
@@ -129,14 +138,14 @@ def test_a_damaged_entry_is_not_used(fid, entry, tmp_path, damage):
     assert not meta.exists() and not npy.exists()  # dropped: the next verify replaces it
 
 
-def test_a_corrupted_entry_is_recomputed_and_replaced(fid, uncached, entry, tmp_path):
+def test_a_corrupted_entry_is_recomputed_and_replaced(fid, uncached, entry, copy_entry):
     """A corrupted entry (one logit changed) never reaches the gate: verify recomputes the reference, reports the
     same metrics as without the cache, and stores a sound entry in its place."""
     from qwen_edge.quality.refcache import ReferenceCache
     from qwen_edge.quality.verify import verify
 
     key, lengths, prompts = _key(fid)
-    root = Path(shutil.copytree(entry[0], tmp_path / "cache"))
+    root = copy_entry
     meta, npy = ReferenceCache(root).paths(entry[1]["reference_cache"]["key"])
     _flip_logit(npy)
     lines: list[str] = []
