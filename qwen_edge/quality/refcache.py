@@ -163,7 +163,7 @@ class EntryWriter:
         self.cache, self.key, self.lengths = cache, key, lengths
         self.digest = key_digest(key)
         self.tmp = f".{os.getpid()}.{id(self):x}.tmp"
-        self.array: np.ndarray | None = None
+        self.array: np.memmap[Any, Any] | None = None
         self.pos = 0
         self.hash = hashlib.sha256()
         self.failed = ""
@@ -194,14 +194,14 @@ class EntryWriter:
     def commit(self, greedy: Sequence[Sequence[int]], margins: Sequence[Sequence[float]], backend: str) -> bool:
         """Rename the entry into place (the .json last); False (and a log line) when it could not be written."""
         meta_path, npy_path = self.cache.paths(self.digest)
-        if not self.failed and (self.array is None or self.pos != self.array.shape[0]):
+        array = self.array
+        if not self.failed and (array is None or self.pos != array.shape[0]):
             self.failed = "incomplete"
-        if not self.failed:
+        if not self.failed and array is not None:
             try:
-                vocab = int(self.array.shape[1])
-                self.array.flush()
-                del self.array
-                self.array = None
+                vocab = int(array.shape[1])
+                array.flush()
+                self.array = array = None
                 meta = {"key": self.key, "window_lengths": self.lengths, "vocab": vocab,
                         "sha256": self.hash.hexdigest(), "greedy": [list(map(int, g)) for g in greedy],
                         "greedy_margins": [[float(m) for m in g] for g in margins], "backend": backend}
