@@ -762,6 +762,51 @@ def render_speculative(recs: list[Record], root: Path) -> list[str]:
     return section(top, recs, body)
 
 
+def render_verify_cache(recs: list[Record], root: Path) -> list[str]:
+    top = ["## verify at CI scale: the reference cache and the export matrix (issue 32; "
+           "`benchmarks/bench_verify_cache.py`)", "",
+           "Wall time of one `qwen-edge` process each (imports included), synthesized Qwen2.5-0.5B, the evaluation "
+           "text each record names (full: 2,348 positions and 4 greedy prompts x 32 tokens; quick: 592 positions and "
+           "2 prompts). before: the code before issue 32; cold: a fresh "
+           "reference cache (the reference computed and stored); warm: the same again (read from the cache); "
+           "uncached: `--no-reference-cache`; matrix: `export --format ... --quant ...` over the six exported (up to "
+           "date) artifacts with a fresh cache, which verifies each against one reference.", ""]
+
+    def body(r: Record) -> list[str]:
+        f, s = r["figures"], r["settings"]
+        rows = []
+        for label, what in (("before_verify", f"before: verify {s['single']}"),
+                            ("after_verify_cold", "after: verify, cold cache"),
+                            ("after_verify_warm", "after: verify, warm cache"),
+                            ("after_verify_uncached", "after: verify --no-reference-cache"),
+                            ("after_matrix", f"after: matrix of {len(s['quants'].split(','))} ({s['quants']})")):
+            x = f.get(label)
+            if x:
+                rows.append([what, f"{x['seconds']:.1f}", x.get("cache", "-") or "-", x["exit"],
+                             f"{x['kl_mean']:.4g}" if "kl_mean" in x else "-"])
+        if f.get("before_matrix_total"):
+            rows.append([f"before: the {len(s['quants'].split(','))} verifies one by one",
+                         f"{f['before_matrix_total']:.1f}", "-", "-", "-"])
+        out = [f"Evaluation text: {s['text']}.", ""] + table(["run", "seconds", "reference", "exit", "KL mean"], rows,
+                                                              " rr r")
+        b, c, w, m = (f.get(k, {}).get("seconds") for k in ("before_verify", "after_verify_cold",
+                                                            "after_verify_warm", "after_matrix"))
+        ratios = []
+        if b and w:
+            ratios.append(f"warm / before {w / b:.2f}")
+        if c and w:
+            ratios.append(f"warm / cold {w / c:.2f}")
+        if c and m:
+            ratios.append(f"matrix / cold {m / c:.2f}")
+        if b and m and not f.get("before_matrix_total"):
+            n = len(s["quants"].split(","))
+            ratios.append(f"matrix / before {m / b:.2f} (the {n} verifies before were not run: {n} x before would "
+                          f"be {n * b:.0f} s)")
+        return out + ([("Ratios: " + ", ".join(ratios) + ".").strip(), ""] if ratios else [])
+
+    return section(top, recs, body)
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
@@ -769,6 +814,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
     "schema_closed": render_schema_closed, "imatrix": render_imatrix, "speculative": render_speculative,
+    "verify_cache": render_verify_cache,
 }
 
 

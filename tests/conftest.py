@@ -14,6 +14,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reference_cache_dir(tmp_path_factory):
+    """verify's reference cache (quality/refcache.py) in a session directory, shared by the verifies of one source
+    (and by the CLI subprocesses, through the environment), never the user's cache: an entry of the full text is
+    1.4 GB, a quick one 362 MB, and the broken-checkpoint tests make one per source: the session's directory is
+    removed at its end (pytest keeps the last sessions' temporary directories). $QWEN_EDGE_REFERENCE_CACHE set by the
+    caller (a CI cache path) is used and kept."""
+    import shutil
+
+    from qwen_edge.quality.refcache import ENV
+
+    if os.environ.get(ENV):
+        yield Path(os.environ[ENV])
+        return
+    path = tmp_path_factory.mktemp("reference_cache")
+    os.environ[ENV] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop(ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("qwen_edge")

@@ -45,7 +45,7 @@ def cmd_export(a: argparse.Namespace) -> int:
                       revision=a.revision,
                       recipe_path=a.recipe, overrides=overrides, name=a.name, verify=a.verify,
                       force=a.force, max_context=a.max_context, recipe_dirs=a.recipes_dir or (),
-                      adapters=a.adapter or (), adapter_mode=a.adapter_mode)
+                      adapters=a.adapter or (), adapter_mode=a.adapter_mode, reference_cache=a.reference_cache)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -60,7 +60,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         raise QwenEdgeError("--threads and --target apply to verify --on-device only")
     from ..quality.verify import run_verify
 
-    return run_verify(a.artifact, reference=a.reference, as_json=a.json, quick=a.quick)
+    return run_verify(a.artifact, reference=a.reference, as_json=a.json, quick=a.quick,
+                      reference_cache=a.reference_cache)
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -97,6 +98,19 @@ def _add_recipes_dir_arg(p: argparse.ArgumentParser) -> None:
                    "(repeatable)")
 
 
+def _formats(value: str) -> str:
+    bad = [f for f in value.split(",") if f.strip() not in ("gguf", "onnx")]
+    if bad or not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r:.40}: expected gguf, onnx or a comma list of them")
+    return value
+
+
+def _add_reference_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
+                   help="compute the PyTorch reference afresh instead of reading (and writing) the reference cache "
+                   "($QWEN_EDGE_REFERENCE_CACHE, else reference/ in the qwen_edge user cache)")
+
+
 def add_verbs(add: Add) -> None:
     p = add("synth", help="write an architecture-exact checkpoint with random weights (offline)")
     from ..families import MODELS
@@ -111,8 +125,10 @@ def add_verbs(add: Add) -> None:
                    "(overrides the recipe's source)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub-id source; the manifest records "
                    "the commit")
-    p.add_argument("--format", choices=["gguf", "onnx"])
-    p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 int4")
+    p.add_argument("--format", type=_formats, metavar="gguf|onnx[,...]", help="gguf or onnx; a comma list (with "
+                   "--quant's) exports the matrix of the pairs the exporters know, each verified against one reference")
+    p.add_argument("--quant", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_nl ...; onnx: fp32 fp16 int8 "
+                   "int4; a comma list exports each (a matrix: one summary table, exit 1 naming the failures)")
     p.add_argument("--target", help="target profile (cpu-x86_64, arm64-mobile, cuda) or a YAML path")
     p.add_argument("--recipe", help="export recipe: a YAML path, or a name from `qwen-edge recipes`")
     _add_recipes_dir_arg(p)
@@ -130,6 +146,7 @@ def add_verbs(add: Add) -> None:
                    "weights before quantization; separate: base weights unmodified + the adapter beside them (gguf: a llama.cpp "
                    "LoRA GGUF; onnx: an .onnx_adapter for the graph's LoRA inputs, onnxruntime-genai multi-LoRA)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check after export")
+    _add_reference_cache_arg(p)
     p.add_argument("--force", action="store_true", help="re-export even when an identical artifact exists")
     p.add_argument("-o", "--output", required=True, help="output directory (the artifact goes in OUTPUT/NAME)")
     p.set_defaults(func=cmd_export)
@@ -144,6 +161,7 @@ def add_verbs(add: Add) -> None:
                    "against the reference logits recorded when it was verified; the same gates")
     p.add_argument("--threads", type=int, help="with --on-device: CPU threads (default: the target's)")
     p.add_argument("--target", help="with --on-device: target profile (default: this machine's)")
+    _add_reference_cache_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 

@@ -72,9 +72,10 @@ class ReferenceRecorder:
         self.greedy_margins: list[list[float]] = []
         self.vocab = 0
 
-    def add_window(self, ids: Sequence[int], ref: np.ndarray, chunk: int = 8) -> None:
+    def add_window(self, ids: Sequence[int], ref: np.ndarray, chunk: int = 8, lse: np.ndarray | None = None) -> None:
         """Keep the top-k, log-sum-exp and next-token log-probability of each position (rows a few at a time, so a
-        window of full-vocabulary logits is never copied whole)."""
+        window of full-vocabulary logits is never copied whole). `lse`: the rows' log-sum-exp when the caller has
+        it (verify's accumulator computes the same float64 value), saving a full-vocabulary exp pass."""
         if ref.ndim != 2 or ref.shape[0] != len(ids):
             raise QwenEdgeError(f"reference logits rows {ref.shape[0]} != {len(ids)} tokens")
         self.vocab = ref.shape[1]
@@ -82,16 +83,20 @@ class ReferenceRecorder:
         nxt = np.asarray(list(ids[1:]) + [0], dtype=np.int64)
         tops, vals, lses, lps = [], [], [], []
         for s in range(0, len(ids), chunk):
-            r = np.asarray(ref[s:s + chunk], dtype=np.float64)
+            r = np.asarray(ref[s:s + chunk])  # float32 logits order as their float64 casts do
             top = np.argpartition(-r, k - 1, axis=1)[:, :k]
             order = np.lexsort((top, -np.take_along_axis(r, top, 1)))  # by logit, ties to the lowest id (argmax's)
             top = np.take_along_axis(top, order, 1)
-            m = r.max(1, keepdims=True)
-            lse = (m + np.log(np.exp(r - m).sum(1, keepdims=True)))[:, 0]
+            if lse is not None:
+                row_lse = np.asarray(lse[s:s + r.shape[0]], dtype=np.float64)
+            else:
+                r64 = r.astype(np.float64)
+                m = r64.max(1, keepdims=True)
+                row_lse = (m + np.log(np.exp(r64 - m).sum(1, keepdims=True)))[:, 0]
             tops.append(top.astype(np.int32))
             vals.append(np.take_along_axis(r, top, 1).astype(np.float32))
-            lses.append(lse)
-            lps.append(r[np.arange(r.shape[0]), nxt[s:s + r.shape[0]]] - lse)
+            lses.append(row_lse)
+            lps.append(r[np.arange(r.shape[0]), nxt[s:s + r.shape[0]]].astype(np.float64) - row_lse)
         self.top_ids.append(np.concatenate(tops))
         self.top_logits.append(np.concatenate(vals))
         self.lse.append(np.concatenate(lses))

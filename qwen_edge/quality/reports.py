@@ -43,6 +43,9 @@ class VerifyReport(TypedDict):
     """Metrics reported but not gated because the reference has random weights (see RANDOM_WEIGHT_THRESHOLDS)."""
     eval_text_sha256: str
     backends: dict[str, str]
+    reference_cache: dict[str, Any]
+    """used (a cached reference was read), key (the entry's sha256 key, None when off), state: hit, computed,
+    computed, not stored, or off (refcache.py)."""
     seconds: float
     verified_at: str
 

@@ -26,7 +26,8 @@ GREEDY_TIE_MARGIN = 0.5
 runner-up there is not counted as diverging (`greedy_agreement`), so the greedy gate cannot flip on the CPU's
 kernels. Each quantization class's logit error allows more than this at its worst token; a clear step (margin at or
 above it) that the artifact gets wrong still ends the prefix."""
-ROW_CHUNK = 8
+ROW_CHUNK = 32
+"""Rows per step of the metric accumulator (two float64 buffers of ROW_CHUNK x vocabulary: 39 MB each at Qwen's)."""
 
 # Metrics where a larger value is worse (thresholds are upper bounds); the rest are lower bounds.
 UPPER_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99", "ppl_rel_change")
@@ -137,36 +138,54 @@ class Accumulator:
     predicted: int = 0
     vocab_compared: int = 0
 
+    lse_ref: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """The reference's log-sum-exp at each position of the last window added (ReferenceRecorder reuses it)."""
+
     def add(self, ids: Sequence[int], ref: np.ndarray, art: np.ndarray) -> None:
+        """Accumulate one window, ROW_CHUNK rows at a time through two reused float64 buffers: differences and
+        exponentials in float64 (exp is the cost: two full-vocabulary passes per row, the reference's and the
+        artifact's), maxima and argmax on the float32 inputs (exact: the cast to float64 keeps their order)."""
         if ref.shape[0] != len(ids) or art.shape[0] != len(ids):
             raise QwenEdgeError(f"logits rows {ref.shape[0]}/{art.shape[0]} != {len(ids)} tokens")
         v = min(ref.shape[1], art.shape[1])
         self.vocab_compared = v
-        for s in range(0, len(ids), ROW_CHUNK):
-            r = ref[s:s + ROW_CHUNK, :v].astype(np.float64)
-            a = art[s:s + ROW_CHUNK, :v].astype(np.float64)
+        n = len(ids)
+        nxt = np.asarray(list(ids[1:]) + [0], dtype=np.int64)
+        d = np.empty((min(ROW_CHUNK, n), v))
+        e = np.empty_like(d)
+        lse_ref = np.empty(n)
+        for s in range(0, n, ROW_CHUNK):
+            r, a = np.asarray(ref[s:s + ROW_CHUNK, :v]), np.asarray(art[s:s + ROW_CHUNK, :v])
             if not np.isfinite(a).all():
-                a = np.nan_to_num(a, nan=1e4, posinf=1e4, neginf=-1e4)  # broken artifacts: huge error, not a crash
-            d = r - a
-            absd = np.abs(d)
-            self.max_abs = max(self.max_abs, float(absd.max()))
-            self.abs_sum += float(absd.sum())
-            self.abs_count += absd.size
+                a = np.nan_to_num(a.astype(np.float64), nan=1e4, posinf=1e4, neginf=-1e4)  # broken: huge error
+            k = r.shape[0]
+            dk, ek = d[:k], e[:k]
+            np.subtract(r, a, out=dk, dtype=np.float64)
+            np.abs(dk, out=ek)
+            self.max_abs = max(self.max_abs, float(ek.max()))
+            self.abs_sum += float(ek.sum())
+            self.abs_count += ek.size
             # KL(p||q) = sum p (log p - log q) = E_p[r - a] - lse(r) + lse(a), all in float64
-            mr, ma = r.max(-1, keepdims=True), a.max(-1, keepdims=True)
-            er = np.exp(r - mr)
-            zr = er.sum(-1, keepdims=True)
+            mr = r.max(-1).astype(np.float64)
+            np.subtract(r, mr[:, None], out=ek, dtype=np.float64)
+            np.exp(ek, out=ek)
+            zr = ek.sum(-1)
+            expected_d = np.einsum("ij,ij->i", ek, dk) / zr
             lse_r = mr + np.log(zr)
-            lse_a = ma + np.log(np.exp(a - ma).sum(-1, keepdims=True))
-            kl = (er * d).sum(-1, keepdims=True) / zr - lse_r + lse_a
-            self.kl.append(np.maximum(kl[:, 0], 0.0))
+            ma = a.max(-1).astype(np.float64)
+            np.subtract(a, ma[:, None], out=ek, dtype=np.float64)
+            np.exp(ek, out=ek)
+            lse_a = ma + np.log(ek.sum(-1))
+            self.kl.append(np.maximum(expected_d - lse_r + lse_a, 0.0))
             self.agree += int((r.argmax(-1) == a.argmax(-1)).sum())
-            self.tokens += r.shape[0]
-            nxt = np.asarray(ids[s + 1:s + 1 + r.shape[0]], dtype=np.int64)
-            rows = np.arange(len(nxt))
-            self.nll_ref -= float((r[rows, nxt] - lse_r[rows, 0]).sum())
-            self.nll_art -= float((a[rows, nxt] - lse_a[rows, 0]).sum())
-            self.predicted += len(nxt)
+            self.tokens += k
+            lse_ref[s:s + k] = lse_r
+            m = min(k, n - 1 - s)  # the last position has no next token in the window
+            rows, t = np.arange(m), nxt[s:s + m]
+            self.nll_ref -= float((r[rows, t].astype(np.float64) - lse_r[:m]).sum())
+            self.nll_art -= float((a[rows, t].astype(np.float64) - lse_a[:m]).sum())
+            self.predicted += m
+        self.lse_ref = lse_ref
 
     def metrics(self) -> dict[str, float]:
         kl = np.concatenate(self.kl) if self.kl else np.zeros(1)
@@ -227,6 +246,28 @@ def greedy_agreement(runtime: Any, prompt: Sequence[int], ref_tokens: Sequence[i
             ties += 1
         if i + 1 < n:
             runtime.decode(int(want))
+    return n, ties
+
+
+def greedy_agreement_batched(runtime: Any, prompt: Sequence[int], ref_tokens: Sequence[int],
+                             ref_margins: Sequence[float], tie: float = GREEDY_TIE_MARGIN) -> tuple[int, int]:
+    """greedy_agreement() in one prefill: the runtime is fed the reference's tokens anyway (teacher forcing), so the
+    prompt and the reference's continuation go in at once and the argmax at each position is the artifact's pick
+    at that step; one batched forward instead of one decode per token. The prefill kernels may round differently
+    from the decode ones (as the windows' prefill does); a step whose pick changes that way is a near-tie, which the
+    tie margin passes over."""
+    n = len(ref_tokens)
+    if n == 0:
+        return 0, 0
+    runtime.reset()
+    logits = runtime.prefill_all_logits(list(prompt) + [int(t) for t in ref_tokens[:-1]])
+    picks = np.asarray(logits[len(prompt) - 1:len(prompt) - 1 + n]).argmax(-1)
+    ties = 0
+    for i, (t, want) in enumerate(zip(picks, ref_tokens)):
+        if int(t) != int(want):
+            if not ref_margins[i] < tie:
+                return i, ties
+            ties += 1
     return n, ties
 
 
@@ -386,11 +427,14 @@ def _require_torch() -> None:
 
 def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = None, *, quick: bool = False,
            thresholds: dict[str, float] | None = None, threads: int | None = None, store: bool = True,
-           log: Log = None) -> VerifyReport:
+           log: Log = None, reference_cache: bool | str | os.PathLike | None = True) -> VerifyReport:
     """Compare `artifact` with its reference checkpoint on the shipped text; returns (and stores) the report.
 
     The report's `passed` is False when any metric is outside its threshold; this function does not raise
     for that (the CLI turns it into exit 1). Bad input raises QwenEdgeError.
+    `reference_cache`: True (the default) reads and writes the reference cache (refcache.py) in its default place,
+    a path uses that directory, False computes the reference without it; the report's `reference_cache` says
+    whether a cached reference was used (`state` hit, computed, or off).
     """
     from ..model.artifact import Artifact
     from ..backends import load
@@ -417,35 +461,57 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
     src_sha = (art.manifest.get("source") or {}).get("weights_sha256")
     acc = Accumulator()
     from .reference import ReferenceRecorder
+    from .refcache import ReferenceCache, key_digest, reference_key
 
     recorded = ReferenceRecorder()  # compact reference logits for `verify --on-device` (verify_device.py)
+    lengths = [len(w) for w in ev.windows]
+    cache = None if reference_cache is False else ReferenceCache(
+        None if reference_cache is True or reference_cache is None else Path(reference_cache), log)
+    key = reference_key(ref_dir, ref_sha, adapters, ev.sha256, quick, ev.windows, ev.prompts, GREEDY_TOKENS,
+                        WINDOW) if cache else None
+    cached = cache.load(key, lengths, len(ev.prompts)) if cache and key else None
+    cache_record: dict[str, Any] = {"used": cached is not None, "key": key_digest(key) if key else None,
+                                    "state": "off" if cache is None else "hit" if cached else "computed"}
+    writer = cache.writer(key, lengths) if cache and key and not cached else None
     prefixes: list[int] = []
     ties: list[int] = []
     ref_options: dict[str, Any] = {"adapters": adapters} if adapters else {}
-    ref_rt = load(ref_dir, max_context=longest + 8, threads=threads, **ref_options)
+    ref_rt = None if cached else load(ref_dir, max_context=longest + 8, threads=threads, **ref_options)
     try:
         art_rt = load(art.path, max_context=longest + 8, threads=threads)
         try:
             from ..log import progress
 
             for i, w in enumerate(progress(ev.windows, desc="verify", unit="window")):
-                ref_rt.reset()
                 art_rt.reset()
-                ref_logits = ref_rt.prefill_all_logits(w)
-                recorded.add_window(w, ref_logits)
+                if cached is not None:
+                    ref_logits = cached.window(i)
+                else:
+                    ref_rt.reset()
+                    ref_logits = ref_rt.prefill_all_logits(w)
+                    if writer:
+                        writer.add_window(ref_logits)
                 acc.add(w, ref_logits, art_rt.prefill_all_logits(w))
+                recorded.add_window(w, ref_logits, lse=acc.lse_ref)
                 if log:
                     log(f"window {i + 1}/{len(ev.windows)}: {len(w)} tokens")
-            for p in ev.prompts:
-                recorded.add_greedy(*greedy_with_margins(ref_rt, p, GREEDY_TOKENS))
-                agreed, tied = greedy_agreement(art_rt, p, recorded.greedy[-1], recorded.greedy_margins[-1])
+            for j, p in enumerate(ev.prompts):
+                recorded.add_greedy(*((cached.greedy[j], cached.margins[j]) if cached is not None
+                                      else greedy_with_margins(ref_rt, p, GREEDY_TOKENS)))
+                agreed, tied = greedy_agreement_batched(art_rt, p, recorded.greedy[-1], recorded.greedy_margins[-1])
                 prefixes.append(agreed)
                 ties.append(tied)
-            backends = {"artifact": art_rt.info.backend, "reference": ref_rt.info.backend}
+            ref_backend = cached.backend if cached is not None else ref_rt.info.backend
+            backends = {"artifact": art_rt.info.backend, "reference": ref_backend}
+            if writer and not writer.commit(recorded.greedy, recorded.greedy_margins, ref_backend):
+                cache_record["state"] = "computed, not stored"
         finally:
             art_rt.close()
     finally:
-        ref_rt.close()
+        if writer:
+            writer.abort()
+        if ref_rt is not None:
+            ref_rt.close()
     metrics, failed = finish_metrics(acc.metrics(), prefixes, limits)
     tok_parity = tokenizer_parity(tok, art.path, ref_dir)
     if not tok_parity["matches_reference"]:
@@ -475,6 +541,7 @@ def verify(artifact: str | os.PathLike, reference: str | os.PathLike | None = No
         "ungated": ungated,
         "eval_text_sha256": ev.sha256,
         "backends": backends,
+        "reference_cache": cache_record,
         "seconds": round(time.perf_counter() - t0, 3),
         "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -508,6 +575,9 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"  {'tokenizer':<28} {'same' if tp['matches_reference'] else 'DIFFERENT':>12}  "
                      f"as the reference's ({tp['texts_compared']} texts, added tokens) "
                      f"{'ok' if tp['matches_reference'] else 'FAIL'}")
+    rc = report.get("reference_cache") or {}
+    if rc.get("used"):
+        lines.append(f"  reference: cached entry {str(rc.get('key'))[:12]} (--no-reference-cache recomputes it)")
     if report.get("reference_matches_source") is False:
         lines.append("  note: the reference's weights differ from the artifact's recorded source")
     lines.append("PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"]))
@@ -526,6 +596,8 @@ def emit_gated(report: Any, as_json: bool, render: Callable[[Any], str]) -> int:
     return 0
 
 
-def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False) -> int:
+def run_verify(artifact: str, reference: str | None = None, as_json: bool = False, quick: bool = False,
+               reference_cache: bool = True) -> int:
     """`qwen-edge verify`: prints the report (JSON on stdout with --json); GateFailed (exit 1) on drift."""
-    return emit_gated(verify(artifact, reference, quick=quick), as_json, render_report)
+    return emit_gated(verify(artifact, reference, quick=quick, reference_cache=reference_cache), as_json,
+                      render_report)
