@@ -252,7 +252,7 @@ def awq_scales(ckpt: Checkpoint, quantize: Quantizer, importance: dict[str, np.n
     cols: dict[str, np.ndarray] = {}
     rows: dict[str, np.ndarray] = {}
     alphas: dict[str, float] = {}
-    gains: list[float] = []
+    gains: dict[str, float] = {}
 
     def search(g: Group, mean_abs: np.ndarray, x: np.ndarray) -> None:
         if g.role == "o_proj":
@@ -264,7 +264,7 @@ def awq_scales(ckpt: Checkpoint, quantize: Quantizer, importance: dict[str, np.n
         ws = [ckpt.tensor(n) for n in g.linears]
         alpha, s, errs = search_group(ws, x, mean_abs, quantize, imp)
         alphas[f"{g.layer}.{g.role}"] = alpha
-        gains.append(1.0 - min(errs) / errs[0] if errs[0] > 0 else 0.0)
+        gains[f"{g.layer}.{g.role}"] = round(1.0 - min(errs) / errs[0], 4) if errs[0] > 0 else 0.0
         if alpha == 0.0:
             return
         for n in g.linears:
@@ -283,8 +283,7 @@ def awq_scales(ckpt: Checkpoint, quantize: Quantizer, importance: dict[str, np.n
     for n in sorted(cols):
         digest.update(n.encode() + cols[n].tobytes())
     record = {"method": "activation-aware per-channel scales folded into the preceding op (export/awq.py)",
-              "calibration_text": label, "alphas": alphas,
-              "calibration_error_reduction_mean": round(float(np.mean(gains)), 4) if gains else 0.0,
+              "calibration_text": label, "alphas": alphas, "calibration_error_reduction": gains,
               "sample_rows": SAMPLE_ROWS, "sha256": digest.hexdigest()}
     return cols, rows, record
 
