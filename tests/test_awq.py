@@ -97,7 +97,9 @@ def test_the_search_protects_outlier_channels(kind):
                 "ggml-q4_0": lambda: awq.ggml_quantizer(gguf.GGMLQuantizationType.Q4_0),
                 "onnx-int4": lambda: awq.onnx_quantizer(4, 32)}[kind]()
     alpha, s, errs = awq.search_group([w], x, np.abs(x).mean(axis=0), quantize)
-    assert errs[0] == pytest.approx(float(((x @ w.T - x @ quantize(w, None).T) ** 2).sum()), rel=1e-5)
+    y = x @ w.T  # alpha 0 is the unscaled weights; each token's error counts relative to its output's norm
+    assert errs[0] == pytest.approx(float((((y - x @ quantize(w, None).T) ** 2).sum(1) / (y ** 2).sum(1)).sum()),
+                                    rel=1e-5)
     assert alpha > 0 and min(errs) < 0.6 * errs[0], (alpha, min(errs) / errs[0])
     assert s[[7, 100, 301, 480]].min() > 2 * np.median(s)
 

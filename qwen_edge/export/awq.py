@@ -11,8 +11,9 @@ that input, so the float model computes the same function:
 
 Qwen3's q_norm/k_norm act after q/k_proj, so the input_layernorm fold stays exact; the tied embedding/LM head and the
 final norm are left alone. `alpha` is searched per group on a grid (ALPHAS) to minimise the quantized group's output
-error on calibration activations: the sampled inputs X of each linear, `||X W^T - (X/s) Q(W diag(s))^T||^2` summed over
-the group, where Q is the export's own quantizer: ggml's (`ggml_quantize_chunk`, the GGUF type's base type, with the
+error on calibration activations: the sampled inputs X of each linear, each token's `||x W^T - (x/s) Q(W diag(s))^T||^2`
+over its `||x W^T||^2` (relative: the few tokens whose down_proj input peaks ~1000x the median would otherwise decide
+alone), summed over tokens and the group, where Q is the export's own quantizer: ggml's (`ggml_quantize_chunk`, the GGUF type's base type, with the
 importance matrix when there is one) or the ONNX block quantizer (round-to-nearest or importance-weighted). alpha = 0
 is s = 1, the unscaled weights, so on the calibration activations the search never loses to them.
 
@@ -220,6 +221,8 @@ def search_group(weights: list[np.ndarray], x: np.ndarray, mean_abs: np.ndarray,
     """The alpha (and its scales) with the lowest quantized output error of `weights` ([n_i, k] each, one input)
     on the sampled inputs `x` [t, k]; also each alpha's error (ALPHAS order)."""
     refs = [x @ w.T for w in weights]
+    norm = sum(np.einsum("ij,ij->i", y, y, dtype=np.float64) for y in refs)
+    tw = 1.0 / np.maximum(norm, 1e-12 * max(float(norm.max()), 1e-30))  # each token's error relative to its output
     errs: list[float] = []
     best: tuple[float, float, np.ndarray] | None = None
     for alpha in ALPHAS:
@@ -229,7 +232,7 @@ def search_group(weights: list[np.ndarray], x: np.ndarray, mean_abs: np.ndarray,
         err = 0.0
         for w, y in zip(weights, refs):
             r = y - xs @ quantize(w * s[None, :], imp).T
-            err += float(np.einsum("ij,ij->", r, r, dtype=np.float64))
+            err += float(np.einsum("ij,ij,i->", r, r, tw, dtype=np.float64))
         errs.append(err)
         if best is None or err < best[0]:
             best = (err, alpha, s)
