@@ -31,13 +31,14 @@ ARCH = "tiny-qwen3-512"
 KEEP = ("kl_mean", "kl_p99", "top1_agreement", "ppl_rel_change", "max_abs_logit_error")
 
 
-def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: bool) -> dict:
+def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: bool, awq: bool = False) -> dict:
     from qwen_edge.export import export
     from qwen_edge.quality.verify import verify
 
     t0 = time.perf_counter()
-    art = export(ckpt, fmt, quant, work, name=f"{fmt}-{quant}-{'imatrix' if imatrix else 'plain'}",
-                 options={"imatrix": "auto"} if imatrix else {}, force=True)
+    options = {**({"imatrix": "auto"} if imatrix else {}), **({"awq": True} if awq else {})}
+    art = export(ckpt, fmt, quant, work, name=f"{fmt}-{quant}-{'-'.join(options) or 'plain'}",
+                 options=options, force=True)
     export_s = time.perf_counter() - t0
     rep = verify(art, quick=quick, store=False)
     return {"export_s": round(export_s, 1), "passed": rep["passed"], "failed": rep["failed"],
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="where the artifacts go (default: a temporary directory)")
     ap.add_argument("--outliers", metavar="N,ALPHA", help="measure a function-preserving copy with activation "
                     "outliers: N channels per layer scaled by ALPHA (see with_outliers)")
+    ap.add_argument("--awq", action="store_true", help="also export each with --imatrix auto --awq (activation-aware "
+                    "scales folded into the preceding ops, export/awq.py)")
     ap.add_argument("--label", default="", help="suffix of the record's file name")
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     args = ap.parse_args(argv)
@@ -138,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             row = {"format": fmt, "quant": q,
                    "plain": None if TABLE[q].needs_imatrix else measure(ckpt, fmt, q, False, work, args.quick),
                    "imatrix": measure(ckpt, fmt, q, True, work, args.quick)}
+            if args.awq:
+                row["awq"] = measure(ckpt, fmt, q, True, work, args.quick, awq=True)
             if row["plain"]:
                 row["kl_reduction"] = round(1 - row["imatrix"]["kl_mean"] / row["plain"]["kl_mean"], 4)
+                if args.awq:
+                    row["awq_kl_reduction"] = round(1 - row["awq"]["kl_mean"] / row["plain"]["kl_mean"], 4)
             print(f"{fmt} {q}: KL {row['plain'] and row['plain']['kl_mean']} -> {row['imatrix']['kl_mean']}"
-                  f"  ({row.get('kl_reduction')})", file=sys.stderr, flush=True)
+                  f"  ({row.get('kl_reduction')}); imatrix+awq {row.get('awq', {}).get('kl_mean')} "
+                  f"({row.get('awq_kl_reduction')})", file=sys.stderr, flush=True)
             rows.append(row)
     write_record("imatrix", {"rows": rows}, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
                                                       "quick": args.quick, "outliers": args.outliers,
+                                                      "awq": args.awq,
                                                       "quants": [":".join(p) for p in pairs],
                                                       "calibration_text": "qwen_edge/data/calib_text.json",
                                                       "evaluation_text": "qwen_edge/data/eval_text.json"},

@@ -717,6 +717,42 @@ def render_imatrix(recs: list[Record], root: Path) -> list[str]:
                          c["tokens"]])
         out += table(["quant", "KL mean (plain / imatrix)", "KL p99", "top-1", "ppl change", "KL reduction",
                       "gate", "tokens"], rows, " rrrrr r")
+        awq = [x for x in r["figures"]["rows"] if x.get("awq")]
+        if awq:  # bench_imatrix.py --awq: the same quants exported with --imatrix auto --awq
+            out += ["With `--imatrix auto --awq` (activation-aware scales folded into the preceding ops, "
+                    "export/awq.py):", ""]
+            out += table(["quant", "KL mean (plain / imatrix / imatrix+awq)", "KL p99 (imatrix+awq)",
+                          "top-1 (imatrix+awq)", "KL reduction: imatrix / imatrix+awq", "gate"],
+                         [[f"{x.get('format', 'gguf')} {x['quant']}",
+                           f"{g((x['plain'] or {}).get('kl_mean'))} / {g(x['imatrix']['kl_mean'])} / "
+                           f"{g(x['awq']['kl_mean'])}", g(x["awq"]["kl_p99"]), g(x["awq"]["top1_agreement"]),
+                           " / ".join("-" if x.get(k) is None else f"{100 * x[k]:.0f}%"
+                                      for k in ("kl_reduction", "awq_kl_reduction")),
+                           "pass" if x["awq"]["passed"] else "FAIL"] for x in awq], " rrrr ")
+        return out
+
+    return section(top, recs, body)
+
+
+def render_activation_stats(recs: list[Record], root: Path) -> list[str]:
+    top = ["## Activation statistics of the trained checkpoints, and what awq can win on them (issue 31b; "
+           "`benchmarks/bench_activation_stats.py`)", "",
+           "Per layer and block-linear input over the calibration text: channel ratio = largest channel mean |x| / "
+           "median channel mean |x| (the outlier channels an importance matrix or awq protect); peak = largest |x| "
+           "/ median |x|; awq's chosen alpha and its layer-output error reduction against the unscaled weights "
+           "under ggml's quantizer (the search's own objective, on calibration inputs).", ""]
+
+    def body(r: Record) -> list[str]:
+        out: list[str] = []
+        for run in r["figures"]["runs"]:
+            what = f"`{run['checkpoint']}`" + (f" with outliers {run['outliers']} (N channels x alpha per layer)"
+                                               if run["outliers"] else "")
+            out += [f"{what}, search quantizer: {r['settings']['quant']}'s base type:", ""]
+            out += table(["layer", "input of", "channel ratio", "peak", "awq alpha", "awq error reduction"],
+                         [[x["layer"], x["role"], x["channel_ratio"], x["peak_ratio"],
+                           "-" if x["awq_alpha"] is None else x["awq_alpha"],
+                           "-" if x["awq_error_reduction"] is None else f"{100 * x['awq_error_reduction']:.0f}%"]
+                          for x in run["rows"]], "r rrrr")
         return out
 
     return section(top, recs, body)
@@ -814,7 +850,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
     "schema_closed": render_schema_closed, "imatrix": render_imatrix, "speculative": render_speculative,
-    "verify_cache": render_verify_cache,
+    "verify_cache": render_verify_cache, "activation_stats": render_activation_stats,
 }
 
 

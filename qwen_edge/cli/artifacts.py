@@ -38,7 +38,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     from ..recipes.recipe_run import run_export
 
     overrides = _overrides(a.set)
-    for key, value in (("quant.imatrix", a.imatrix), ("quant.calibration_text", a.calibration_text)):
+    for key, value in (("quant.imatrix", a.imatrix), ("quant.calibration_text", a.calibration_text),
+                       ("quant.awq", "true" if a.awq else None)):
         if value is not None:
             overrides[key] = value
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
@@ -136,7 +137,10 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--imatrix", metavar="auto|FILE", help="gguf: importance matrix for 4-bit and below (auto: "
                    "computed over the shipped calibration text and cached; FILE: a llama.cpp imatrix); iq3_xxs and "
                    "iq2_xs need one")
-    p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto: the text to calibrate on (.txt, "
+    p.add_argument("--awq", action="store_true", help="4-bit and below: activation-aware per-channel scales folded "
+                   "into the preceding norm/projection before quantizing (the float model is unchanged; combines with "
+                   "--imatrix)")
+    p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto or --awq: the text to calibrate on (.txt, "
                    "or .json like qwen_edge/data/calib_text.json)")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
     p.add_argument("--max-context", type=int, help="context length recorded in the artifact")

@@ -20,7 +20,7 @@ from ..formats.quants import QUANTS as ALL_QUANTS, quants_of
 from ..model.safetensors_io import release_pages, to_float32
 from .registry import ExportResult, register_exporter
 from .gguf_vocab import stop_texts, vocab_kv, write_modelfile
-from .imatrix import imatrix_option
+from .awq import calibrated, ggml_quantizer
 
 __all__ = ["export_gguf", "QUANTS", "MODEL_FILE", "tensor_names", "write_adapter_gguf"]
 
@@ -33,7 +33,7 @@ INTERMEDIATE = {"bf16": T.BF16, "f16": T.F16, "f32": T.F32}
 """The 16/32-bit file llama.cpp's quantizer reads, by the `intermediate` option's name."""
 CHUNK_BYTES = 32 << 20
 """Rows are converted in slices of about this many float32 bytes, so peak memory stays far below one tensor."""
-KNOWN_OPTIONS = ("threads", "intermediate", "imatrix", "calibration_text")
+KNOWN_OPTIONS = ("threads", "intermediate", "imatrix", "calibration_text", "awq")
 NO_IMATRIX = ("f32", "f16", "bf16", "q8_0")
 """Types ggml quantizes without an importance matrix (float, or 8 bits per weight: nothing to weigh)."""
 
@@ -179,7 +179,8 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     for _, hf in names:
         ckpt.tensor_info(hf)  # a missing tensor is a one-line error before anything is written
     dst = out / MODEL_FILE
-    imatrix, imatrix_record = imatrix_option(ckpt, "gguf", quant, options, NO_IMATRIX)
+    ckpt, imatrix, imatrix_record, awq_record = calibrated(ckpt, "gguf", quant, options, NO_IMATRIX,
+                                                           lambda: ggml_quantizer(_weight_type(quant)))
     if quant in DIRECT and imatrix is None:
         plan = [_planned(g, hf, ckpt.tensor_info(hf).shape, _direct_type(quant, g, ckpt.tensor_info(hf).shape, arch))
                 for g, hf in names]
@@ -203,6 +204,8 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     report = quantization_report(g, quant, direct=quant in DIRECT and imatrix is None)
     if imatrix_record is not None:
         report["imatrix"] = imatrix_record
+    if awq_record is not None:
+        report["awq"] = awq_record
     write_modelfile(out, MODEL_FILE, stop_texts(out, list(tokenizer.get("stop_ids", []))))
     extra = {"gguf": {"architecture": g.architecture, "file_type": report["file_type"],
                       "intermediate": None if report["method"] == "gguf-py" else inter.name,

@@ -120,10 +120,11 @@ class _Stats:
 
 
 def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | None = None,
-            final: list[np.ndarray] | None = None) -> Imatrix:
+            final: list[np.ndarray] | None = None, tap: Any = None) -> Imatrix:
     """Run the checkpoint over `windows` in float32 and gather each block linear's input statistics (`layers`:
     the block indices in order, e.g. wrapped in a progress bar; `final`, when given, receives each window's last
-    hidden states, before the final norm)."""
+    hidden states, before the final norm; `tap`, when given, is called with (role, block index, input) for each
+    block linear's input of each window, as awq.py's search takes them)."""
     a, fam = ckpt.arch, family_of(ckpt.arch)
     refs = fam.tensor_map(a)
 
@@ -151,6 +152,12 @@ def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | 
     d = a.head_dim
     inv = 1.0 / (a.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     stats = _Stats()
+
+    def add(role: str, bid: int, x: np.ndarray) -> None:
+        stats.add(gguf_names(role, bid), x)
+        if tap is not None:
+            tap(role, bid, x)
+
     for i in layers if layers is not None else range(a.num_layers):
         ln1, ln2 = one("input_layernorm", i), one("post_attention_layernorm", i)
         wqkv, bqkv = many("qkv_proj", i), many("qkv_proj.bias", i)
@@ -162,7 +169,7 @@ def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | 
         for j, h in enumerate(hs):
             t = h.shape[0]
             x = _rms(h, ln1, a.rms_norm_eps)
-            stats.add(gguf_names("qkv_proj", i), x)
+            add("qkv_proj", i, x)
             q, k, v = (x @ w.T + (bqkv[n] if bqkv else 0.0) for n, w in enumerate(wqkv))
             q = q.reshape(t, a.num_heads, d).transpose(1, 0, 2)
             k = k.reshape(t, a.num_kv_heads, d).transpose(1, 0, 2)
@@ -179,13 +186,13 @@ def collect(ckpt: Checkpoint, windows: list[list[int]], layers: Iterable[int] | 
             s = np.where(np.tril(np.ones((t, t), dtype=bool)), s, np.float32(-np.inf))
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             o = ((s / s.sum(axis=-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(t, a.q_size)
-            stats.add(gguf_names("o_proj", i), o)
+            add("o_proj", i, o)
             h = h + o @ wo.T
             x = _rms(h, ln2, a.rms_norm_eps)
-            stats.add(gguf_names("gate_up_proj", i), x)
+            add("gate_up_proj", i, x)
             g = x @ wg.T
             act = (g / (1.0 + np.exp(-g))) * (x @ wu.T)
-            stats.add(gguf_names("down_proj", i), act)
+            add("down_proj", i, act)
             hs[j] = (h + act @ wd.T).astype(np.float32)
     if final is not None:
         final.extend(hs)

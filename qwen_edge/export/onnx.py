@@ -33,7 +33,9 @@ OPTIONS = {
     "genai_max_length": "onnxruntime-genai search.max_length (default min(context, 4096))",
     "imatrix": "int4/int8: importance matrix ('auto' or a llama.cpp imatrix file); each linear's block scales are "
                "searched to minimize the importance-weighted error (symmetric blocks; same graph)",
-    "calibration_text": "with imatrix=auto: the calibration text (.txt or .json; default the shipped one)",
+    "calibration_text": "with imatrix=auto or awq: the calibration text (.txt or .json; default the shipped one)",
+    "awq": "int4/int8: activation-aware per-channel scales folded into the preceding norm/projection before "
+           "quantization (export/awq.py; the float model is unchanged, the graph the same)",
     "kv_dtype": "KV cache dtype, float16 or float32 (default float16 for fp16 exports and memory-capped targets such "
                 "as arm64-mobile, else float32); the attention runs in this dtype",
 }
@@ -115,21 +117,26 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
     return plan
 
 
-def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str, Any]) -> dict[str, Any] | None:
-    """Options imatrix / calibration_text: the plan's importance vectors by checkpoint name (the matrix is keyed by
-    GGUF names, as llama.cpp's files are), and the manifest's record of them."""
+def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str, Any]
+                ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """Options imatrix / calibration_text / awq: the checkpoint to export (scaled by awq), the plan's importance
+    vectors by checkpoint name (the matrix is keyed by GGUF names, as llama.cpp's files are), and the manifest's
+    records of both."""
     from ..families import family_of
-    from .imatrix import imatrix_option
+    from .awq import calibrated, onnx_quantizer
 
     refuse = tuple(q for q in QUANTS if q not in ("int4", "int8"))
-    if options.get("imatrix") is not None and quant not in refuse and not plan.symmetric:
-        raise QwenEdgeError("onnx option imatrix: the weighted search makes symmetric blocks (drop symmetric=false)")
-    values, record = imatrix_option(ckpt, "onnx", quant, options, refuse)
+    for key in ("imatrix", "awq"):
+        if options.get(key) not in (None, False) and quant not in refuse and not plan.symmetric:
+            raise QwenEdgeError(f"onnx option {key}: the calibrated search makes symmetric blocks (drop "
+                                "symmetric=false)")
+    ckpt, values, record, awq_record = calibrated(ckpt, "onnx", quant, options, refuse,
+                                                  lambda: onnx_quantizer(plan.linear_bits or 4, plan.block_size))
     if values is not None:
         hf = {t.gguf: t.hf for t in family_of(ckpt.arch).tensor_map(ckpt.arch)}
         plan.importance = {hf[name]: v for name, v in values.items()}
         record = {**record, "method": "importance-weighted scale search per block (onnx_imatrix)"}
-    return record
+    return ckpt, record, awq_record
 
 
 HF_CONFIG = "config.json"
@@ -168,7 +175,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     if a.head_dim % 16:
         raise QwenEdgeError(f"{ckpt.path.name}: head_dim {a.head_dim} is not a multiple of 16 "
                             "(onnxruntime GroupQueryAttention rotary needs it)")
-    imatrix_record = _importance(ckpt, quant, plan, options)
+    ckpt, imatrix_record, awq_record = _importance(ckpt, quant, plan, options)
     data = DataFile(out / DATA_FILE)
     try:
         g = GraphBuilder(data)
@@ -209,6 +216,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     }
     if imatrix_record is not None:
         quantization["imatrix"] = imatrix_record
+    if awq_record is not None:
+        quantization["awq"] = awq_record
     facts: dict[str, Any] = {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
                              "kv_dtype": np.dtype(plan.kv).name,
                              "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],

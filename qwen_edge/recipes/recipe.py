@@ -52,8 +52,12 @@ class QuantConfig:
     """GGUF 4-bit and below, ONNX int4/int8 (symmetric): importance matrix the quantizer weighs each weight's error
     by: `auto` (computed over the calibration text, cached) or a llama.cpp imatrix file (GGUF or legacy .dat).
     Required by iq3_xxs and iq2_xs."""
+    awq: bool | None = None
+    """GGUF 4-bit and below, ONNX int4/int8 (symmetric): activation-aware per-channel scales (AWQ-style) searched
+    on the calibration text and folded into the preceding norm or projection before quantization (export/awq.py);
+    combines with `imatrix`."""
     calibration_text: str | None = None
-    """With `imatrix: auto`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
+    """With `imatrix: auto` or `awq: true`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
     qwen_edge/data/calib_text.json; default: that shipped text)."""
 
     def options(self) -> dict[str, Any]:
@@ -349,8 +353,8 @@ def validate_recipe(r: Recipe, src: str) -> None:
         bad = [k for k in GGUF_ONLY if getattr(q, k) is not None]
         if bad:
             raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to GGUF only")
-    if q.calibration_text is not None and q.imatrix != "auto":
-        raise QwenEdgeError(f"{src}: 'quant.calibration_text' needs 'quant.imatrix: auto'")
+    if q.calibration_text is not None and q.imatrix != "auto" and not q.awq:
+        raise QwenEdgeError(f"{src}: 'quant.calibration_text' needs 'quant.imatrix: auto' or 'quant.awq: true'")
     if q.intermediate is not None and q.intermediate not in ("bf16", "f16", "f32"):
         raise QwenEdgeError(f"{src}: 'quant.intermediate' must be bf16, f16 or f32, not {q.intermediate!r}")
     if r.format == "onnx":  # the exporter's own table of option values (an ONNX recipe imported it for its quants)
