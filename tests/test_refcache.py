@@ -264,3 +264,32 @@ def test_batched_greedy_agreement_is_the_stepwise_one(fid, entry):
     finally:
         rt.close()
     assert seen[0][0] == 32 and seen[1][0] == 5 and seen[2][0] > 5 and seen[2][1] > seen[1][1]
+
+
+def test_the_cache_keeps_under_its_size_limit_dropping_the_least_recently_used(tmp_path, monkeypatch):
+    """Three 1 MiB entries under a 2.5 MiB limit: storing the third removes the least recently used one, and a hit
+    counts as a use (the older entry that was just read survives)."""
+    import os
+
+    from qwen_edge.quality.refcache import MAX_ENV, ReferenceCache, key_digest
+
+    monkeypatch.setenv(MAX_ENV, str(2.5 / 1024))
+    cache = ReferenceCache(tmp_path)
+    keys = [{"n": i, "greedy_tokens": 2} for i in range(3)]
+
+    def store(key, t):
+        w = cache.writer(key, [256])
+        w.add_window(np.full((256, 1024), float(key["n"]), dtype=np.float32))
+        assert w.commit([[1, 2]], [[0.5, 0.5]], "torch")
+        os.utime(cache.paths(key_digest(key))[0], (t, t))
+
+    store(keys[0], 1000)
+    store(keys[1], 2000)
+    assert cache.load(keys[0], [256], 1) is not None  # a hit: keys[0] is now the most recently used
+    store(keys[2], 3000)
+    present = {k["n"] for k in keys if cache.paths(key_digest(k))[0].exists()}
+    assert present == {0, 2}
+    assert not cache.paths(key_digest(keys[1]))[1].exists()
+    monkeypatch.setenv(MAX_ENV, "0")  # no limit
+    store(keys[1], 4000)
+    assert all(cache.paths(key_digest(k))[0].exists() for k in keys)

@@ -19,6 +19,10 @@ sha256 of the logits, and an entry failing any check is recomputed and replaced 
 
 Location: $QWEN_EDGE_REFERENCE_CACHE (a CI cache path), else `reference/` in the user cache (datafiles.cache_dir:
 $QWEN_EDGE_CACHE_DIR, else $XDG_CACHE_HOME/qwen_edge or ~/.cache/qwen_edge). `--no-reference-cache` opts out.
+
+Size: the directory is kept under $QWEN_EDGE_REFERENCE_CACHE_MAX_GB (default 6, four full-text entries of a Qwen
+vocabulary; 0 means no limit): after an entry is stored, the least recently used ones (a hit counts as a use) are
+removed until the rest fit, never the entry just stored.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from .reports import Log
 
 CACHE_VERSION = 1
 ENV = "QWEN_EDGE_REFERENCE_CACHE"
+MAX_ENV = "QWEN_EDGE_REFERENCE_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 6.0
 DTYPE = "float32"
 """The reference runtime's dtype (backends.torch_ref loads checkpoints in fp32) and the cached logits'."""
 _HASH_ROWS = 64
@@ -48,6 +54,20 @@ def cache_root() -> Path:
     from ..device.datafiles import cache_dir
 
     return cache_dir() / "reference"
+
+
+def max_bytes() -> int | None:
+    """The cache's size limit in bytes ($QWEN_EDGE_REFERENCE_CACHE_MAX_GB; None: no limit)."""
+    from ..errors import QwenEdgeError
+
+    raw = os.environ.get(MAX_ENV, "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_GB
+    except ValueError:
+        raise QwenEdgeError(f"{MAX_ENV}={raw!r} is not a number of gigabytes") from None
+    if gb < 0 or gb != gb:
+        raise QwenEdgeError(f"{MAX_ENV}={raw!r} must be 0 (no limit) or a positive number of gigabytes")
+    return None if gb == 0 else int(gb * 1024 ** 3)
 
 
 def _ids_sha256(seqs: Sequence[Sequence[int]]) -> str:
@@ -143,6 +163,10 @@ class ReferenceCache:
             self._say(f"reference cache: entry {digest[:12]} in {self.root} is unusable ({e}); recomputing it")
             self.drop(digest)
             return None
+        try:
+            os.utime(meta_path)  # a use: the size limit removes the least recently used entries first
+        except OSError:
+            pass
         return CachedReference(logits, list(lengths), greedy, margins, str(meta.get("backend", "torch")), digest)
 
     def drop(self, digest: str) -> None:
@@ -151,6 +175,31 @@ class ReferenceCache:
                 p.unlink()
             except OSError:
                 pass
+
+    def trim(self, keep: str) -> None:
+        """Remove the least recently used entries until the directory fits max_bytes(); `keep` (the entry just
+        stored) is never removed."""
+        limit = max_bytes()
+        if limit is None:
+            return
+        entries = []
+        for meta in self.root.glob("*.json"):
+            digest = meta.stem
+            try:
+                size = sum(p.stat().st_size for p in self.paths(digest) if p.exists())
+                entries.append((meta.stat().st_mtime, digest, size))
+            except OSError:
+                continue
+        total = sum(e[2] for e in entries)
+        for _, digest, size in sorted(entries):
+            if total <= limit:
+                break
+            if digest == keep:
+                continue
+            self.drop(digest)
+            total -= size
+            self._say(f"reference cache: removed least recently used entry {digest[:12]} ({size / 1024 ** 2:.0f} MB; "
+                      f"{MAX_ENV} keeps the cache under {limit / 1024 ** 3:g} GB)", quiet=True)
 
     def writer(self, key: dict[str, Any], lengths: Sequence[int]) -> "EntryWriter":
         return EntryWriter(self, key, list(lengths))
@@ -209,6 +258,7 @@ class EntryWriter:
                 os.replace(str(npy_path) + self.tmp, npy_path)
                 os.replace(str(meta_path) + self.tmp, meta_path)
                 self.cache._say(f"reference cache: stored entry {self.digest[:12]} in {self.cache.root}", quiet=True)
+                self.cache.trim(keep=self.digest)
                 return True
             except OSError as e:
                 self._fail(e)
