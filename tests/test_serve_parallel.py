@@ -93,9 +93,11 @@ def test_returning_conversation_reuses_its_slot_prefix_and_metrics(server):
     turns = {"a": "first conversation, first turn", "b": "a different conversation altogether"}
     first = {k: _ask(server, q) for k, q in turns.items()}  # a, then b: on the two slots
     # b comes back first, then a: each to its own slot (the least recently used one would be the other's)
-    second = {k: _ask(server, "and its second turn", [{"role": "user", "content": turns[k]},
-                                                        {"role": "assistant", "content": first[k].choices[0].message.content}])
-              for k in ("b", "a")}
+    def history(k: str) -> list:
+        return [{"role": "user", "content": turns[k]},
+                {"role": "assistant", "content": first[k].choices[0].message.content}]
+
+    second = {k: _ask(server, "and its second turn", history(k)) for k in ("b", "a")}
     for k in turns:
         # most of the first prompt (the template drops the empty think block from the history, and the end of the
         # user's text may tokenize apart); the other conversation's slot shares only the template's first 3 ids

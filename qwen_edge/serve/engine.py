@@ -149,8 +149,8 @@ class Engine:
 
     def _take_slot(self, prompt: Callable[[ChatSession], Sequence[int] | None]) -> int:
         """A free slot: the one whose cache this prompt continues (their common prefix is at least half of the
-        prompt the slot last answered; the longest such), else the one used least recently, so a new conversation does not evict a
-        cache another one may return to."""
+        prompt the slot last answered; the longest such), else the one used least recently, so a new conversation
+        does not evict a cache another one may return to."""
         from ..runtime.chat import _common_prefix
 
         with self._lock:

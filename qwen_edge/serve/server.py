@@ -1,7 +1,7 @@
-"""`qwen-edge serve`'s process: `serve()` loads the artifact into one ChatSession per slot (--parallel) and its Engine, binds host:port (a
-loopback host answers loopback Host names only; beyond loopback without an API key, a warning), runs the app on
-uvicorn and stops on SIGINT/SIGTERM, cancelling running generations. `require_extra`: the one-line error when the
-[serve] extra is missing."""
+"""`qwen-edge serve`'s process: `serve()` loads the artifact into one ChatSession per slot (--parallel) and its Engine,
+binds host:port (a loopback host answers loopback Host names only; beyond loopback without an API key, a warning),
+runs the app on uvicorn and stops on SIGINT/SIGTERM, cancelling running generations. `require_extra`: the one-line
+error when the [serve] extra is missing."""
 
 from __future__ import annotations
 
