@@ -27,9 +27,16 @@ SAMPLINGS = [Sampling(temperature=0), Sampling(temperature=0), Sampling(temperat
              Sampling(temperature=0), Sampling(temperature=0)]
 
 
-@pytest.fixture(scope="module", params=["gguf"])
-def art(request, exported):
-    return exported("tiny-qwen3", "gguf", "q8_0") if request.param == "gguf" else None
+@pytest.fixture(scope="module", params=["gguf", "onnx"])
+def art(request, tmp_path_factory):
+    """The trained fidelity checkpoint (its greedy tokens follow the context; the synthesized tiny models repeat one
+    token whatever came before, so they would not tell a wrong cache from a right one), GGUF q8_0 or ONNX int4."""
+    from fidelity import fidelity_checkpoint
+
+    from qwen_edge.export import export
+
+    quant = {"gguf": "q8_0", "onnx": "int4"}[request.param]
+    return export(fidelity_checkpoint(), request.param, quant, tmp_path_factory.mktemp("batch"), name=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +61,23 @@ class Recording:
 
 
 def test_batched_streams_equal_solo(art, solo):
-    # 5 prompts on 3 slots: the last two join when the first streams end; 150 ids prefill over two 128-id steps
-    with load(art, max_context=CTX, threads=2, parallel=3) as rt:
-        rec = Recording(rt)
-        out = generate_batch(rec, _prompts(), sampling=SAMPLINGS, max_new_tokens=N_NEW)
+    # 5 prompts on 3 slots: the last two join when the first streams end; 150 ids prefill over two 128-id steps.
+    # ONNX: a small context and step margin, so its shared cache columns run out and the rows are compacted midway
+    compactions = []
+    with pytest.MonkeyPatch.context() as mp:
+        ctx = CTX
+        if art.name == "onnx":
+            from qwen_edge.backends import onnxruntime as ortb
+
+            mp.setattr(ortb, "SLOT_STEP_MAX", 64)
+            real = ortb.OrtSlots._compact
+            mp.setattr(ortb.OrtSlots, "_compact", lambda self, need: (compactions.append(need), real(self, need)))
+            ctx = 170
+        with load(art, max_context=ctx, threads=2, parallel=3) as rt:
+            rec = Recording(rt)
+            out = generate_batch(rec, _prompts(), sampling=SAMPLINGS, max_new_tokens=N_NEW)
     assert [r.output_ids for r in out] == solo
+    assert compactions or art.name != "onnx"
     assert max(len(s) for s in rec.steps) == 3  # the steps really were batched
     assert any(len(s) > 1 and any(n > 1 for n in s.values()) for s in rec.steps)  # a prompt joined running streams
 

@@ -1,5 +1,5 @@
-"""`qwen-edge serve --parallel 2` as a real subprocess (GGUF): concurrent greedy streams, one joining later, give the
-replies each gets alone; a disconnected stream frees its slot while the other goes on; parallel + queue requests are
+"""`qwen-edge serve --parallel 2` as a real subprocess (GGUF and ONNX): concurrent greedy streams, one joining later,
+give the replies each gets alone; a disconnected stream frees its slot while the other goes on; parallel + queue requests are
 admitted, one more gets 503; a returning conversation reuses its slot's prefix (usage.cached_tokens); /metrics."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ ASK = {"temperature": 0, "max_tokens": 24, "extra_body": {"chat_template_kwargs"
 QUESTIONS = ["hello there", "a much longer question about lighthouses, the sea and the keepers " * 6, "third"]
 
 
-@pytest.fixture(scope="module")
-def server(thinking_artifact, tmp_path_factory):
-    s = Server(thinking_artifact("gguf"), tmp_path_factory.mktemp("parallel") / "server.log", "--api-key", KEY,
+@pytest.fixture(scope="module", params=["gguf", "onnx"])
+def server(request, thinking_artifact, tmp_path_factory):
+    s = Server(thinking_artifact(request.param), tmp_path_factory.mktemp("parallel") / "server.log", "--api-key", KEY,
                "--parallel", "2", "--queue", "1", "--max-context", str(CONTEXT))
     yield s
     assert s.stop() == 0, s.log()

@@ -23,8 +23,9 @@ EXTRA_HINT = "pip install 'qwen-edge[serve]'"
 DEFAULT_PARALLEL = 4
 """Slots when --parallel is not given (llama.cpp's server has 4 too): a CPU decode step is memory-bound, so 4 streams
 in one batch cost little more than one; fewer when their KV caches would not fit (default_parallel)."""
-BATCHED_FORMATS = ("gguf",)
-"""Artifact formats whose backend has a batched step (BatchRuntime); others serve one request at a time."""
+BATCHED_FORMATS = ("gguf", "onnx")
+"""Artifact formats whose backend has a batched step (BatchRuntime; ONNX on the cpu device); others serve one request
+at a time."""
 
 
 def _available_memory() -> int | None:
@@ -41,7 +42,7 @@ def _available_memory() -> int | None:
         return None
 
 
-def default_parallel(artifact: str | os.PathLike[str], max_context: int | None) -> int:
+def default_parallel(artifact: str | os.PathLike[str], max_context: int | None, device: str = "cpu") -> int:
     """--parallel's default: DEFAULT_PARALLEL slots, fewer while their KV caches (at the context asked for, else the
     artifact's) would take over half the available memory; 1 for a format without a batched step or a bare file."""
     from ..backends.base import kv_bytes_per_token
@@ -51,7 +52,7 @@ def default_parallel(artifact: str | os.PathLike[str], max_context: int | None) 
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         return 1
     art = Artifact.open(path, check_hashes=False)
-    if art.format not in BATCHED_FORMATS:
+    if art.format not in BATCHED_FORMATS or (art.format == "onnx" and device == "cuda"):
         return 1
     per_slot = (kv_bytes_per_token(art.manifest) or 0) * int(max_context or art.context_length)
     free = _available_memory()
@@ -117,7 +118,7 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise QwenEdgeError(f"--parallel must be a positive number of slots, not {parallel}")
     meta = model_meta(os.fspath(artifact))
-    n_slots = default_parallel(artifact, max_context) if parallel is None else parallel
+    n_slots = default_parallel(artifact, max_context, device) if parallel is None else parallel
     sessions, scheduler = _sessions(artifact, meta, n_slots, device=device, target=target, max_context=max_context,
                                     threads=threads)
     session = sessions[0]
