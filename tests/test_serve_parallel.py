@@ -1,6 +1,6 @@
 """`qwen-edge serve --parallel 2` as a real subprocess (GGUF and ONNX): concurrent greedy streams, one joining later,
-give the replies each gets alone; a disconnected stream frees its slot while the other goes on; parallel + queue requests are
-admitted, one more gets 503; a returning conversation reuses its slot's prefix (usage.cached_tokens); /metrics."""
+give the replies each gets alone; a disconnected stream frees its slot while the other goes on; parallel + queue
+requests are admitted, one more gets 503; a returning conversation reuses its slot's prefix (usage.cached_tokens); /metrics."""
 
 from __future__ import annotations
 
