@@ -119,3 +119,9 @@ def test_returning_conversation_reuses_its_slot_prefix_and_metrics(server):
     with pytest.raises(urllib.error.HTTPError) as e:  # like the API, the metrics need the key
         urllib.request.urlopen(server.base + "/metrics")
     assert e.value.code == 401
+
+
+def test_bad_parallel_is_one_line_exit_2(cli, thinking_artifact):
+    r = cli("serve", str(thinking_artifact("gguf")), "--parallel", "0", "--port", "0", timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --parallel") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
