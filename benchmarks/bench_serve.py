@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=1024, help="context per slot")
     ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 32-id prompts, 32 tokens each")
+    ap.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     a = ap.parse_args()
     if a.build_only:
         print(build_llama_server())
@@ -206,7 +207,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     write_record("serve", {"streams": streams, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
                                  "threads": a.threads, "context_per_slot": a.context, "quick": a.quick,
-                                 "llama_server": str(binary) if binary else None, "rows": rows})
+                                 "llama_server": str(binary) if binary else None, "rows": rows}, notes=a.note)
     return 0
 
 
