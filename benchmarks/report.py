@@ -843,6 +843,39 @@ def render_verify_cache(recs: list[Record], root: Path) -> list[str]:
     return section(top, recs, body)
 
 
+def render_serve(recs: list[Record], root: Path) -> list[str]:
+    top = ["## Concurrent streams: `serve --parallel N` vs llama.cpp's `llama-server` (issue 29; "
+           "`benchmarks/bench_serve.py`)", "",
+           "N openai-client streamed /v1/completions requests started together, each with its own prompt, greedy; the "
+           "server started with `--parallel N`. aggregate = all streams' tokens / wall time; per stream = each "
+           "stream's (tokens - 1) / (its last token - its first), averaged; TTFT averaged; inter-token gaps over all "
+           "streams. x1 = aggregate / the same server's one-stream aggregate; x anchor = aggregate / llama-server's "
+           "at the same N. Targets at 4 streams: x1 >= 2.5, per stream >= 0.6x solo, x anchor >= 1.0.", ""]
+
+    def body(r: Record) -> list[str]:
+        f = r["figures"]
+        rows_in = f["rows"]
+        solo = {x["server"]: x for x in rows_in if x["streams"] == 1}
+        anchor = {x["streams"]: x for x in rows_in if x["server"].startswith("llama-server")}
+        rows = []
+        for x in rows_in:
+            one, an = solo.get(x["server"]), anchor.get(x["streams"])
+            ps = x.get("per_stream_tok_s")
+            solo_ps = one.get("per_stream_tok_s") if one else None
+            rows.append([x["server"], x["streams"], f"{x['aggregate_tok_s']:.1f}",
+                         f"{x['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}" if one else "-",
+                         f"{ps:.1f}" if ps else "-", f"{ps / solo_ps:.2f}" if ps and solo_ps else "-",
+                         f"{x['aggregate_tok_s'] / an['aggregate_tok_s']:.2f}" if an else "-",
+                         f"{x['ttft_s']:.2f}",
+                         f"{1000 * x['itl_p50_s']:.0f} / {1000 * x['itl_p95_s']:.0f}" if x.get("itl_p50_s") else "-"])
+        return [f"{f['prompt_tokens']}-id prompts, {f['max_tokens']} tokens each, {f['threads']} threads, context "
+                f"{f['context_per_slot']} per slot" + (" (--quick)" if f.get("quick") else "") + ".", ""] + \
+            table(["server", "streams", "aggregate tok/s", "x1", "per stream tok/s", "x solo", "x anchor", "TTFT s",
+                   "ITL p50 / p95 ms"], rows)
+
+    return section(top, recs, body)
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
@@ -850,7 +883,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "genai": render_genai, "adapter_export": render_adapter_export, "constrained": render_constrained,
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
     "schema_closed": render_schema_closed, "imatrix": render_imatrix, "speculative": render_speculative,
-    "verify_cache": render_verify_cache, "activation_stats": render_activation_stats,
+    "verify_cache": render_verify_cache, "activation_stats": render_activation_stats, "serve": render_serve,
 }
 
 

@@ -31,10 +31,11 @@ CONTEXT = 4096
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
 def server(request, thinking_artifact, tmp_path_factory):
     """One server per backend for the module: an API key (on the command line for GGUF, from $QWEN_EDGE_API_KEY
-    for ONNX), --queue 0 (a second concurrent request gets 503), browser origin ORIGIN allowed."""
+    for ONNX), one slot and --queue 0 (a second concurrent request gets 503; test_serve_parallel.py has several),
+    browser origin ORIGIN allowed."""
     art = thinking_artifact(request.param)
     key_args, env = (["--api-key", KEY], {}) if request.param == "gguf" else ([], {"QWEN_EDGE_API_KEY": KEY})
-    s = Server(art, tmp_path_factory.mktemp("serve") / "server.log", *key_args, "--queue", "0",
+    s = Server(art, tmp_path_factory.mktemp("serve") / "server.log", *key_args, "--queue", "0", "--parallel", "1",
                "--max-context", str(CONTEXT), "--allow-origin", ORIGIN, env=env)
     s.fmt, s.artifact = request.param, art  # type: ignore[attr-defined]
     yield s
@@ -409,7 +410,7 @@ def test_a_waiting_request_is_served_in_turn(thinking_artifact, tmp_path):
     """--queue 1: one request generates, one waits (and is served once the first ends), a third gets 503."""
     import threading
 
-    s = Server(thinking_artifact("gguf"), tmp_path / "server.log", "--queue", "1")
+    s = Server(thinking_artifact("gguf"), tmp_path / "server.log", "--queue", "1", "--parallel", "1")
     try:
         conn, resp = _open_stream(s, CONTEXT - 64)
         waited: dict = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import operator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -86,6 +86,39 @@ class Runtime(abc.ABC):
                 f"context full: {self.n_cached} cached + {n_new} new tokens > context length "
                 f"{self.info.context_length} (raise --max-context or shorten the prompt)"
             )
+
+
+class BatchRuntime(abc.ABC):
+    """Several independent sequences ("slots") on one loaded model, advanced together: token ids in, logits out.
+
+    The multi-sequence counterpart of `Runtime`, for serving several streams at once (`qwen-edge serve --parallel`,
+    `runtime.batch.generate_batch`). Slot `s` (0 <= s < `n_slots`) has its own KV cache of `info.context_length`
+    tokens. `step({slot: ids})` appends `ids` to each named slot in ONE forward pass (one weight read for all of
+    them: a decode step is one id per slot, a prompt chunk several) and keeps the logits of each slot's last id
+    for `slot_logits(slot)`. `slot_rewind(slot, n)` keeps a slot's first n cached ids (0 frees the slot's cells);
+    `slot_cached(slot)` counts them. A backend that implements this also stays a plain `Runtime` whose single
+    sequence is slot 0 (its single-sequence methods keep their meaning).
+    """
+
+    info: RuntimeInfo
+    n_slots: int = 1
+
+    @abc.abstractmethod
+    def step(self, feeds: Mapping[int, Sequence[int]]) -> None: ...
+
+    @abc.abstractmethod
+    def slot_logits(self, slot: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def slot_rewind(self, slot: int, n_tokens: int) -> None: ...
+
+    @abc.abstractmethod
+    def slot_cached(self, slot: int) -> int: ...
+
+    def check_slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= int(slot) < self.n_slots:
+            raise QwenEdgeError(f"slot {slot!r} out of range (0..{self.n_slots - 1})")
+        return int(slot)
 
 
 def resolve_context(max_context: int | None, target_max: int, artifact_max: int) -> int:

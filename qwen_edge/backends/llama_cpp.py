@@ -14,13 +14,14 @@ from ..formats.gguf import check_gguf_file
 from ..device.llama_lib import import_llama_cpp, last_log_line, llama_log_capture, silence_llama_log
 from ..errors import crash_note
 from ..log import logger
-from .base import Runtime, RuntimeInfo, register_backend, resolve_context
+from .base import BatchRuntime, Runtime, RuntimeInfo, register_backend, resolve_context
 
 N_BATCH = 512
 """Tokens per llama_decode call during prefill (longer prompts are fed in chunks)."""
 ALL_LOGITS_CHUNK = 128
 """Tokens per call when every position's logits are wanted (bounds llama.cpp's output buffer)."""
-KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning", "adapter", "adapter_scale", "extra_buffers")
+KNOWN_OPTIONS = ("n_batch", "check_hashes", "allow_spinning", "adapter", "adapter_scale", "extra_buffers",
+                 "parallel")
 
 _backend_ready = False
 _wait_policy: str | None = None
@@ -92,8 +93,21 @@ def _gguf_stop_ids(g: Any) -> list[int]:
     return out
 
 
-class LlamaCppRuntime(Runtime):
-    """One llama.cpp model + context (a single sequence, id 0) behind the Runtime protocol."""
+class LlamaCppRuntime(Runtime, BatchRuntime):
+    """One llama.cpp model + context behind the Runtime protocol (a single sequence, id 0) and, with the option
+    `parallel=N`, the BatchRuntime one: N sequences (slots; llama.cpp seq_id = slot) in one context.
+
+    With N slots the context has n_seq_max = N and kv_unified off, and llama.cpp gets N x the context asked for:
+    it splits a non-unified cache evenly, so every slot holds exactly `info.context_length` tokens in its own
+    stream (attention never spans another slot's cells), the same room a single-sequence runtime has."""
+
+    @property
+    def n_cached(self) -> int:  # type: ignore[override]
+        return self._pos[0]
+
+    @n_cached.setter
+    def n_cached(self, n: int) -> None:
+        self._pos[0] = n
 
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", target: Any = None,
                  max_context: int | None = None, threads: int | None = None, **options: Any):
@@ -105,7 +119,12 @@ class LlamaCppRuntime(Runtime):
         self._batch = None
         self._has_logits = False
         self._extra_mode = ""
-        self.n_cached = 0
+        n_slots = options.get("parallel") or 1
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise QwenEdgeError(f"llama_cpp option parallel must be a positive number of sequences, not {n_slots!r}")
+        self.n_slots = n_slots
+        self._pos = [0] * n_slots
+        self._slot_logits: dict[int, np.ndarray] = {}
         if target is None:
             from ..device.targets import default_target_name, load_target
 
@@ -150,14 +169,14 @@ class LlamaCppRuntime(Runtime):
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self.info = RuntimeInfo(
             backend="llama_cpp", device=device, threads=n_threads, artifact=str(path),
-            context_length=min(n_ctx, int(L.llama_n_ctx(self._ctx))), format="gguf",
+            context_length=min(n_ctx, int(L.llama_n_ctx_seq(self._ctx))), format="gguf",
             quant=str(facts.get("quant") or ""), vocab_size=self._n_vocab,
             stop_ids=list(facts["stop_ids"]) if "stop_ids" in facts else _gguf_stop_ids(g),
             artifact_context_length=train_ctx,
             extra={"model_file": str(model_path), "gpu_layers": gpu_layers, "n_batch": n_batch,
                    "llama_cpp": getattr(L, "__version__", ""), "allow_spinning": spin,
                    "omp_wait_policy": wait_policy, "adapters": [str(a) for a in adapters],
-                   "adapter_scale": adapter_scale if adapters else None,
+                   "adapter_scale": adapter_scale if adapters else None, "parallel": self.n_slots,
                    "extra_buffers": {"policy": decision.policy, "mode": self._extra_mode,
                                      "available": decision.available, "reason": decision.reason,
                                      "weights": buffers}},
@@ -180,9 +199,10 @@ class LlamaCppRuntime(Runtime):
         if not self._model:
             raise QwenEdgeError(f"{model_path}: llama.cpp could not load the model ({last_log_line(log)})")
         cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx
+        cp.n_ctx = n_ctx * self.n_slots
         cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = self.n_slots
+        cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = n_threads
         with llama_log_capture() as log:
             self._ctx = L.llama_init_from_model(self._model, cp)
@@ -225,6 +245,7 @@ class LlamaCppRuntime(Runtime):
             b.seq_id[i][0] = 0
             b.logits[i] = all_logits or i == n - 1
         b.n_tokens = n
+        self._slot_logits.pop(0, None)
         rc = L.llama_decode(self._ctx, b)
         if rc != 0:
             self._has_logits = False
@@ -291,7 +312,10 @@ class LlamaCppRuntime(Runtime):
     def reset(self) -> None:
         if self._ctx is None:
             raise QwenEdgeError("llama_cpp runtime is closed")
-        self._L.llama_memory_clear(self._mem, True)
+        if self.n_slots > 1:  # the other slots' sequences stay
+            self._L.llama_memory_seq_rm(self._mem, 0, 0, -1)
+        else:
+            self._L.llama_memory_clear(self._mem, True)
         self.n_cached = 0
         self._has_logits = False
 
@@ -318,6 +342,79 @@ class LlamaCppRuntime(Runtime):
             self.close()
         except Exception:
             pass
+
+    # --- BatchRuntime protocol: slot s is llama.cpp's sequence s --------------------------------------------------
+    def step(self, feeds: Any) -> None:
+        """One llama_decode for every slot's ids (a decode token, or a prompt chunk), logits at each slot's last id;
+        the ids of one call must fit n_batch together."""
+        if self._ctx is None:
+            raise QwenEdgeError("llama_cpp runtime is closed")
+        items = [(self.check_slot(s), [int(t) for t in ids]) for s, ids in feeds.items() if len(ids)]
+        total = sum(len(ids) for _, ids in items)
+        if total > self._n_batch:
+            raise QwenEdgeError(f"{total} ids in one step exceed n_batch {self._n_batch}")
+        for s, ids in items:
+            bad = [t for t in ids if not 0 <= t < self._n_vocab]
+            if bad:
+                raise QwenEdgeError(f"token id {bad[0]} outside the vocabulary (0..{self._n_vocab - 1})")
+            if self._pos[s] + len(ids) > self.info.context_length:
+                raise QwenEdgeError(f"context full: slot {s} has {self._pos[s]} cached + {len(ids)} new tokens > "
+                                    f"context length {self.info.context_length}")
+        if not items:
+            return
+        L, b = self._L, self._batch
+        i = 0
+        rows: dict[int, int] = {}  # slot -> batch row of its last id
+        for s, ids in items:
+            for k, t in enumerate(ids):
+                b.token[i] = t
+                b.pos[i] = self._pos[s] + k
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = s
+                b.logits[i] = k == len(ids) - 1
+                i += 1
+            rows[s] = i - 1
+        b.n_tokens = total
+        for s, _ in items:
+            self._slot_logits.pop(s, None)
+        self._has_logits = False  # the single-sequence logits() reads the last row: its prefill must come again
+        rc = L.llama_decode(self._ctx, b)
+        if rc != 0:
+            for s, _ in items:  # llama.cpp may have placed some ubatches: drop them
+                L.llama_memory_seq_rm(self._mem, s, self._pos[s], -1)
+            raise QwenEdgeError(f"llama_decode failed (code {rc}) on a batch of {total} ids for slots "
+                                f"{[s for s, _ in items]}")
+        for s, ids in items:
+            self._pos[s] += len(ids)
+            ptr = L.llama_get_logits_ith(self._ctx, rows[s])
+            if not ptr:
+                raise QwenEdgeError(f"llama.cpp returned no logits for slot {s}")
+            # copied out: the next step overwrites llama.cpp's buffer, and a slot may sample after it
+            self._slot_logits[s] = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def slot_logits(self, slot: int) -> np.ndarray:
+        out = self._slot_logits.get(self.check_slot(slot))
+        if out is None or self._ctx is None:
+            raise QwenEdgeError(f"no logits for slot {slot}: step it first (a rewind invalidates them)")
+        return out
+
+    def slot_rewind(self, slot: int, n_tokens: int) -> None:
+        slot = self.check_slot(slot)
+        if self._ctx is None:
+            raise QwenEdgeError("llama_cpp runtime is closed")
+        if not 0 <= n_tokens <= self._pos[slot]:
+            raise QwenEdgeError(f"cannot rewind slot {slot} to {n_tokens}: {self._pos[slot]} tokens are cached")
+        if n_tokens == self._pos[slot]:
+            return
+        if not self._L.llama_memory_seq_rm(self._mem, slot, n_tokens, -1):
+            raise QwenEdgeError(f"llama.cpp could not remove slot {slot}'s cached positions >= {n_tokens}")
+        self._pos[slot] = n_tokens
+        self._slot_logits.pop(slot, None)
+        if slot == 0:
+            self._has_logits = False
+
+    def slot_cached(self, slot: int) -> int:
+        return self._pos[self.check_slot(slot)]
 
     # --- llama.cpp's own tokenizer, for agreement tests (the runtime protocol never tokenizes) -------------
     def native_tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:

@@ -11,10 +11,10 @@ import numpy as np
 
 from ..errors import NotAvailable, QwenEdgeError, crash_note, first_line
 from ..device.targets import Target, busy_cores, check_spin, load_target, physical_cores
-from .base import Runtime, RuntimeInfo, register_backend, resolve_context
+from .base import BatchRuntime, Runtime, RuntimeInfo, register_backend, resolve_context
 
 OPTIONS = ("allow_spinning", "prefill_chunk", "check_hashes", "optimized_model_path", "profile", "adapter",
-           "adapter_scale")
+           "adapter_scale", "parallel")
 DEFAULT_PREFILL_CHUNK = 1024
 """Tokens per pass for long prompts: attention scratch grows with chunk x cache length, so very long prompts split."""
 
@@ -194,7 +194,7 @@ class OrtRuntime(Runtime):
         ort_device = "cuda" if device == "cuda" else "cpu"
 
         # KV cache: one buffer per layer and k/v, bound as both past and present (GQA appends in place).
-        shape = [1, kv_heads, ctx, head_dim]
+        self._kv_shape = shape = [1, kv_heads, ctx, head_dim]
         self._kv: list[Any] = []
         self._kv_np: list[np.ndarray] = []
         for _ in range(2 * self.n_layers):
@@ -368,6 +368,152 @@ def _lora_feed(art: Any, proto: Any, adapter: Any, scale: Any) -> tuple[dict[str
     return feed, files, float(scale)
 
 
+SLOT_STEP_MAX = 256
+"""The most ids one slot may bring to one batched step (longer feeds run as several steps); the batched cache has
+this many columns beyond the context so a step always fits after compaction."""
+
+
+class OrtSlots(OrtRuntime, BatchRuntime):
+    """N slots on one session: batched steps through the same graph (the `parallel=N` option).
+
+    The slots share one KV buffer per layer and k/v, [N, kv_heads, C, head_dim] (C = context + SLOT_STEP_MAX), bound
+    as past and present as the single sequence's is. The graph appends every run's S columns to all rows at once
+    (seqlens_k is total - 1 for every row, issue 28's padded-batch layout), so the rows share a column count, and a
+    row's mask is 1 only on its own ids' columns (a row not fed in a run gets only masked columns); rotary positions
+    are each slot's own; the logits are each row's last column (logits_to_keep 1). A step's decode ids run as one
+    batch over rows 0..the last fed slot (views of the buffers); onnxruntime's GroupQueryAttention takes a prompt
+    chunk (more than one id) only as a batch of one, so each runs alone on its row. Rewinding a slot masks
+    its columns off; when the columns run out, the rows are compacted (each row's live columns moved, in order, to
+    end at the new count). The single-sequence Runtime methods keep their own cache, apart from the slots."""
+
+    def __init__(self, path: Path, *, parallel: int, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        if self._pos is None:
+            self.close()
+            raise QwenEdgeError(f"{path}: parallel slots need a graph with position_ids (an export since issue 28)")
+        self.n_slots = parallel
+        _, heads, ctx, dim = self._kv_shape
+        self._cap = ctx + SLOT_STEP_MAX
+        self._bkv = [np.zeros((parallel, heads, self._cap, dim), dtype=self.kv_dtype) for _ in self._kv_np]
+        self._bmask = np.zeros((parallel, self._cap), dtype=np.int64)
+        self._cols = 0
+        self._spos = [0] * parallel
+        self._slot_out: dict[int, np.ndarray] = {}
+        self.info.extra["parallel"] = parallel
+        self.info.extra["slots_kv_cache_bytes"] = int(sum(a.nbytes for a in self._bkv))
+
+    def slot_cached(self, slot: int) -> int:
+        return self._spos[self.check_slot(slot)]
+
+    def slot_logits(self, slot: int) -> np.ndarray:
+        out = self._slot_out.get(self.check_slot(slot))
+        if out is None:
+            raise QwenEdgeError(f"no logits for slot {slot}: step it first (a rewind invalidates them)")
+        return out
+
+    def slot_rewind(self, slot: int, n_tokens: int) -> None:
+        slot = self.check_slot(slot)
+        n = int(n_tokens)
+        if not 0 <= n <= self._spos[slot]:
+            raise QwenEdgeError(f"cannot rewind slot {slot} to {n}: {self._spos[slot]} tokens are cached")
+        if n == self._spos[slot]:
+            return
+        live = np.flatnonzero(self._bmask[slot, :self._cols])
+        self._bmask[slot, live[n:]] = 0
+        self._spos[slot] = n
+        self._slot_out.pop(slot, None)
+
+    def _compact(self, need: int) -> None:
+        """Move every row's live columns to end at the longest row's count; the next `need` columns are then free."""
+        lives = [np.flatnonzero(self._bmask[r, :self._cols]) for r in range(self.n_slots)]
+        cols = max(len(x) for x in lives)
+        if cols + need > self._cap:
+            raise QwenEdgeError(f"context full: a slot holds {cols} tokens, {need} more do not fit")
+        for r, live in enumerate(lives):
+            dst = np.arange(cols - len(live), cols)
+            for buf in self._bkv:
+                buf[r, :, dst] = buf[r, :, live].copy() if len(live) else buf[r, :, dst]
+            self._bmask[r, :] = 0
+            self._bmask[r, dst] = 1
+        self._cols = cols
+
+    def step(self, feeds: Any) -> None:
+        if self._sess is None:
+            raise QwenEdgeError("runtime is closed")
+        items = {self.check_slot(s): np.asarray([int(t) for t in ids], dtype=np.int64)
+                 for s, ids in feeds.items() if len(ids)}
+        for s, ids in items.items():
+            if ids.min() < 0 or ids.max() >= self.vocab:
+                bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
+                raise QwenEdgeError(f"token id {bad} outside the vocabulary (0..{self.vocab - 1})")
+            if self._spos[s] + ids.size > self.info.context_length:
+                raise QwenEdgeError(f"context full: slot {s} has {self._spos[s]} cached + {ids.size} new tokens > "
+                                    f"context length {self.info.context_length}")
+        while items:
+            now = {s: ids[:SLOT_STEP_MAX] for s, ids in items.items()}
+            self._step(now)
+            items = {s: ids[SLOT_STEP_MAX:] for s, ids in items.items() if ids.size > SLOT_STEP_MAX}
+
+    def _step(self, feeds: dict[int, np.ndarray]) -> None:
+        # onnxruntime's GroupQueryAttention takes several rows only one id each ("batch_size must be 1 when
+        # sequence_length > 1 and past context is given"): the decode ids run together, each prompt chunk alone
+        decodes = {s: f for s, f in feeds.items() if f.size == 1}
+        if decodes:
+            self._run_rows(decodes)
+        for s, f in feeds.items():
+            if f.size > 1:
+                self._run_rows({s: f})
+
+    def _run_rows(self, feeds: dict[int, np.ndarray]) -> None:
+        """One run: rows lo..hi-1 of the buffers (one slot's row, or 0..the last fed slot for decode ids)."""
+        S = max(ids.size for ids in feeds.values())
+        if self._cols + S > self._cap:
+            self._compact(S)
+        lo, hi = (min(feeds), max(feeds) + 1) if len(feeds) == 1 else (0, max(feeds) + 1)
+        rows = hi - lo
+        T0, T = self._cols, self._cols + S
+        ids = np.zeros((rows, S), dtype=np.int64)
+        pos = np.zeros((rows, S), dtype=np.int64)
+        self._bmask[:, T0:T] = 0
+        for s, f in feeds.items():
+            ids[s - lo, S - f.size:] = f
+            pos[s - lo, S - f.size:] = np.arange(self._spos[s], self._spos[s] + f.size)
+            self._bmask[s, T - f.size:T] = 1
+        ort = self._ort
+        b = self._sess.io_binding()
+        keep = []  # OrtValues must outlive the run
+        for i in range(self.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                val = ort.OrtValue.ortvalue_from_numpy(self._bkv[2 * i + j][lo:hi])
+                keep.append(val)
+                b.bind_ortvalue_input(f"past_key_values.{i}.{kv}", val)
+                b.bind_ortvalue_output(f"present.{i}.{kv}", val)
+        for name, val in self._lora.items():
+            b.bind_ortvalue_input(name, val)
+        out = np.zeros((rows, 1, self.vocab), dtype=np.float32)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        if self._keep:
+            b.bind_ortvalue_input("logits_to_keep", self._keep_one)
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(self._bmask[lo:hi, :T]))
+        b.bind_cpu_input("position_ids", pos)
+        for s in feeds:
+            self._slot_out.pop(s, None)
+        try:
+            self._sess.run_with_iobinding(b, self._run_opts)
+        except Exception as e:
+            self._bmask[:, T0:T] = 0
+            raise QwenEdgeError(f"onnxruntime run failed: {first_line(e)}") from None
+        self._cols = T
+        for s, f in feeds.items():
+            self._spos[s] += f.size
+            self._slot_out[s] = out[s - lo, 0].copy()
+
+    def close(self) -> None:
+        super().close()
+        self._bkv = []
+
+
 @register_backend("onnxruntime")
 def load_onnxruntime(path: str | os.PathLike, *, device: str = "cpu", target: Target | str | None = None,
                      max_context: int | None = None, threads: int | None = None, **options: Any) -> OrtRuntime:
@@ -378,5 +524,13 @@ def load_onnxruntime(path: str | os.PathLike, *, device: str = "cpu", target: Ta
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise QwenEdgeError(f"onnxruntime backend: unknown option {unknown[0]!r} (known: {', '.join(OPTIONS)})")
+    parallel = options.pop("parallel", None) or 1
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise QwenEdgeError(f"onnxruntime option parallel must be a positive number of slots, not {parallel!r}")
+    if parallel > 1:
+        if device not in ("cpu", "auto"):
+            raise QwenEdgeError("onnxruntime option parallel: the slots' batched cache lives on the cpu device only")
+        return OrtSlots(Path(path), parallel=parallel, device=device, target=load_target(target),
+                        max_context=max_context, threads=threads, **options)
     return OrtRuntime(Path(path), device=device, target=load_target(target), max_context=max_context,
                       threads=threads, **options)

@@ -23,9 +23,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = speculative_from_args(args, Tokenizer.from_dir(model_meta(args.artifact).tokenizer_dir))
     try:
         return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key,
-                     max_context=args.max_context, threads=args.threads, queue=args.queue, target=args.target,
-                     device=args.device, allow_origins=args.allow_origin or (), allow_hosts=args.allow_host or (),
-                     limits=limits, verbose=bool(getattr(args, "verbose", False)), announce=say, speculative=spec)
+                     max_context=args.max_context, threads=args.threads, queue=args.queue, parallel=args.parallel,
+                     target=args.target, device=args.device, allow_origins=args.allow_origin or (),
+                     allow_hosts=args.allow_host or (), limits=limits, verbose=bool(getattr(args, "verbose", False)),
+                     announce=say, speculative=spec)
     finally:
         close_speculative(spec)
 
@@ -37,7 +38,8 @@ def add_verbs(add: Add) -> None:
     p = add("serve", help="serve an artifact over an OpenAI-compatible HTTP API (extra [serve])",
             description="Serve one artifact on an OpenAI-compatible HTTP API: POST /v1/chat/completions (streamed "
             "or not; tools, response_format, reasoning_content), POST /v1/completions, GET /v1/models, GET /health. "
-            "One generation at a time; --queue requests may wait, more get 503. Needs the [serve] extra: "
+            "Up to --parallel requests generate at once, their decode steps batched; --queue more may wait, more get 503. "
+            "GET /metrics: Prometheus text. Needs the [serve] extra: "
             "pip install 'qwen-edge[serve]'.")
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -52,7 +54,11 @@ def add_verbs(add: Add) -> None:
                    help="on a loopback bind, a Host name answered besides localhost, 127.0.0.1 and ::1 (e.g. a name "
                    "in /etc/hosts; repeatable). Other names get 403, so a DNS-rebinding web page cannot read replies")
     p.add_argument("--queue", type=int, default=8,
-                   help="requests that may wait while one generates (default 8; more get 503)")
+                   help="requests that may wait while all slots generate (default 8; more get 503)")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="slots: requests generating at once, one batched decode step for all (default 4 where the "
+                   "backend batches (GGUF; ONNX on cpu), fewer when their KV caches at the context would take over half the "
+                   "available memory; 1 otherwise). Each slot has its own KV cache of the full context")
     p.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens,
                    help=f"the most tokens one request may generate (default {DEFAULTS.max_tokens}; a request's "
                    "max_tokens above it is 400, a request without one gets it)")

@@ -109,7 +109,8 @@ class _Guard:
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None) -> Starlette:
-    """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    """The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus text;
+    with the API key, as the /v1 routes).
 
     `allow_origins`: browser origins allowed to call it besides this machine's own (CORS headers are sent to these
     only; "*" for any); none by default, so a web page on another origin gets 403 and cannot drive a local model
@@ -163,7 +164,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         """The request, parsed off the event loop (a heavy schema stalls no stream nor /health); as many may wait
         as the model's queue holds (503 beyond), each at most Limits.parse_timeout_s (400 beyond)."""
         raw = await read_body(request)
-        if parsing[0] >= 1 + engine.queue:
+        if parsing[0] >= engine.parallel + engine.queue:
             raise ApiError(503, "the server is busy checking other requests; retry later", type="server_error",
                            code="server_busy")
         parsing[0] += 1
@@ -197,7 +198,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         try:
             check_key(request)
             req = await parsed(request, parse)
-            job = engine.submit(kind, work(req))
+            job = engine.submit(kind, work(req), engine.chat_prompt(req) if kind == "chat" else lambda s: None)
         except ApiError as e:
             return error(e)
         first = await next_event(job, request)
@@ -254,8 +255,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
     async def health(request: Request) -> Response:
         s = engine.stats
         return JSONResponse({"status": "ok", "model": engine.model_id, "busy": engine.busy,
-                             "waiting": max(0, engine.active - 1), "queue": engine.queue, "served": s.served,
+                             "waiting": engine.waiting, "queue": engine.queue, "parallel": engine.parallel,
+                             "active": min(engine.active, engine.parallel), "served": s.served,
                              "cancelled": s.cancelled, "errors": s.errors, "rejected": s.rejected})
+
+    async def metrics(request: Request) -> Response:
+        from starlette.responses import PlainTextResponse
+
+        try:
+            check_key(request)
+        except ApiError as e:
+            return error(e)
+        return PlainTextResponse(engine.render_metrics(), media_type="text/plain; version=0.0.4")
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -272,4 +283,5 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={HTTPException: http_error}, middleware=middleware)

@@ -1,7 +1,7 @@
-"""`qwen-edge serve`'s process: `serve()` loads the artifact into one ChatSession and its Engine, binds host:port (a
-loopback host answers loopback Host names only; beyond loopback without an API key, a warning), runs the app on
-uvicorn and stops on SIGINT/SIGTERM, cancelling running generations. `require_extra`: the one-line error when the
-[serve] extra is missing."""
+"""`qwen-edge serve`'s process: `serve()` loads the artifact into one ChatSession per slot (--parallel) and its Engine,
+binds host:port (a loopback host answers loopback Host names only; beyond loopback without an API key, a warning),
+runs the app on uvicorn and stops on SIGINT/SIGTERM, cancelling running generations. `require_extra`: the one-line
+error when the [serve] extra is missing."""
 
 from __future__ import annotations
 
@@ -20,6 +20,46 @@ if TYPE_CHECKING:
 
 
 EXTRA_HINT = "pip install 'qwen-edge[serve]'"
+DEFAULT_PARALLEL = 4
+"""Slots when --parallel is not given (llama.cpp's server has 4 too): a CPU decode step is memory-bound, so 4 streams
+in one batch cost little more than one; fewer when their KV caches would not fit (default_parallel)."""
+BATCHED_FORMATS = ("gguf", "onnx")
+"""Artifact formats whose backend has a batched step (BatchRuntime; ONNX on the cpu device); others serve one request
+at a time."""
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_parallel(artifact: str | os.PathLike[str], max_context: int | None, device: str = "cpu") -> int:
+    """--parallel's default: DEFAULT_PARALLEL slots, fewer while their KV caches (at the context asked for, else the
+    artifact's) would take over half the available memory; 1 for a format without a batched step or a bare file."""
+    from ..backends.base import kv_bytes_per_token
+    from ..model.artifact import Artifact
+
+    path = os.fspath(artifact)
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        return 1
+    art = Artifact.open(path, check_hashes=False)
+    if art.format not in BATCHED_FORMATS or (art.format == "onnx" and device == "cuda"):
+        return 1
+    per_slot = (kv_bytes_per_token(art.manifest) or 0) * int(max_context or art.context_length)
+    free = _available_memory()
+    n = DEFAULT_PARALLEL
+    while n > 1 and free and per_slot * n > free // 2:
+        n -= 1
+    return n
 
 
 def require_extra() -> None:
@@ -52,7 +92,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_context: int | None = None, threads: int | None = None,
-          queue: int = 8, target: str | None = None, device: str = "cpu", verbose: bool = False,
+          queue: int = 8, parallel: int | None = None, target: str | None = None, device: str = "cpu",
+          verbose: bool = False,
           allow_origins: Sequence[str] = (), allow_hosts: Sequence[str] = (), limits: Limits = DEFAULT_LIMITS,
           announce: Callable[[str], None] | None = None, speculative: Any = None) -> int:
     """Load `artifact`, bind host:port (port 0: any free one) and serve until SIGINT/SIGTERM; returns 0.
@@ -60,13 +101,14 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     A bad artifact or a port that cannot be bound is a QwenEdgeError before anything listens. `announce` gets the
     one startup line (the URL); the CLI prints it on stderr. `api_key` None takes $QWEN_EDGE_API_KEY if set. On a
     loopback `host` only loopback Host names and `allow_hosts` are answered; beyond loopback without a key, a
-    warning says that anyone who reaches the port can use the model. `speculative` (runtime.speculative.Speculative:
-    prompt lookup, a draft model, fast-forward) applies to every generation.
+    warning says that anyone who reaches the port can use the model. `parallel`: slots generating at once, their
+    decode steps batched (None: default_parallel). `speculative` (runtime.speculative.Speculative: prompt lookup, a
+    draft model, fast-forward) applies to every generation, in every slot (a draft model only with one slot: it
+    holds one sequence).
     """
     require_extra()
     import uvicorn
 
-    from ..runtime.chat import ChatSession
     from ..runtime.meta import model_meta
 
     if queue < 0:
@@ -75,12 +117,22 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
         api_key = os.environ.get(API_KEY_ENV) or None
     if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key)):
         raise QwenEdgeError("the API key must be a non-empty string without spaces")
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise QwenEdgeError(f"--parallel must be a positive number of slots, not {parallel}")
     meta = model_meta(os.fspath(artifact))
-    session = ChatSession.load(artifact, device=device, target=target, max_context=max_context, threads=threads)
-    session.max_new_tokens = session.context_length  # no max_tokens: until a stop or the context is full
-    session.speculative = speculative
+    if speculative is not None and speculative.draft is not None and parallel is not None and parallel > 1:
+        raise QwenEdgeError(f"--draft runs one sequence: use it with --parallel 1 (not {parallel}), or --lookup N, "
+                            "which works in every slot")
+    n_slots = (1 if speculative is not None and speculative.draft is not None else
+               default_parallel(artifact, max_context, device)) if parallel is None else parallel
+    sessions, scheduler = _sessions(artifact, meta, n_slots, device=device, target=target, max_context=max_context,
+                                    threads=threads)
+    session = sessions[0]
+    for s in sessions:
+        s.speculative = speculative
     model_id = os.path.basename(os.path.normpath(str(artifact)))
-    engine = Engine(session, model_id, queue=queue, generation_config=meta.generation_config, limits=limits)
+    engine = Engine(sessions, model_id, queue=queue, generation_config=meta.generation_config, limits=limits,
+                    scheduler=scheduler)
     try:
         sock = _bind(host, port)
     except BaseException:
@@ -98,8 +150,9 @@ def serve(artifact: str | os.PathLike[str], *, host: str = "127.0.0.1", port: in
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     info = session.runtime.info
-    line = (f"serving {model_id} ({info.backend} {info.format}/{info.quant}, context {info.context_length}"
-            f"{_speculative_label(speculative)}) on http://{shown}:{bound[1]}/v1")
+    line = (f"serving {model_id} ({info.backend} {info.format}/{info.quant}, context {info.context_length}, "
+            f"{n_slots} slot{'s' if n_slots > 1 else ''}{_speculative_label(speculative)}) on "
+            f"http://{shown}:{bound[1]}/v1")
     (announce or (lambda s: None))(line)
     try:
         server.run(sockets=[sock])
@@ -115,6 +168,33 @@ def _speculative_label(spec: Any) -> str:
     how = f", prompt lookup {spec.lookup}" if spec.lookup else \
         f", draft {os.path.basename(str(spec.draft.info.artifact))} x{spec.draft_tokens}" if spec.draft else ""
     return how + ("" if spec.fast_forward else ", no fast-forward")
+
+
+def _sessions(artifact: str | os.PathLike[str], meta: Any, n_slots: int, **load_args: Any) -> tuple[list[Any], Any]:
+    """One ChatSession per slot ([one], None for one slot; else each on a SlotRuntime of one Scheduler over a
+    runtime loaded with `parallel=n_slots`)."""
+    from ..backends import load
+    from ..backends.base import BatchRuntime
+    from ..runtime.batch import Scheduler
+    from ..runtime.chat import ChatSession
+    from ..text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(meta.tokenizer_dir)
+    rt = load(artifact, **load_args, **({"parallel": n_slots} if n_slots > 1 else {}))
+    scheduler = None
+    if n_slots > 1:
+        if not isinstance(rt, BatchRuntime):
+            rt.close()
+            raise QwenEdgeError(f"--parallel {n_slots}: the {rt.info.backend} backend has no batched step "
+                                "(use --parallel 1)")
+        scheduler = Scheduler(rt)
+        runtimes: list[Any] = [scheduler.view(i) for i in range(n_slots)]
+    else:
+        runtimes = [rt]
+    sessions = [ChatSession(r, tok, stop_ids=meta.stop_ids) for r in runtimes]
+    for s in sessions:
+        s.max_new_tokens = s.context_length  # no max_tokens: until a stop or the context is full
+    return sessions, scheduler
 
 
 def _server(config: uvicorn.Config, engine: Engine) -> uvicorn.Server:
