@@ -398,8 +398,8 @@ def test_gate_fails_a_broken_artifact(broken, fidelity_ckpt, capsys, kind, fmt, 
 @requires_torch
 def test_faithful_int8_passes_where_another_cpu_breaks_near_ties_the_other_way(fid_export, monkeypatch):
     """The Intel AVX-512/AMX case on a real artifact: the ONNX int8 export of the fidelity checkpoint, verified with its
-    runtime's greedy steps flipped wherever its own top-2 logits are within 0.05 (what other int8 kernels may do),
-    still passes: those steps are near-ties of the reference too, passed over by the tie-aware greedy agreement."""
+    runtime's picks flipped wherever its own top-2 logits are within 0.05 (what other int8 kernels may do; in the
+    windows and in the greedy check, which reads one prefill per prompt since issue 32), still passes: those steps are near-ties of the reference too, passed over by the tie-aware greedy agreement."""
     from pathlib import Path
 
     import qwen_edge.backends as backends
@@ -416,13 +416,22 @@ def test_faithful_int8_passes_where_another_cpu_breaks_near_ties_the_other_way(f
         def __getattr__(self, name):
             return getattr(self.rt, name)
 
-        def logits(self):
-            x = np.array(self.rt.logits(), dtype=np.float32, copy=True)
+        @staticmethod
+        def flip(x):
             top, second = np.argsort(x)[-1], np.argsort(x)[-2]
             if x[top] - x[second] < 0.05:
                 flips.append(float(x[top] - x[second]))
                 x[top], x[second] = x[second], x[top]
             return x
+
+        def logits(self):
+            return self.flip(np.array(self.rt.logits(), dtype=np.float32, copy=True))
+
+        def prefill_all_logits(self, ids):  # the windows and the batched greedy check (one prefill per prompt)
+            rows = np.array(self.rt.prefill_all_logits(ids), dtype=np.float32, copy=True)
+            for row in rows:
+                self.flip(row)
+            return rows
 
     def load(path, *args, **kwargs):
         rt = real(path, *args, **kwargs)
