@@ -125,6 +125,7 @@ class ReferenceCache:
     def __init__(self, root: Path | None = None, log: Log = None):
         self.root = Path(root) if root is not None else cache_root()
         self.log = log
+        max_bytes()  # a bad size limit is a one-line error before the reference is computed, not after
 
     def _say(self, msg: str, quiet: bool = False) -> None:
         """A log line (and the caller's `log`): a bad entry on stderr, a stored one with -v only."""
