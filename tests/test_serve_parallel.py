@@ -133,3 +133,13 @@ def test_a_draft_model_needs_one_slot(cli, thinking_artifact):
     r = cli("serve", art, "--draft", art, "--parallel", "2", "--port", "0", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --draft") and \
         len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_default_slots_are_opt_in_on_gguf_and_four_on_onnx(thinking_artifact):
+    """--parallel's default: 1 on GGUF (llama.cpp's multi-sequence step cost ~3x one on the CPU we measured), 4 on
+    ONNX on the cpu device (fewer only when the caches would not fit: the tiny model's always do)."""
+    from qwen_edge.serve.server import DEFAULT_PARALLEL, default_parallel
+
+    assert default_parallel(thinking_artifact("gguf"), None) == 1
+    assert default_parallel(thinking_artifact("onnx"), None) == DEFAULT_PARALLEL == 4
+    assert default_parallel(thinking_artifact("onnx"), None, device="cuda") == 1

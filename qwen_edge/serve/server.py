@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 EXTRA_HINT = "pip install 'qwen-edge[serve]'"
 DEFAULT_PARALLEL = 4
-"""Slots when --parallel is not given (llama.cpp's server has 4 too): a CPU decode step is memory-bound, so 4 streams
-in one batch cost little more than one; fewer when their KV caches would not fit (default_parallel)."""
+"""Slots when --parallel is not given, on ONNX (cpu): its batched decode step gave 1.6x one stream's aggregate at 4
+streams on our AVX2 machine; fewer when their KV caches would not fit (default_parallel). GGUF defaults to 1."""
 BATCHED_FORMATS = ("gguf", "onnx")
 """Artifact formats whose backend has a batched step (BatchRuntime; ONNX on the cpu device); others serve one request
 at a time."""
@@ -53,6 +53,10 @@ def default_parallel(artifact: str | os.PathLike[str], max_context: int | None, 
         return 1
     art = Artifact.open(path, check_hashes=False)
     if art.format not in BATCHED_FORMATS or (art.format == "onnx" and device == "cuda"):
+        return 1
+    if art.format == "gguf":
+        # opt-in on GGUF: on the AVX2 machine we measured, llama.cpp's step for 2 to 4 sequences costs ~3x one
+        # (llama-server's too), so 4 slots gave 0.69x the aggregate of one (benchmarks/RESULTS.md, bench_serve)
         return 1
     per_slot = (kv_bytes_per_token(art.manifest) or 0) * int(max_context or art.context_length)
     free = _available_memory()
