@@ -55,8 +55,8 @@ def default_parallel(artifact: str | os.PathLike[str], max_context: int | None, 
     if art.format not in BATCHED_FORMATS or (art.format == "onnx" and device == "cuda"):
         return 1
     if art.format == "gguf":
-        # opt-in on GGUF: on the AVX2 machine we measured, llama.cpp's step for 2 to 4 sequences costs ~3x one
-        # (llama-server's too), so 4 slots gave 0.69x the aggregate of one (benchmarks/RESULTS.md, bench_serve)
+        # opt-in on GGUF: on the AVX2 machine we measured, 4 slots gave 0.7-0.9x the aggregate of one stream
+        # (llama.cpp's 4-sequence step costs 2.2x one there; benchmarks/RESULTS.md, bench_serve)
         return 1
     per_slot = (kv_bytes_per_token(art.manifest) or 0) * int(max_context or art.context_length)
     free = _available_memory()
