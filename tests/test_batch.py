@@ -50,13 +50,14 @@ class Recording:
     """A BatchRuntime that records the slots of every step."""
 
     def __init__(self, batch):
-        self.batch, self.steps = batch, []
+        self.batch, self.steps, self.threads = batch, [], set()
 
     def __getattr__(self, name):
         return getattr(self.batch, name)
 
     def step(self, feeds):
         self.steps.append({s: len(ids) for s, ids in feeds.items()})
+        self.threads.add(threading.current_thread().name)
         self.batch.step(feeds)
 
 
@@ -79,6 +80,9 @@ def test_batched_streams_equal_solo(art, solo):
     assert [r.output_ids for r in out] == solo
     assert compactions or art.name != "onnx"
     assert max(len(s) for s in rec.steps) == 3  # the steps really were batched
+    # every step on the scheduler's one thread, never on a slot's: ggml's OpenMP keeps a thread team per calling
+    # thread, and a team per slot oversubscribed the cores (the 4-slot GGUF step took ~2x as long in serve)
+    assert rec.threads == {"qwen-edge-step"}, rec.threads
     assert any(len(s) > 1 and any(n > 1 for n in s.values()) for s in rec.steps)  # a prompt joined running streams
 
 

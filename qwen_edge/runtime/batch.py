@@ -3,9 +3,15 @@ and `generate_batch` for library users.
 
 Each stream runs the one decode loop (`generate`, or a `ChatSession` on top of it) in its own thread, on a
 `SlotRuntime`: a plain `Runtime` for one slot of the shared `BatchRuntime`. A slot's `prefill`/`decode` do not run
-the model themselves: they hand their ids to the `Scheduler` and wait. The scheduler runs one backend `step` for
-every slot that has work as soon as no active slot is still choosing its next token (sampling, constraints, tools
-and thinking are per-thread Python, as with one stream), so one forward pass reads the weights once for all streams.
+the model themselves: they hand their ids to the `Scheduler` and wait. The scheduler's step thread runs one backend
+`step` for every slot that has work as soon as no active slot is still choosing its next token (sampling,
+constraints, tools and thinking are per-thread Python, as with one stream), so one forward pass reads the weights
+once for all streams. Every step runs on that one thread, as llama.cpp's server runs its loop: ggml's OpenMP build
+keeps a thread team per calling thread, and steps handed from slot thread to slot thread left one team per slot
+(8 OpenMP threads for 4 slots at 2 threads each, on 2 cores); libgomp spins only briefly at a barrier when it
+manages more threads than there are cores, so ggml's per-op barriers slept and woke, and the 4-slot GGUF step took
+~2x as long in `serve` as in a loop. The thread ends when no slot is active
+and starts again with the next stream.
 A prompt joins in chunks (`chunk` ids per step, shared with the decode tokens of that step), so running streams keep
 getting a token every step while it prefills. A slot whose stream ended is `release`d and the next step goes on
 without it: a cancelled stream (generate checks its signal before each decode) frees its slot within one step.
@@ -37,7 +43,7 @@ class Scheduler:
     """Batches the slots' `prefill`/`decode` calls into backend steps (thread-safe; see the module docstring).
 
     A slot is idle (no stream), waiting (its ids handed over) or busy (its last ids ran; it is choosing the next
-    token). A step runs when at least one slot waits and none is busy; the thread that finds it so runs it.
+    token). A step runs when at least one slot waits and none is busy, always on the scheduler's step thread.
     `on_step(n_decode, n_prefill, seconds)` is called after each step (metrics)."""
 
     def __init__(self, batch: BatchRuntime, *, chunk: int = DEFAULT_CHUNK,
@@ -53,6 +59,7 @@ class Scheduler:
         self._pending: dict[int, list[int]] = {}
         self._errors: dict[int, BaseException] = {}
         self._running = False
+        self._thread: threading.Thread | None = None
 
     @property
     def n_slots(self) -> int:
@@ -76,19 +83,31 @@ class Scheduler:
                 raise QwenEdgeError(f"slot {slot} already has ids waiting (one thread per slot)")
             self._pending[slot] = ids
             self._state[slot] = _WAITING
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="qwen-edge-step", daemon=True)
+                self._thread.start()
             self._cv.notify_all()
             while slot in self._pending:
-                if not self._running and _BUSY not in self._state:
-                    self._run_step()
-                else:
-                    self._cv.wait()
-            self._state[slot] = _BUSY
+                self._cv.wait()
             err = self._errors.pop(slot, None)
         if err is not None:
             raise err
 
+    def _loop(self) -> None:
+        """The step thread: a step whenever one can run; it ends when no slot is active."""
+        with self._cv:
+            while True:
+                if self._pending and _BUSY not in self._state:
+                    self._run_step()
+                elif _WAITING not in self._state and _BUSY not in self._state:
+                    self._thread = None
+                    return
+                else:
+                    self._cv.wait()
+
     def _run_step(self) -> None:
-        """With the lock held: one backend step over the waiting slots (the lock is let go while it runs)."""
+        """With the lock held: one backend step over the waiting slots (the lock is let go while it runs). A slot
+        whose ids all ran is busy from then on, until it submits again or is released."""
         feeds: dict[int, list[int]] = {}
         decoding = [s for s, ids in self._pending.items() if len(ids) == 1]
         for s in decoding:
@@ -119,6 +138,9 @@ class Scheduler:
                 del self._pending[s]
             else:
                 self._pending[s] = self._pending[s][len(ids):]
+                continue
+            if self._state[s] == _WAITING:
+                self._state[s] = _BUSY
         self._cv.notify_all()
         if self.on_step is not None and err is None:
             n_dec = sum(len(v) == 1 for v in feeds.values())
