@@ -8,9 +8,11 @@ the model themselves: they hand their ids to the `Scheduler` and wait. The sched
 constraints, tools and thinking are per-thread Python, as with one stream), so one forward pass reads the weights
 once for all streams. Every step runs on that one thread, as llama.cpp's server runs its loop: ggml's OpenMP build
 keeps a thread team per calling thread, and steps handed from slot thread to slot thread left one team per slot
-(8 OpenMP threads for 4 slots at 2 threads each, on 2 cores); libgomp spins only briefly at a barrier when it
-manages more threads than there are cores, so ggml's per-op barriers slept and woke, and the 4-slot GGUF step took
-~2x as long in `serve` as in a loop. The thread ends when no slot is active
+(11 threads instead of 7 in `serve --parallel 4` at 2 threads, ~1100 voluntary context switches per step instead
+of ~40: the OpenMP threads slept and woke inside every step). In a loop, one extra team beside the stepping one made
+the 4-slot step 1.6-2.3x slower (72-102 ms against 45 ms, ~500 context switches per step against 0). With one team
+ggml's threads spin as llama-server's do, which is fastest on free cores but loses badly while other processes hold
+the cores (as llama-server does there too); OMP_WAIT_POLICY=PASSIVE is the setting for such a machine. The thread ends when no slot is active
 and starts again with the next stream.
 A prompt joins in chunks (`chunk` ids per step, shared with the decode tokens of that step), so running streams keep
 getting a token every step while it prefills. A slot whose stream ended is `release`d and the next step goes on
