@@ -128,6 +128,27 @@ def dequantized(codes: np.ndarray, scales: np.ndarray, bits: int, block: int) ->
     return (c * scales[..., None]).reshape(n, k)
 
 
+def gptq_option(fmt: str, quant: str, options: dict[str, Any], refuse: tuple[str, ...]
+                ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """An exporter's option `gptq` (true/false): (None, or {"text": the calibration text path or None}; the options
+    left for awq/imatrix, without a calibration_text that only gptq uses). A quantization in `refuse` is a one-line
+    error."""
+    value = options.get("gptq")
+    if value not in (None, True, False, "true", "false"):
+        raise QwenEdgeError(f"{fmt} option gptq: expected true or false, not {value!r:.40}")
+    rest = {k: v for k, v in options.items() if k != "gptq"}
+    if value not in (True, "true"):
+        return None, rest
+    if quant in refuse:
+        raise QwenEdgeError(f"{fmt} {quant} has nothing for gptq to compensate (it compensates the rounding of "
+                            "4-bit blocks; drop --gptq)")
+    if rest.get("imatrix") is None and rest.get("awq") in (None, False, "false"):
+        text = rest.pop("calibration_text", None)  # gptq alone: the text is its own
+    else:
+        text = rest.get("calibration_text")
+    return {"text": text}, rest
+
+
 # --- calibration ------------------------------------------------------------------------------------------------
 class HessianTap:
     """Receives each block linear's input from imatrix.collect's forward and sums X^T X per (role, layer)."""

@@ -126,22 +126,14 @@ def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str
     factors, and the manifest's records of the three."""
     from ..families import family_of
     from .awq import calibrated, onnx_quantizer
+    from .gptq import gptq_option, hessians
 
     refuse = tuple(q for q in QUANTS if q not in ("int4", "int8"))
-    gptq = options.get("gptq")
-    if gptq not in (None, True, False, "true", "false"):
-        raise QwenEdgeError(f"onnx option gptq: expected true or false, not {gptq!r:.40}")
-    gptq = gptq in (True, "true")
-    if gptq and quant in refuse:
-        raise QwenEdgeError(f"onnx {quant} has nothing for gptq to compensate (it quantizes int4/int8 blocks; drop "
-                            "--gptq)")
+    gptq, opts = gptq_option("onnx", quant, options, refuse)
     for key in ("imatrix", "awq", "gptq"):
         if options.get(key) not in (None, False, "false") and quant not in refuse and not plan.symmetric:
             raise QwenEdgeError(f"onnx option {key}: the calibrated search makes symmetric blocks (drop "
                                 "symmetric=false)")
-    opts = dict(options)
-    if gptq and opts.get("imatrix") is None and options.get("awq") in (None, False, "false"):
-        opts.pop("calibration_text", None)  # gptq alone: the text is its own
     ckpt, values, record, awq_record = calibrated(ckpt, "onnx", quant, opts, refuse,
                                                   lambda: onnx_quantizer(plan.linear_bits or 4, plan.block_size))
     if values is not None:
@@ -149,9 +141,7 @@ def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str
         plan.importance = {hf[name]: v for name, v in values.items()}
         record = {**record, "method": "importance-weighted scale search per block (onnx_imatrix)"}
     if gptq:
-        from .gptq import hessians
-
-        plan.hessian, gptq_record = hessians(ckpt, options.get("calibration_text"))
+        plan.hessian, gptq_record = hessians(ckpt, gptq["text"])
         return ckpt, record, awq_record, gptq_record
     return ckpt, record, awq_record, None
 
