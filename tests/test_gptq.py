@@ -6,10 +6,10 @@ exports keep their graph / tensor layout, load and run; what gptq cannot apply t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from artifact_bytes import gguf_tensors, prompt_logits
 
 from qwen_edge.errors import QwenEdgeError
 
@@ -104,26 +104,16 @@ def test_gguf_code_layouts_round_trip_through_gguf_py(tmp_path):
                               np.take_along_axis(table, codes[None], 0)[0]), t
 
 
-def _gguf_tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    from qwen_edge.formats.gguf import read_gguf
-
-    g = read_gguf(path)
-    raw = path.read_bytes()
-    return {t.name: (t.type_name, tuple(t.shape), raw[g.data_offset + t.offset:g.data_offset + t.offset + t.nbytes])
-            for t in g.tensors}
-
-
 def test_gptq_exports_keep_the_layout_load_and_run(exported, synth_ckpt, tmp_path):
     """GGUF q4_k_m: the plain export's tensors, types and shapes; the block linears' bytes change (Q4_K and Q6_K
     ones), nothing else; it loads in llama.cpp and stays near the plain export. ONNX int4: model.onnx byte-identical
     (same graph), the weights file differs, the manifest records gptq."""
-    from qwen_edge.backends import load
     from qwen_edge.export import export
 
     src = synth_ckpt(ARCH)
     plain = exported(ARCH, "gguf", "q4_k_m")
     art = export(src, "gguf", "q4_k_m", tmp_path, name="gptq-gguf", options={"gptq": True})
-    a, b = _gguf_tensors(plain / "model.gguf"), _gguf_tensors(art / "model.gguf")
+    a, b = gguf_tensors(plain / "model.gguf"), gguf_tensors(art / "model.gguf")
     assert {n: v[:2] for n, v in a.items()} == {n: v[:2] for n, v in b.items()}
     changed = {n for n in a if a[n][2] != b[n][2]}
     linears = {n for n in a if n.startswith("blk.") and n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight",
@@ -132,11 +122,7 @@ def test_gptq_exports_keep_the_layout_load_and_run(exported, synth_ckpt, tmp_pat
     assert changed == linears
     rec = json.loads((art / "manifest.json").read_text())["quantization"]["gptq"]
     assert rec["tensors"] == len(linears) and set(rec["types"]) == {"Q4_K", "Q6_K"}
-    outs = []
-    for path in (plain, art):
-        with load(path, max_context=64) as rt:
-            rt.prefill([9707, 11, 1879, 0, 576, 3974])
-            outs.append(np.asarray(rt.logits(), dtype=np.float64))
+    outs = [prompt_logits(plain), prompt_logits(art)]
     assert np.isfinite(outs[1]).all() and np.corrcoef(outs[0], outs[1])[0, 1] > 0.9
 
     onnx_plain = exported(ARCH, "onnx", "int4")
@@ -144,9 +130,7 @@ def test_gptq_exports_keep_the_layout_load_and_run(exported, synth_ckpt, tmp_pat
     assert (onnx_plain / "model.onnx").read_bytes() == (onnx_gptq / "model.onnx").read_bytes()
     assert (onnx_plain / "model.onnx_data").read_bytes() != (onnx_gptq / "model.onnx_data").read_bytes()
     assert json.loads((onnx_gptq / "manifest.json").read_text())["quantization"]["gptq"]["tokens"] > 1000
-    with load(onnx_gptq, max_context=64) as rt:
-        rt.prefill([9707, 11, 1879, 0, 576, 3974])
-        assert np.corrcoef(outs[0], np.asarray(rt.logits(), dtype=np.float64))[0, 1] > 0.9
+    assert np.corrcoef(outs[0], prompt_logits(onnx_gptq))[0, 1] > 0.9
 
 
 def test_gptq_refuses_what_it_cannot_compensate(synth_ckpt, cli, tmp_path):

@@ -209,7 +209,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         from .gptq_gguf import compensate_file
 
         factors, gptq_record = hessians(ckpt, gptq["text"])
-        gguf_of = dict((hf, g) for g, hf in names)
+        gguf_of = {hf: g for g, hf in names}
         gptq_record.update(compensate_file(dst, ckpt, {gguf_of[hf]: u for hf, u in factors.items()}, imatrix))
     g = check_gguf_file(dst)
     report = quantization_report(g, quant, direct=quant in DIRECT and imatrix is None)
