@@ -152,17 +152,46 @@ def gptq_option(fmt: str, quant: str, options: dict[str, Any], refuse: tuple[str
 
 # --- calibration ------------------------------------------------------------------------------------------------
 class HessianTap:
-    """Receives each block linear's input from imatrix.collect's forward and sums X^T X per (role, layer)."""
+    """Receives each block linear's input from imatrix.collect's forward and sums X^T X per (role, layer) in
+    float64. With `factor`, a layer's sums are replaced by U (inverse_factor, float32) as soon as the next layer
+    begins (call `finish` after the forward), so only one layer's float64 sums are held at a time, and a factor of
+    more than SPILL_BYTES lives in an unlinked temporary file (memory-mapped: page cache, not the process's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, factor: bool = False) -> None:
         self.h: dict[tuple[str, int], np.ndarray] = {}
         self.tokens: dict[tuple[str, int], int] = {}
+        self.factor = factor
+        self.u: dict[tuple[str, int], np.ndarray] = {}
+        self.layer: int | None = None
 
     def __call__(self, role: str, layer: int, x: np.ndarray) -> None:
+        if self.factor and layer != self.layer:
+            self.finish()
+            self.layer = layer
         x64 = x.astype(np.float64)
         key = (role, layer)
         self.h[key] = self.h.get(key, 0.0) + x64.T @ x64
         self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+
+    def finish(self) -> None:
+        for key in list(self.h):
+            u, _ = inverse_factor(self.h.pop(key))
+            self.u[key] = _stored(u.astype(np.float32))
+
+
+SPILL_BYTES = 16 << 20
+
+
+def _stored(a: np.ndarray) -> np.ndarray:
+    if a.nbytes <= SPILL_BYTES:
+        return a
+    import tempfile
+
+    with tempfile.TemporaryFile(prefix="qwen-edge-gptq-") as f:  # the mapping keeps the unlinked file alive
+        m = np.memmap(f, dtype=a.dtype, mode="w+", shape=a.shape)
+        m[:] = a
+        m.flush()
+    return m
 
 
 def hessians(ckpt: Checkpoint, text_path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -178,16 +207,15 @@ def hessians(ckpt: Checkpoint, text_path: str | None = None) -> tuple[dict[str, 
     windows = calibration_windows(Tokenizer.from_dir(ckpt.path), text)
     if not windows:
         raise QwenEdgeError(f"calibration text {label}: fewer than two tokens")
-    tap = HessianTap()
+    tap = HessianTap(factor=True)
     collect(ckpt, windows, progress(range(a.num_layers), desc="gptq hessians", unit="layer"), tap=tap)
+    tap.finish()
     factors: dict[str, np.ndarray] = {}
     digest = hashlib.sha256()
-    for (role, layer), h in sorted(tap.h.items()):
-        u, _ = inverse_factor(h)
-        u32 = u.astype(np.float32)
-        digest.update(u32.tobytes())
+    for (role, layer), u in sorted(tap.u.items()):
+        digest.update(np.ascontiguousarray(u).tobytes())
         for name in fam.checkpoint_names(a, role, layer):
-            factors[name] = u32
+            factors[name] = u
     tokens = sum(len(w) for w in windows)
     record = {"method": "GPTQ error compensation per block linear (export/gptq.py)", "calibration_text": label,
               "tokens": tokens, "damp": DAMP, "act_order": False, "sha256": digest.hexdigest()}
