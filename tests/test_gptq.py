@@ -145,3 +145,24 @@ def test_gptq_refuses_what_it_cannot_compensate(synth_ckpt, cli, tmp_path):
         r = cli("export", str(src), "--format", fmt, "--quant", quant, "--gptq", "-o", str(tmp_path), "--no-verify")
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith(f"error: {fmt} {quant} has nothing for gptq to compensate")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,quant", [("gguf", "q4_k_m"), ("onnx", "int4")])
+def test_gptq_exports_of_the_fidelity_checkpoint_pass_the_gate_with_less_kl(tmp_path, fmt, quant):
+    """The trained tiny-qwen3-256: a gptq export verifies against the reference on the evaluation text the
+    calibration never saw, with a lower KL mean than the round-to-nearest export's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from fidelity import fidelity_checkpoint
+
+    from qwen_edge.export import export
+    from qwen_edge.quality.verify import verify
+
+    ckpt = fidelity_checkpoint("tiny-qwen3-256")
+    kl = {}
+    for name, options in (("plain", {}), ("gptq", {"gptq": True})):
+        report = verify(export(ckpt, fmt, quant, tmp_path, name=name, options=options), quick=True, store=False)
+        assert report["passed"] is True, (name, report["failed"])
+        kl[name] = report["metrics"]["kl_mean"]
+    assert kl["gptq"] < 0.9 * kl["plain"], kl

@@ -133,8 +133,11 @@ def gptq_rows(w: np.ndarray, u: np.ndarray, bits: int, block: int, importance: n
 def quantize_rows_gptq(w: np.ndarray, bits: int, block: int, u: np.ndarray,
                        importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, None]:
     """`onnx_quant.quantize_rows`' output layout (data [n, blocks, blob], scales [n, blocks], None) for GPTQ codes."""
+    from ..model.safetensors_io import release_pages
+
     n, k = w.shape
     codes, scales = gptq_rows(w, u, bits, block, importance)
+    release_pages(u)  # a spilled factor's pages leave the resident set (read back from the page cache if needed)
     data = codes.reshape(n, k // block, block)
     return (_pack_nibbles(data) if bits == 4 else data), scales, None
 
@@ -201,15 +204,16 @@ SPILL_BYTES = 16 << 20
 
 
 def _stored(a: np.ndarray) -> np.ndarray:
+    """`a` itself, or when large a read-only map of an unlinked temporary file holding it (users drop its pages
+    after use with release_pages, so the factors of every layer are never resident at once)."""
     if a.nbytes <= SPILL_BYTES:
         return a
     import tempfile
 
     with tempfile.TemporaryFile(prefix="qwen-edge-gptq-") as f:  # the mapping keeps the unlinked file alive
-        m = np.memmap(f, dtype=a.dtype, mode="w+", shape=a.shape)
-        m[:] = a
-        m.flush()
-    return m
+        a.tofile(f)
+        f.flush()
+        return np.memmap(f, dtype=a.dtype, mode="r", shape=a.shape)
 
 
 def hessians(ckpt: Checkpoint, text_path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -164,6 +164,7 @@ def compensate_file(path: Path, ckpt: Any, factors: dict[str, np.ndarray],
     from gguf import GGUFReader
 
     from ..families import family_of
+    from ..model.safetensors_io import release_pages
 
     hf_of = {t.gguf: t.hf for t in family_of(ckpt.arch).tensor_map(ckpt.arch)}
     supported = layouts()
@@ -194,6 +195,7 @@ def compensate_file(path: Path, ckpt: Any, factors: dict[str, np.ndarray],
                 imp = None if importance is None else importance.get(name)
                 data = np.concatenate([gptq_tensor(w[r:r + ROWS], factors[name], gtype, imp)
                                        for r in range(0, w.shape[0], ROWS)])
+                release_pages(factors[name])  # a spilled factor (gptq._stored) leaves the resident set
                 if data.nbytes != nbytes:
                     raise QwenEdgeError(f"gguf gptq: {name} would be {data.nbytes} bytes, the file has {nbytes}")
                 f.seek(offset)
