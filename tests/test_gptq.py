@@ -68,7 +68,7 @@ def test_gptq_lowers_the_layer_output_error_on_calibration_activations(calibrati
                 packed = _pack_nibbles(codes.reshape(w.shape[0], -1, 32))
                 assert np.array_equal(packed, data) and np.array_equal(scales, sc)
         ratios[f"onnx {role}.{layer}"] = errs[True] / errs[False]
-        for t in (Q4_0, Q4_K, Q6_K, IQ4_XS):
+        for t in (Q4_0, Q4_K, Q6_K, IQ4_XS, 6, 20):  # and Q5_0, IQ4_NL
             e = [_output_error(w, dequantize(gptq_tensor(w, u, t, propagate=p), t).reshape(w.shape), h)
                  for p in (False, True)]
             ratios[f"{t} {role}.{layer}"] = e[1] / e[0]
@@ -86,7 +86,7 @@ def test_gguf_code_layouts_round_trip_through_gguf_py(tmp_path):
 
     lib = _ggml_lib()
     rng = np.random.default_rng(0)
-    assert set(layouts()) == {Q4_0, Q4_K, Q6_K, IQ4_XS}
+    assert set(layouts()) == {Q4_0, Q4_K, Q6_K, IQ4_XS, 6, 8, 20}  # and Q5_0, Q8_0, IQ4_NL
     for t, lay in layouts().items():
         lib.ggml_quantize_init(t)
         w = rng.standard_normal((6, 512)).astype(np.float32)
@@ -94,7 +94,7 @@ def test_gguf_code_layouts_round_trip_through_gguf_py(tmp_path):
         lib.ggml_quantize_chunk(t, w.ctypes.data, raw.ctypes.data, 0, 6, 512, None)
         blocks = raw.reshape(-1, lay.nbytes)
         codes = lay.unpack(blocks)
-        assert codes.max() == lay.ncodes - 1 and codes.min() == 0, t
+        assert codes.max() < lay.ncodes and len(np.unique(codes)) > lay.ncodes // 2, t
         assert np.array_equal(lay.pack(lay.pack(blocks, np.zeros_like(codes)), codes), blocks), t
         table = candidates(lay, t, blocks)
         chosen = rng.integers(0, lay.ncodes, codes.shape)

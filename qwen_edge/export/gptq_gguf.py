@@ -1,5 +1,6 @@
 """GPTQ for GGUF (`--gptq`): llama.cpp writes the quantized file as without it (its per-tensor type mixture), then
-each block linear whose type is Q4_0, Q4_K, Q6_K or IQ4_XS gets its bytes recomputed with GPTQ on that type's own
+each block linear whose type is Q4_0, Q4_K, Q6_K or IQ4_XS (or the fallbacks llama.cpp gives rows that are not a
+multiple of 256: Q5_0, Q8_0, IQ4_NL) gets its bytes recomputed with GPTQ on that type's own
 grid and overwritten in place (same type, same size; a temporary copy renamed over the file).
 
 Per super-block (32 columns for Q4_0, 256 for the k-/IQ-types), left to right: ggml's own quantizer
@@ -99,6 +100,14 @@ def layouts() -> dict[int, CodeLayout]:
         b, s = _nibbles(qk, offset, group)
         out[int(t)] = _layout(qk, nbytes, 16, [(b, s, 4, 0)])
     out[int(T.Q6_K)] = _q6_k()
+    # llama.cpp's fallbacks for rows that are not a multiple of 256 (Qwen2.5-0.5B's 896): Q4_K -> Q5_0,
+    # Q6_K -> Q8_0, IQ4_XS -> IQ4_NL
+    b, s = _nibbles(32, 2, 32)
+    out[int(T.IQ4_NL)] = _layout(32, 18, 16, [(b, s, 4, 0)])
+    b, s = _nibbles(32, 6, 32)
+    out[int(T.Q5_0)] = _layout(32, 22, 32, [(b, s, 4, 0), ([2 + e // 8 for e in range(32)], [e % 8 for e in range(32)],
+                                                           1, 4)])
+    out[int(T.Q8_0)] = _layout(32, 34, 256, [(list(range(2, 34)), [0] * 32, 8, 0)])
     return out
 
 
@@ -180,7 +189,7 @@ def compensate_file(path: Path, ckpt: Any, factors: dict[str, np.ndarray],
     del reader
     if not jobs:
         raise QwenEdgeError("gguf gptq: no block linear of this quantization has a type gptq supports (Q4_0, Q4_K, "
-                            f"Q6_K, IQ4_XS; here {sorted(set(skipped.values()))}); drop --gptq")
+                            f"Q6_K, IQ4_XS, Q5_0, Q8_0, IQ4_NL; here {sorted(set(skipped.values()))}); drop --gptq")
     from gguf.constants import GGMLQuantizationType as T
 
     from ..log import progress
