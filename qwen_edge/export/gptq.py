@@ -221,6 +221,7 @@ def hessians(ckpt: Checkpoint, text_path: str | None = None) -> tuple[dict[str, 
     parts share theirs), and the manifest's record."""
     from ..families import family_of
     from ..log import progress
+    from ..model.safetensors_io import release_pages
     from ..text.tokenizer import Tokenizer
     from .imatrix import calibration_text, calibration_windows, collect
 
@@ -236,6 +237,7 @@ def hessians(ckpt: Checkpoint, text_path: str | None = None) -> tuple[dict[str, 
     digest = hashlib.sha256()
     for (role, layer), u in sorted(tap.u.items()):
         digest.update(np.ascontiguousarray(u).tobytes())
+        release_pages(u)  # reading a spilled factor made it resident
         for name in fam.checkpoint_names(a, role, layer):
             factors[name] = u
     tokens = sum(len(w) for w in windows)
