@@ -141,8 +141,8 @@ def add_verbs(add: Add) -> None:
                    "into the preceding norm/projection before quantizing (the float model is unchanged; combines with "
                    "--imatrix)")
     p.add_argument("--gptq", action="store_true", help="4-bit: GPTQ error compensation over the calibration inputs "
-                   "(ONNX int4/int8; GGUF Q4_0/Q4_K/Q6_K/IQ4_XS linears); same types and layout; combines with "
-                   "--imatrix")
+                   "(ONNX int4/int8; GGUF Q4_0/Q4_K/Q6_K/IQ4_XS linears and their fallbacks); same types and layout; "
+                   "combines with --imatrix")
     p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto, --awq or --gptq: the text to calibrate on (.txt, "
                    "or .json like qwen_edge/data/calib_text.json)")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
