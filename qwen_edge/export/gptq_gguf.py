@@ -116,12 +116,14 @@ def candidates(layout: CodeLayout, gguf_type: int, blocks: np.ndarray) -> np.nda
     """Blocks [n, nbytes] -> the value each element would have with each code [ncodes, n, qk] (gguf-py's
     dequantize of the block with every element set to that code: the grid, read by the reference itself)."""
     from gguf import dequantize
+    from gguf.constants import GGMLQuantizationType
 
+    qtype = GGMLQuantizationType(int(gguf_type))
     n = blocks.shape[0]
     out = np.empty((layout.ncodes, n, layout.qk), dtype=np.float32)
     for c in range(layout.ncodes):
         packed = layout.pack(blocks, np.full((n, layout.qk), c, dtype=np.int32))
-        out[c] = dequantize(packed, gguf_type).reshape(n, layout.qk)
+        out[c] = dequantize(packed, qtype).reshape(n, layout.qk)
     return out
 
 
