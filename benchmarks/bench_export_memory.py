@@ -35,9 +35,11 @@ import qwen_edge
 from qwen_edge.export import export
 ckpt, fmt, quant, out, threads = sys.argv[1:6]
 options = {"threads": int(threads)} if fmt == "gguf" else {}
-quant, _, extra = quant.partition("+")
-if extra == "imatrix":  # calibrated: the importance matrix computed in this process (the child's cache dir is empty)
+quant, *extras = quant.split("+")
+if "imatrix" in extras:  # calibrated: the importance matrix computed in this process (the child's cache dir is empty)
     options["imatrix"] = "auto"
+if "gptq" in extras:  # GPTQ: its calibration Hessians computed in this process
+    options["gptq"] = True
 t = time.perf_counter()
 p = export(ckpt, fmt, quant, out, name=f"{fmt}-{quant}", options=options)
 wall = time.perf_counter() - t
@@ -94,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", action="append", required=True, help="LABEL=DIR of a checkpoint (repeatable)")
     ap.add_argument("--exports", default="gguf:q4_0,gguf:q4_k_m,onnx:int4,onnx:fp16",
-                    help="comma-separated FORMAT:QUANT list; QUANT+imatrix exports with --imatrix auto (computed)")
+                    help="comma-separated FORMAT:QUANT list; QUANT+imatrix exports with --imatrix auto (computed), "
+                    "QUANT+gptq with --gptq (both: QUANT+imatrix+gptq)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qwen-edge-bench/export-memory"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repo", type=Path, default=ROOT, help="tree to import qwen_edge from (default: this one)")

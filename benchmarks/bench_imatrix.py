@@ -31,12 +31,14 @@ ARCH = "tiny-qwen3-512"
 KEEP = ("kl_mean", "kl_p99", "top1_agreement", "ppl_rel_change", "max_abs_logit_error")
 
 
-def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: bool, awq: bool = False) -> dict:
+def measure(ckpt: Path, fmt: str, quant: str, imatrix: bool, work: Path, quick: bool, awq: bool = False,
+            gptq: bool = False) -> dict:
     from qwen_edge.export import export
     from qwen_edge.quality.verify import verify
 
     t0 = time.perf_counter()
-    options = {**({"imatrix": "auto"} if imatrix else {}), **({"awq": True} if awq else {})}
+    options = {**({"imatrix": "auto"} if imatrix else {}), **({"awq": True} if awq else {}),
+               **({"gptq": True} if gptq else {})}
     art = export(ckpt, fmt, quant, work, name=f"{fmt}-{quant}-{'-'.join(options) or 'plain'}",
                  options=options, force=True)
     export_s = time.perf_counter() - t0
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     "outliers: N channels per layer scaled by ALPHA (see with_outliers)")
     ap.add_argument("--awq", action="store_true", help="also export each with --imatrix auto --awq (activation-aware "
                     "scales folded into the preceding ops, export/awq.py)")
+    ap.add_argument("--gptq", action="store_true", help="also export each with --gptq alone and with --imatrix auto "
+                    "--gptq (error compensation over the calibration Hessian, export/gptq.py)")
     ap.add_argument("--label", default="", help="suffix of the record's file name")
     ap.add_argument("--note", action="append", default=[], help="a sentence stored in the record (repeatable)")
     args = ap.parse_args(argv)
@@ -143,17 +147,21 @@ def main(argv: list[str] | None = None) -> int:
                    "imatrix": measure(ckpt, fmt, q, True, work, args.quick)}
             if args.awq:
                 row["awq"] = measure(ckpt, fmt, q, True, work, args.quick, awq=True)
+            if args.gptq:
+                row["gptq"] = measure(ckpt, fmt, q, False, work, args.quick, gptq=True)
+                row["imatrix_gptq"] = measure(ckpt, fmt, q, True, work, args.quick, gptq=True)
             if row["plain"]:
-                row["kl_reduction"] = round(1 - row["imatrix"]["kl_mean"] / row["plain"]["kl_mean"], 4)
-                if args.awq:
-                    row["awq_kl_reduction"] = round(1 - row["awq"]["kl_mean"] / row["plain"]["kl_mean"], 4)
-            print(f"{fmt} {q}: KL {row['plain'] and row['plain']['kl_mean']} -> {row['imatrix']['kl_mean']}"
-                  f"  ({row.get('kl_reduction')}); imatrix+awq {row.get('awq', {}).get('kl_mean')} "
-                  f"({row.get('awq_kl_reduction')})", file=sys.stderr, flush=True)
+                for key, field in (("imatrix", "kl_reduction"), ("awq", "awq_kl_reduction"),
+                                   ("gptq", "gptq_kl_reduction"), ("imatrix_gptq", "imatrix_gptq_kl_reduction")):
+                    if key in row:
+                        row[field] = round(1 - row[key]["kl_mean"] / row["plain"]["kl_mean"], 4)
+            print(f"{fmt} {q}: KL plain {row['plain'] and row['plain']['kl_mean']}; "
+                  + "; ".join(f"{k} {row[k]['kl_mean']:.3g}" for k in ("imatrix", "awq", "gptq", "imatrix_gptq")
+                              if k in row), file=sys.stderr, flush=True)
             rows.append(row)
     write_record("imatrix", {"rows": rows}, settings={"checkpoint": str(ckpt), "checkpoint_desc": desc,
                                                       "quick": args.quick, "outliers": args.outliers,
-                                                      "awq": args.awq,
+                                                      "awq": args.awq, "gptq": args.gptq,
                                                       "quants": [":".join(p) for p in pairs],
                                                       "calibration_text": "qwen_edge/data/calib_text.json",
                                                       "evaluation_text": "qwen_edge/data/eval_text.json"},

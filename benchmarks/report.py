@@ -729,6 +729,22 @@ def render_imatrix(recs: list[Record], root: Path) -> list[str]:
                            " / ".join("-" if x.get(k) is None else f"{100 * x[k]:.0f}%"
                                       for k in ("kl_reduction", "awq_kl_reduction")),
                            "pass" if x["awq"]["passed"] else "FAIL"] for x in awq], " rrrr ")
+        gptq = [x for x in r["figures"]["rows"] if x.get("gptq")]
+        if gptq:  # bench_imatrix.py --gptq: --gptq alone and --imatrix auto --gptq
+            out += ["With `--gptq` (error compensation over the calibration Hessian, export/gptq.py; GGUF: "
+                    "export/gptq_gguf.py on llama.cpp's own grids), alone and with `--imatrix auto`:", ""]
+            out += table(["quant", "KL mean (plain / gptq / imatrix+gptq)", "KL p99 (gptq)", "top-1 (gptq)",
+                          "ppl change (gptq)", "KL reduction: imatrix / gptq / imatrix+gptq", "gate (gptq)",
+                          "export s (plain / gptq)"],
+                         [[f"{x.get('format', 'gguf')} {x['quant']}",
+                           f"{g((x['plain'] or {}).get('kl_mean'))} / {g(x['gptq']['kl_mean'])} / "
+                           f"{g(x['imatrix_gptq']['kl_mean'])}", g(x["gptq"]["kl_p99"]),
+                           g(x["gptq"]["top1_agreement"]), g(x["gptq"]["ppl_rel_change"]),
+                           " / ".join("-" if x.get(k) is None else f"{100 * x[k]:.0f}%"
+                                      for k in ("kl_reduction", "gptq_kl_reduction", "imatrix_gptq_kl_reduction")),
+                           "pass" if x["gptq"]["passed"] else "FAIL",
+                           f"{(x['plain'] or {}).get('export_s', '-')} / {x['gptq']['export_s']}"] for x in gptq],
+                         " rrrrr r")
         return out
 
     return section(top, recs, body)

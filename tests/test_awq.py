@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from artifact_bytes import gguf_tensors, prompt_logits
+from conftest import requires_torch
 
 from qwen_edge.errors import QwenEdgeError
-
-from conftest import requires_torch
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -104,21 +104,11 @@ def test_the_search_protects_outlier_channels(kind):
     assert s[[7, 100, 301, 480]].min() > 2 * np.median(s)
 
 
-def _gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    from qwen_edge.formats.gguf import read_gguf
-
-    g = read_gguf(path)
-    raw = path.read_bytes()
-    return {t.name: (t.type_name, tuple(t.shape), raw[g.data_offset + t.offset:g.data_offset + t.offset + t.nbytes])
-            for t in g.tensors}
-
-
 def test_awq_exports_keep_the_layout_and_change_only_values(exported, synth_ckpt, calib_text, tmp_path,
                                                             monkeypatch):
     """GGUF q4_k_m: the same tensors, types and shapes as the plain export; the block linears and the norms the
     scales fold into change, the tied embedding does not; it loads in llama.cpp and stays near the plain export.
     ONNX int4: model.onnx byte-identical (same graph, no speed cost), the weights file differs."""
-    from qwen_edge.backends import load
     from qwen_edge.export import awq, export
 
     monkeypatch.setattr(awq, "ALPHAS", (0.0, 0.25, 0.5))
@@ -126,7 +116,7 @@ def test_awq_exports_keep_the_layout_and_change_only_values(exported, synth_ckpt
     src = synth_ckpt(ARCH)
     plain = exported(ARCH, "gguf", "q4_k_m")
     art = export(src, "gguf", "q4_k_m", tmp_path, name="awq-gguf", options=opts)
-    a, b = _gguf_tensors(plain / "model.gguf"), _gguf_tensors(art / "model.gguf")
+    a, b = gguf_tensors(plain / "model.gguf"), gguf_tensors(art / "model.gguf")
     assert {n: v[:2] for n, v in a.items()} == {n: v[:2] for n, v in b.items()}
     changed = {n for n in a if a[n][2] != b[n][2]}
     assert "token_embd.weight" not in changed and "output_norm.weight" not in changed
@@ -135,11 +125,7 @@ def test_awq_exports_keep_the_layout_and_change_only_values(exported, synth_ckpt
     assert scaled_layers and all(f"blk.{i}.attn_norm.weight" in changed or rec["alphas"][f"{i}.qkv_proj"] == 0
                                  for i in map(int, scaled_layers))
     assert any(n.endswith("ffn_down.weight") for n in changed)
-    outs = []
-    for path in (plain, art):
-        with load(path, max_context=64) as rt:
-            rt.prefill([9707, 11, 1879, 0, 576, 3974])
-            outs.append(np.asarray(rt.logits(), dtype=np.float64))
+    outs = [prompt_logits(plain), prompt_logits(art)]
     assert np.isfinite(outs[1]).all() and np.corrcoef(outs[0], outs[1])[0, 1] > 0.9
 
     onnx_plain = exported(ARCH, "onnx", "int4")

@@ -39,7 +39,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     overrides = _overrides(a.set)
     for key, value in (("quant.imatrix", a.imatrix), ("quant.calibration_text", a.calibration_text),
-                       ("quant.awq", "true" if a.awq else None)):
+                       ("quant.awq", "true" if a.awq else None), ("quant.gptq", "true" if a.gptq else None)):
         if value is not None:
             overrides[key] = value
     return run_export(source=a.source, fmt=a.format, quant=a.quant, target=a.target, out_dir=a.output,
@@ -140,7 +140,10 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--awq", action="store_true", help="4-bit and below: activation-aware per-channel scales folded "
                    "into the preceding norm/projection before quantizing (the float model is unchanged; combines with "
                    "--imatrix)")
-    p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto or --awq: the text to calibrate on (.txt, "
+    p.add_argument("--gptq", action="store_true", help="4-bit: GPTQ error compensation over the calibration inputs "
+                   "(ONNX int4/int8; GGUF Q4_0/Q4_K/Q6_K/IQ4_XS linears and their fallbacks); same types and layout; "
+                   "combines with --imatrix")
+    p.add_argument("--calibration-text", metavar="FILE", help="with --imatrix auto, --awq or --gptq: the text to calibrate on (.txt, "
                    "or .json like qwen_edge/data/calib_text.json)")
     p.add_argument("--name", help="artifact directory name (default: derived from source, format, quant)")
     p.add_argument("--max-context", type=int, help="context length recorded in the artifact")

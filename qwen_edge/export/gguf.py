@@ -33,7 +33,7 @@ INTERMEDIATE = {"bf16": T.BF16, "f16": T.F16, "f32": T.F32}
 """The 16/32-bit file llama.cpp's quantizer reads, by the `intermediate` option's name."""
 CHUNK_BYTES = 32 << 20
 """Rows are converted in slices of about this many float32 bytes, so peak memory stays far below one tensor."""
-KNOWN_OPTIONS = ("threads", "intermediate", "imatrix", "calibration_text", "awq")
+KNOWN_OPTIONS = ("threads", "intermediate", "imatrix", "calibration_text", "awq", "gptq")
 NO_IMATRIX = ("f32", "f16", "bf16", "q8_0")
 """Types ggml quantizes without an importance matrix (float, or 8 bits per weight: nothing to weigh)."""
 
@@ -179,6 +179,9 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     for _, hf in names:
         ckpt.tensor_info(hf)  # a missing tensor is a one-line error before anything is written
     dst = out / MODEL_FILE
+    from .gptq import gptq_option
+
+    gptq, options = gptq_option("gguf", quant, options, NO_IMATRIX)
     ckpt, imatrix, imatrix_record, awq_record = calibrated(ckpt, "gguf", quant, options, NO_IMATRIX,
                                                            lambda: ggml_quantizer(_weight_type(quant)))
     if quant in DIRECT and imatrix is None:
@@ -200,8 +203,18 @@ def export_gguf(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
                            imatrix=imatrix, output_type=int(T.Q8_0) if quant in DIRECT else None)
         finally:
             tmp.unlink(missing_ok=True)
+    gptq_record = None
+    if gptq:
+        from .gptq import hessians
+        from .gptq_gguf import compensate_file
+
+        factors, gptq_record = hessians(ckpt, gptq["text"])
+        gguf_of = {hf: g for g, hf in names}
+        gptq_record.update(compensate_file(dst, ckpt, {gguf_of[hf]: u for hf, u in factors.items()}, imatrix))
     g = check_gguf_file(dst)
     report = quantization_report(g, quant, direct=quant in DIRECT and imatrix is None)
+    if gptq_record is not None:
+        report["gptq"] = gptq_record
     if imatrix_record is not None:
         report["imatrix"] = imatrix_record
     if awq_record is not None:

@@ -33,9 +33,11 @@ OPTIONS = {
     "genai_max_length": "onnxruntime-genai search.max_length (default min(context, 4096))",
     "imatrix": "int4/int8: importance matrix ('auto' or a llama.cpp imatrix file); each linear's block scales are "
                "searched to minimize the importance-weighted error (symmetric blocks; same graph)",
-    "calibration_text": "with imatrix=auto or awq: the calibration text (.txt or .json; default the shipped one)",
+    "calibration_text": "with imatrix=auto, awq or gptq: the calibration text (.txt or .json; default the shipped one)",
     "awq": "int4/int8: activation-aware per-channel scales folded into the preceding norm/projection before "
            "quantization (export/awq.py; the float model is unchanged, the graph the same)",
+    "gptq": "int4/int8: GPTQ error compensation over the calibration inputs' Hessian (export/gptq.py; symmetric "
+            "blocks, same graph; with imatrix, each block's scale is the importance-weighted one)",
     "kv_dtype": "KV cache dtype, float16 or float32 (default float16 for fp16 exports and memory-capped targets such "
                 "as arm64-mobile, else float32); the attention runs in this dtype",
 }
@@ -118,25 +120,30 @@ def make_plan(quant: str, target: Any, options: dict[str, Any]) -> QuantPlan:
 
 
 def _importance(ckpt: Checkpoint, quant: str, plan: QuantPlan, options: dict[str, Any]
-                ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
-    """Options imatrix / calibration_text / awq: the checkpoint to export (scaled by awq), the plan's importance
-    vectors by checkpoint name (the matrix is keyed by GGUF names, as llama.cpp's files are), and the manifest's
-    records of both."""
+                ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Options imatrix / calibration_text / awq / gptq: the checkpoint to export (scaled by awq), the plan's
+    importance vectors by checkpoint name (the matrix is keyed by GGUF names, as llama.cpp's files are) and GPTQ
+    factors, and the manifest's records of the three."""
     from ..families import family_of
     from .awq import calibrated, onnx_quantizer
+    from .gptq import gptq_option, hessians
 
     refuse = tuple(q for q in QUANTS if q not in ("int4", "int8"))
-    for key in ("imatrix", "awq"):
-        if options.get(key) not in (None, False) and quant not in refuse and not plan.symmetric:
+    gptq, opts = gptq_option("onnx", quant, options, refuse)
+    for key in ("imatrix", "awq", "gptq"):
+        if options.get(key) not in (None, False, "false") and quant not in refuse and not plan.symmetric:
             raise QwenEdgeError(f"onnx option {key}: the calibrated search makes symmetric blocks (drop "
                                 "symmetric=false)")
-    ckpt, values, record, awq_record = calibrated(ckpt, "onnx", quant, options, refuse,
+    ckpt, values, record, awq_record = calibrated(ckpt, "onnx", quant, opts, refuse,
                                                   lambda: onnx_quantizer(plan.linear_bits or 4, plan.block_size))
     if values is not None:
         hf = {t.gguf: t.hf for t in family_of(ckpt.arch).tensor_map(ckpt.arch)}
         plan.importance = {hf[name]: v for name, v in values.items()}
         record = {**record, "method": "importance-weighted scale search per block (onnx_imatrix)"}
-    return ckpt, record, awq_record
+    if gptq:
+        plan.hessian, gptq_record = hessians(ckpt, gptq["text"])
+        return ckpt, record, awq_record, gptq_record
+    return ckpt, record, awq_record, None
 
 
 HF_CONFIG = "config.json"
@@ -175,7 +182,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
     if a.head_dim % 16:
         raise QwenEdgeError(f"{ckpt.path.name}: head_dim {a.head_dim} is not a multiple of 16 "
                             "(onnxruntime GroupQueryAttention rotary needs it)")
-    ckpt, imatrix_record, awq_record = _importance(ckpt, quant, plan, options)
+    ckpt, imatrix_record, awq_record, gptq_record = _importance(ckpt, quant, plan, options)
     data = DataFile(out / DATA_FILE)
     try:
         g = GraphBuilder(data)
@@ -218,6 +225,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, quant: str, *, target: Any = None, 
         quantization["imatrix"] = imatrix_record
     if awq_record is not None:
         quantization["awq"] = awq_record
+    if gptq_record is not None:
+        quantization["gptq"] = gptq_record
     facts: dict[str, Any] = {"data_file": DATA_FILE, "opset": 21, "io_dtype": plan.float_name,
                              "kv_dtype": np.dtype(plan.kv).name,
                              "rotary_cache_tokens": ctx, "optional_inputs": ["logits_to_keep"],

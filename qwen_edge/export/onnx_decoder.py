@@ -11,6 +11,7 @@ from ..model.checkpoint import Checkpoint
 from ..families import family_of
 from ..formats.onnx_graph import MS, GraphBuilder
 from .onnx_lora import LoraLinear
+from .gptq import quantize_rows_gptq
 from .onnx_imatrix import quantize_rows_weighted
 from .onnx_quant import QuantLayout, quantize_rows
 from .onnx_source import Source
@@ -55,6 +56,9 @@ class QuantPlan:
     importance: dict[str, np.ndarray] | None = None
     """`--imatrix`: importance of each input column by checkpoint weight name; those weights get the weighted scale
     search (onnx_imatrix), the rest round-to-nearest."""
+    hessian: dict[str, np.ndarray] | None = None
+    """`--gptq`: U (gptq.inverse_factor of the calibration inputs' Hessian) by checkpoint weight name; those weights
+    get GPTQ's error-compensated codes (with the importance-weighted block scales when `importance` has them)."""
 
     @property
     def elem(self) -> int:
@@ -137,10 +141,13 @@ class DecoderBuilder:
         zps: list[np.ndarray] = []
 
         imp = (self.plan.importance or {}).get(src[0])  # fused parts (q/k/v, gate/up) share their input
+        hess = (self.plan.hessian or {}).get(src[0])
 
         def data():
             for x in self.src.rows(src):
-                if imp is not None:
+                if hess is not None:
+                    d, sc, zp = quantize_rows_gptq(x, q.bits, q.block_size, hess, imp)
+                elif imp is not None:
                     d, sc, zp = quantize_rows_weighted(x, q.bits, q.block_size, imp)
                 else:
                     d, sc, zp = quantize_rows(x, q.bits, q.block_size, q.symmetric)

@@ -56,8 +56,12 @@ class QuantConfig:
     """GGUF 4-bit and below, ONNX int4/int8 (symmetric): activation-aware per-channel scales (AWQ-style) searched
     on the calibration text and folded into the preceding norm or projection before quantization (export/awq.py);
     combines with `imatrix`."""
+    gptq: bool | None = None
+    """GGUF (its Q4_0, Q4_K, Q6_K and IQ4_XS block linears), ONNX int4/int8 (symmetric): GPTQ error compensation over
+    the calibration inputs' Hessian (export/gptq.py): same types and layout, codes chosen to keep each linear's output;
+    combines with `imatrix` and `awq`."""
     calibration_text: str | None = None
-    """With `imatrix: auto` or `awq: true`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
+    """With `imatrix: auto`, `awq: true` or `gptq: true`: the text the matrix is computed over (a .txt, or a .json of documents and chats like
     qwen_edge/data/calib_text.json; default: that shipped text)."""
 
     def options(self) -> dict[str, Any]:
@@ -353,8 +357,9 @@ def validate_recipe(r: Recipe, src: str) -> None:
         bad = [k for k in GGUF_ONLY if getattr(q, k) is not None]
         if bad:
             raise QwenEdgeError(f"{src}: 'quant.{bad[0]}' applies to GGUF only")
-    if q.calibration_text is not None and q.imatrix != "auto" and not q.awq:
-        raise QwenEdgeError(f"{src}: 'quant.calibration_text' needs 'quant.imatrix: auto' or 'quant.awq: true'")
+    if q.calibration_text is not None and q.imatrix != "auto" and not q.awq and not q.gptq:
+        raise QwenEdgeError(f"{src}: 'quant.calibration_text' needs 'quant.imatrix: auto', 'quant.awq: true' or "
+                            "'quant.gptq: true'")
     if q.intermediate is not None and q.intermediate not in ("bf16", "f16", "f32"):
         raise QwenEdgeError(f"{src}: 'quant.intermediate' must be bf16, f16 or f32, not {q.intermediate!r}")
     if r.format == "onnx":  # the exporter's own table of option values (an ONNX recipe imported it for its quants)
