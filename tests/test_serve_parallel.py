@@ -135,11 +135,11 @@ def test_a_draft_model_needs_one_slot(cli, thinking_artifact):
         len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_default_slots_are_opt_in_on_gguf_and_four_on_onnx(thinking_artifact):
-    """--parallel's default: 1 on GGUF (4 slots gave 0.7-0.9x one stream's aggregate on the CPU we measured), 4 on
-    ONNX on the cpu device (fewer only when the caches would not fit: the tiny model's always do)."""
+def test_default_slots_are_four_on_gguf_and_onnx_cpu(thinking_artifact):
+    """--parallel's default: 4 on GGUF and on ONNX on the cpu device (fewer only when the caches would not fit: the
+    tiny model's always do), 1 on ONNX on cuda (no batched step there)."""
     from qwen_edge.serve.server import DEFAULT_PARALLEL, default_parallel
 
-    assert default_parallel(thinking_artifact("gguf"), None) == 1
+    assert default_parallel(thinking_artifact("gguf"), None) == DEFAULT_PARALLEL == 4
     assert default_parallel(thinking_artifact("onnx"), None) == DEFAULT_PARALLEL == 4
     assert default_parallel(thinking_artifact("onnx"), None, device="cuda") == 1

@@ -56,9 +56,9 @@ def add_verbs(add: Add) -> None:
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait while all slots generate (default 8; more get 503)")
     p.add_argument("--parallel", type=int, default=None, metavar="N",
-                   help="slots: requests generating at once, one batched decode step for all (default 4 on ONNX on "
-                   "cpu, fewer when their KV caches at the context would take over half the available memory; 1 on "
-                   "GGUF, where slots are opt-in, and otherwise). Each slot has its own KV cache of the full context")
+                   help="slots: requests generating at once, one batched decode step for all (default 4 on GGUF and on "
+                   "ONNX on cpu, fewer when their KV caches at the context would take over half the available "
+                   "memory; 1 otherwise). Each slot has its own KV cache of the full context")
     p.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens,
                    help=f"the most tokens one request may generate (default {DEFAULTS.max_tokens}; a request's "
                    "max_tokens above it is 400, a request without one gets it)")

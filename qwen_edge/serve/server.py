@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 EXTRA_HINT = "pip install 'qwen-edge[serve]'"
 DEFAULT_PARALLEL = 4
-"""Slots when --parallel is not given, on ONNX (cpu): its batched decode step gave 1.6x one stream's aggregate at 4
-streams on our AVX2 machine; fewer when their KV caches would not fit (default_parallel). GGUF defaults to 1."""
+"""Slots when --parallel is not given, on GGUF and on ONNX (cpu); fewer when their KV caches would not fit
+(default_parallel). On our 2-core AVX2 machine 4 streams gave 1.2-1.4x one stream's aggregate on GGUF q4_0 (once
+every step ran on one thread) and 1.2-1.6x on ONNX int4 (benchmarks/RESULTS.md, bench_serve)."""
 BATCHED_FORMATS = ("gguf", "onnx")
 """Artifact formats whose backend has a batched step (BatchRuntime; ONNX on the cpu device); others serve one request
 at a time."""
@@ -49,10 +50,6 @@ def default_parallel(artifact: str | os.PathLike[str], max_context: int | None, 
         return 1
     art = Artifact.open(path, check_hashes=False)
     if art.format not in BATCHED_FORMATS or (art.format == "onnx" and device == "cuda"):
-        return 1
-    if art.format == "gguf":
-        # opt-in on GGUF: on the AVX2 machine we measured, 4 slots gave 0.7-0.9x the aggregate of one stream
-        # (llama.cpp's 4-sequence step costs 2.2x one there; benchmarks/RESULTS.md, bench_serve)
         return 1
     per_slot = (kv_bytes_per_token(art.manifest) or 0) * int(max_context or art.context_length)
     free = _available_memory()
