@@ -123,7 +123,7 @@ def candidates(layout: CodeLayout, gguf_type: int, blocks: np.ndarray) -> np.nda
     out = np.empty((layout.ncodes, n, layout.qk), dtype=np.float32)
     for c in range(layout.ncodes):
         packed = layout.pack(blocks, np.full((n, layout.qk), c, dtype=np.int32))
-        out[c] = dequantize(packed, qtype).reshape(n, layout.qk)
+        out[c] = dequantize(packed.reshape(1, -1), qtype).reshape(n, layout.qk)  # one call for all blocks
     return out
 
 
