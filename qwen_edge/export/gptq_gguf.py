@@ -172,23 +172,20 @@ def compensate_file(path: Path, ckpt: Any, factors: dict[str, np.ndarray],
     """Recompute, in the GGUF at `path`, every tensor that has a factor (by GGUF name) and a supported type, from
     `ckpt`'s float weights; written to a temporary copy renamed over `path`. Returns the record (tensors by type,
     those left as llama.cpp wrote them)."""
-    from gguf import GGUFReader
-
     from ..families import family_of
+    from ..formats.gguf import tensor_spans
     from ..model.safetensors_io import release_pages
 
     hf_of = {t.gguf: t.hf for t in family_of(ckpt.arch).tensor_map(ckpt.arch)}
     supported = layouts()
-    reader = GGUFReader(path)
     jobs, skipped = [], {}
-    for t in reader.tensors:
-        if t.name not in factors:
+    for name, ttype, offset, nbytes in tensor_spans(path):
+        if name not in factors:
             continue
-        if int(t.tensor_type) in supported:
-            jobs.append((t.name, int(t.tensor_type), int(t.data_offset), int(t.n_bytes)))
+        if int(ttype) in supported:
+            jobs.append((name, int(ttype), offset, nbytes))
         else:
-            skipped[t.name] = t.tensor_type.name
-    del reader
+            skipped[name] = ttype.name
     if not jobs:
         raise QwenEdgeError("gguf gptq: no block linear of this quantization has a type gptq supports (Q4_0, Q4_K, "
                             f"Q6_K, IQ4_XS, Q5_0, Q8_0, IQ4_NL; here {sorted(set(skipped.values()))}); drop --gptq")

@@ -156,6 +156,13 @@ def tensor_nbytes(path: str | os.PathLike) -> dict[str, int]:
     return {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
 
 
+def tensor_spans(path: str | os.PathLike) -> list[tuple[str, GGMLQuantizationType, int, int]]:
+    """(name, type, absolute data offset, data bytes) of every tensor, in file order, read with gguf-py's
+    GGUFReader (for files this toolkit or llama.cpp just wrote)."""
+    return [(t.name, GGMLQuantizationType(int(t.tensor_type)), int(t.data_offset), int(t.n_bytes))
+            for t in GGUFReader(str(path)).tensors]
+
+
 ADAPTER_FILE = "adapter.gguf"
 """A LoRA adapter beside the base model in an artifact (`adapter-N.gguf` when there are several)."""
 
