@@ -70,17 +70,10 @@ def _lower_inverse(lo: np.ndarray) -> np.ndarray:
 
 
 def rtn_scale(bits: int) -> BlockGrid:
-    """onnx_quant.quantize_rows' symmetric scale: the signed extreme maps to -2^(bits-1) (int4, q4_0 style), or
-    max|w| to 2^(bits-1) - 1 (int8)."""
-    mid = 1 << (bits - 1)
+    """onnx_quant.quantize_rows' symmetric scale (onnx_quant.symmetric_scale) as a block grid."""
+    from .onnx_quant import symmetric_scale
 
-    def grid(b: np.ndarray) -> np.ndarray:
-        if bits == 4:
-            idx = np.abs(b).argmax(axis=-1)[:, None]
-            return np.take_along_axis(b, idx, axis=-1)[:, 0] / -float(mid)
-        return np.abs(b).max(axis=-1) / float(mid - 1)
-
-    return grid
+    return lambda b: symmetric_scale(b, bits)
 
 
 def weighted_scale(bits: int, importance: np.ndarray, block: int) -> Callable[[np.ndarray, int], np.ndarray]:

@@ -59,6 +59,16 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+def symmetric_scale(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """Blocks [..., block] -> their symmetric scales [...]: int4 q4_0 style (the signed extreme maps to -8, so the
+    full 16 levels are used), else max|w| maps to 2^(bits-1) - 1."""
+    mid = 1 << (bits - 1)
+    if bits == 4:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        return np.take_along_axis(blocks, idx, axis=-1)[..., 0] / -float(mid)
+    return np.abs(blocks).max(axis=-1) / float(mid - 1)
+
+
 def quantize_rows(w: np.ndarray, bits: int, block: int,
                   symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Float32 rows [n, K] -> (data [n, blocks, blob], float32 scales [n, blocks], zero points or None); each row
@@ -71,13 +81,7 @@ def quantize_rows(w: np.ndarray, bits: int, block: int,
     levels = (1 << bits) - 1
     mid = 1 << (bits - 1)
     if symmetric:
-        if bits == 4:
-            # q4_0 style: the signed extreme maps to -8 so the full 16 levels are used.
-            idx = np.abs(blocks).argmax(axis=-1)[..., None]
-            extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-            scale = extreme / -float(mid)
-        else:
-            scale = np.abs(blocks).max(axis=-1) / float(mid - 1)
+        scale = symmetric_scale(blocks, bits)
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         q = np.clip(np.rint(blocks * inv[..., None]) + mid, 0, levels).astype(np.uint8)
         zp = None
