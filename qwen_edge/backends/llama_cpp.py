@@ -349,7 +349,7 @@ class LlamaCppRuntime(Runtime, BatchRuntime):
         the ids of one call must fit n_batch together."""
         if self._ctx is None:
             raise QwenEdgeError("llama_cpp runtime is closed")
-        items = [(self.check_slot(s), [int(t) for t in ids]) for s, ids in feeds.items() if len(ids)]
+        items = sorted((self.check_slot(s), [int(t) for t in ids]) for s, ids in feeds.items() if len(ids))
         total = sum(len(ids) for _, ids in items)
         if total > self._n_batch:
             raise QwenEdgeError(f"{total} ids in one step exceed n_batch {self._n_batch}")
