@@ -56,7 +56,15 @@ class Scheduler:
         self.chunk = int(chunk)
         self.on_step = on_step
         self.steps = 0
-        self._cv = threading.Condition()
+        # one lock, one condition per waiter: a step's end wakes only the slots whose ids ran, a slot's submit only
+        # the step thread (with one shared condition every submit woke every waiting slot thread, to find its ids
+        # still pending and sleep again, the last of them as the next step began)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        """The step thread's condition: ids handed over, a slot busy no more, or released."""
+        self._slot_cv = [threading.Condition(self._lock) for _ in range(batch.n_slots)]
+        self._idle = threading.Condition(self._lock)
+        """Notified when a step ends (for `exclusive`)."""
         self._state = [_IDLE] * batch.n_slots
         self._pending: dict[int, list[int]] = {}
         self._errors: dict[int, BaseException] = {}
@@ -88,9 +96,9 @@ class Scheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="qwen-edge-step", daemon=True)
                 self._thread.start()
-            self._cv.notify_all()
+            self._cv.notify()
             while slot in self._pending:
-                self._cv.wait()
+                self._slot_cv[slot].wait()
             err = self._errors.pop(slot, None)
         if err is not None:
             raise err
@@ -122,15 +130,16 @@ class Scheduler:
             room -= len(feeds[s])
         self._running = True
         t0 = time.perf_counter()
-        self._cv.release()
+        self._lock.release()
         err: BaseException | None = None
         try:
             self.batch.step(feeds)
         except BaseException as e:  # noqa: BLE001: handed to the slots whose ids were in the step
             err = e
         finally:
-            self._cv.acquire()
+            self._lock.acquire()
             self._running = False
+            self._idle.notify_all()
         self.steps += 1
         for s, ids in feeds.items():
             if err is not None:
@@ -143,7 +152,7 @@ class Scheduler:
                 continue
             if self._state[s] == _WAITING:
                 self._state[s] = _BUSY
-        self._cv.notify_all()
+            self._slot_cv[s].notify()
         if self.on_step is not None and err is None:
             n_dec = sum(len(v) == 1 for v in feeds.values())
             self.on_step(n_dec, sum(len(v) for v in feeds.values()) - n_dec, time.perf_counter() - t0)
@@ -152,7 +161,7 @@ class Scheduler:
         """Run `fn` (a cache edit on the backend) between steps, never during one."""
         with self._cv:
             while self._running:
-                self._cv.wait()
+                self._idle.wait()
             return fn()
 
     def release(self, slot: int) -> None:
@@ -161,7 +170,7 @@ class Scheduler:
             self._pending.pop(slot, None)
             self._errors.pop(slot, None)
             self._state[slot] = _IDLE
-            self._cv.notify_all()
+            self._cv.notify()
 
 
 class SlotRuntime(Runtime):
