@@ -198,7 +198,10 @@ def main() -> int:
                         "--max-tokens", str(a.max_tokens)]
             proc = Proc(argv, port, work / f"{kind}-{fmt}-{n}.log")
             try:
-                load_run(f"http://127.0.0.1:{port}/v1", prompts[:1], 4)  # warm up
+                # warm up on a prompt of its own: one of the measured prompts would be cached by the warm-up (both
+                # servers reuse a slot's prefix) and its stream would skip its prefill
+                warm = [[rng.randrange(30000, 60000) for _ in range(a.prompt_tokens)]]
+                load_run(f"http://127.0.0.1:{port}/v1", warm, 4)
                 r = load_run(f"http://127.0.0.1:{port}/v1", prompts, a.max_tokens)
             finally:
                 proc.stop()

@@ -254,6 +254,14 @@ def test_completions_models_health(server):
     assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 10
     s = c.completions.create(model="m", prompt="The lighthouse", max_tokens=10, temperature=0, stream=True)
     assert "".join(ch.choices[0].text for ch in s if ch.choices) == r.choices[0].text
+    # the same prompt again, and extended: the slot whose cache holds it prefills only what is new (llama-server's
+    # cache_prompt), and the reply is the one computed from scratch
+    again = c.completions.create(model="m", prompt="The lighthouse", max_tokens=10, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1 > 0, again.usage
+    longer = "The lighthouse" + r.choices[0].text
+    ext = c.completions.create(model="m", prompt=longer, max_tokens=6, temperature=0)
+    assert ext.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens, ext.usage
     models = c.models.list().data
     assert [m.id for m in models] == [f"tiny-qwen3-think-{server.fmt}"]
     h = server.health()

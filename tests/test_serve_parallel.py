@@ -121,6 +121,19 @@ def test_returning_conversation_reuses_its_slot_prefix_and_metrics(server):
     assert e.value.code == 401
 
 
+def test_returning_completion_prompt_reuses_its_slot(server):
+    """/v1/completions reuses the prefix a slot's cache holds (llama-server's cache_prompt), and picks that slot."""
+    server.wait_idle()
+    prompts = {"a": "The keeper climbed the stairs of the old lighthouse at dusk",
+               "b": "Seven small boats came back into the harbour before the storm"}
+    c = server.client()
+    first = {k: c.completions.create(model="m", prompt=p, max_tokens=8, temperature=0) for k, p in prompts.items()}
+    for k in ("b", "a"):  # b first: the least recently used slot is a's, so only the prefix match finds b's
+        again = c.completions.create(model="m", prompt=prompts[k], max_tokens=8, temperature=0)
+        assert again.choices[0].text == first[k].choices[0].text
+        assert again.usage.prompt_tokens_details.cached_tokens == first[k].usage.prompt_tokens - 1, (k, again.usage)
+
+
 def test_bad_parallel_is_one_line_exit_2(cli, thinking_artifact):
     r = cli("serve", str(thinking_artifact("gguf")), "--parallel", "0", "--port", "0", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --parallel") and \

@@ -198,7 +198,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: Seq
         try:
             check_key(request)
             req = await parsed(request, parse)
-            job = engine.submit(kind, work(req), engine.chat_prompt(req) if kind == "chat" else lambda s: None)
+            job = engine.submit(kind, work(req), engine.chat_prompt(req) if kind == "chat"
+                                else engine.completion_prompt(req))
         except ApiError as e:
             return error(e)
         first = await next_event(job, request)

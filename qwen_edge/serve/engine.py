@@ -3,7 +3,8 @@ on the event loop: up to N generations at a time (`--parallel N`; their decode s
 runtime.batch.Scheduler), a bounded queue of waiting requests (503 when full), a cancel Event per request (set when
 its client disconnects or the server shuts down). Each slot has its own ChatSession (its own KV cache): a request
 goes to the free slot whose cache shares the longest prefix with its prompt, so a conversation extended request
-after request reuses its prefix; `/v1/completions` runs `generate` on the slot's runtime."""
+after request reuses its prefix; `/v1/completions` runs `generate` on the slot's runtime, from the prefix it shares
+with the slot's cache too."""
 
 from __future__ import annotations
 
@@ -287,18 +288,34 @@ class Engine:
             return session.render(check_messages(req.messages), think, tools)
         return prompt
 
+    @staticmethod
+    def completion_ids(req: CompletionRequest, s: ChatSession) -> list[int]:
+        ids = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt)
+        if max(ids, default=0) >= s.tokenizer.vocab_size:
+            raise bad_request("prompt", f"'prompt' token ids must be below {s.tokenizer.vocab_size}")
+        return ids
+
+    def completion_prompt(self, req: CompletionRequest) -> Callable[[ChatSession], Sequence[int] | None]:
+        """The request's prompt ids (to pick the slot whose cache holds most of them)."""
+        return lambda s: self.completion_ids(req, s)
+
     def completion_work(self, req: CompletionRequest) -> Callable[[Job, ChatSession], Any]:
+        """`generate` on the slot's runtime from the prefix its cache shares with the prompt (as llama-server's
+        `cache_prompt`): a client that resends a long prompt, or extends it, prefills only what is new. The cache
+        then holds the prompt and the reply, and the slot's session knows it, so a chat request on that slot reuses
+        what it shares and recomputes the rest."""
         def work(job: Job, s: ChatSession) -> Any:
+            from ..runtime.chat import _common_prefix
             from ..runtime.generate import generate
 
-            ids = list(req.prompt) if isinstance(req.prompt, list) else s.tokenizer.encode(req.prompt)
-            if max(ids, default=0) >= s.tokenizer.vocab_size:
-                raise bad_request("prompt", f"'prompt' token ids must be below {s.tokenizer.vocab_size}")
-            try:
-                return generate(s.runtime, ids, sampling=req.sampling, max_new_tokens=req.max_tokens,
-                                stop_ids=s.stop_ids, stop_strings=req.stop, tokenizer=s.tokenizer,
-                                on_text=(lambda t: job.put("text", t)) if req.stream else None,
-                                cancel=self.cancelled_now(job), speculative=s.speculative)
-            finally:
-                s.runtime.reset()  # the chat session's cached prefix is gone: it sees an empty cache next time
+            ids = self.completion_ids(req, s)
+            held = s._cached if s.runtime.n_cached == len(s._cached) else []
+            s._cached, s.last = [], None  # until this generation leaves the cache in a known state
+            res = generate(s.runtime, ids, sampling=req.sampling, max_new_tokens=req.max_tokens,
+                           stop_ids=s.stop_ids, stop_strings=req.stop, tokenizer=s.tokenizer,
+                           on_text=(lambda t: job.put("text", t)) if req.stream else None,
+                           cancel=self.cancelled_now(job), speculative=s.speculative,
+                           cached_prefix=_common_prefix(held, ids))
+            s._cached = (res.prompt_ids + res.output_ids)[: s.runtime.n_cached]
+            return res
         return work
