@@ -61,6 +61,7 @@ def main() -> int:
     if not (ckpt / "config.json").is_file():
         synth("qwen2.5-0.5b", ckpt)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_verify_cache_"))
+    work.mkdir(parents=True, exist_ok=True)
     pairs = [tuple(q.split(":")) for q in a.quants.split(",")]
     now = str(ROOT)
     fmts = ",".join(dict.fromkeys(f for f, _ in pairs))
