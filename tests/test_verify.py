@@ -72,6 +72,28 @@ def test_kl_matches_a_direct_float64_computation():
     assert m["ppl_reference"] == pytest.approx(np.exp(nll), rel=1e-9)
 
 
+def test_threaded_accumulator_equals_one_thread_bit_for_bit(monkeypatch):
+    """The accumulator's chunks run on several threads and are summed in row order: the same totals as one thread,
+    exactly (a window of 5 chunks of ROW_CHUNK rows and a short last one, two windows)."""
+    from qwen_edge.quality import verify as v
+
+    rng = np.random.default_rng(4)
+    windows = []
+    for n in (5 * v.ROW_CHUNK + 7, 40):
+        ref = (rng.standard_normal((n, 3000)) * 4).astype(np.float32)
+        windows.append((list(rng.integers(0, 3000, n)), ref, ref + rng.standard_normal(ref.shape).astype(np.float32)))
+    results = []
+    for threads in (1, 4):
+        monkeypatch.setattr(v, "ACC_THREADS", threads)
+        acc = Accumulator()
+        for w in windows:
+            acc.add(*w)
+        results.append((acc.metrics(), np.concatenate(acc.kl), acc.lse_ref.copy(), acc.abs_count, acc.predicted))
+    (m1, kl1, lse1, c1, p1), (m4, kl4, lse4, c4, p4) = results
+    assert m1 == m4 and (c1, p1) == (c4, p4)
+    assert np.array_equal(kl1, kl4) and np.array_equal(lse1, lse4)
+
+
 def test_nonfinite_artifact_logits_fail_instead_of_crashing():
     ref = np.zeros((3, 10), np.float32)
     art = ref.copy()

@@ -7,10 +7,12 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +29,8 @@ runner-up there is not counted as diverging (`greedy_agreement`), so the greedy 
 kernels. Each quantization class's logit error allows more than this at its worst token; a clear step (margin at or
 above it) that the artifact gets wrong still ends the prefix."""
 ROW_CHUNK = 32
+ACC_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads of the metric accumulator (its float64 passes over the vocabulary; numpy lets the GIL go in them)."""
 """Rows per step of the metric accumulator (two float64 buffers of ROW_CHUNK x vocabulary: 39 MB each at Qwen's)."""
 
 # Metrics where a larger value is worse (thresholds are upper bounds); the rest are lower bounds.
@@ -140,31 +144,56 @@ class Accumulator:
 
     lse_ref: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """The reference's log-sum-exp at each position of the last window added (ReferenceRecorder reuses it)."""
+    _free: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, ids: Sequence[int], ref: np.ndarray, art: np.ndarray) -> None:
-        """Accumulate one window, ROW_CHUNK rows at a time through two reused float64 buffers: differences and
+        """Accumulate one window, ROW_CHUNK rows at a time, each chunk through two float64 buffers: differences and
         exponentials in float64 (exp is the cost: two full-vocabulary passes per row, the reference's and the
-        artifact's), maxima and argmax on the float32 inputs (exact: the cast to float64 keeps their order)."""
+        artifact's), maxima and argmax on the float32 inputs (exact: the cast to float64 keeps their order).
+        The chunks run on ACC_THREADS threads (numpy's loops let the GIL go) and are summed in row order, so the
+        totals are those of one thread, bit for bit."""
         if ref.shape[0] != len(ids) or art.shape[0] != len(ids):
             raise QwenEdgeError(f"logits rows {ref.shape[0]}/{art.shape[0]} != {len(ids)} tokens")
         v = min(ref.shape[1], art.shape[1])
         self.vocab_compared = v
         n = len(ids)
         nxt = np.asarray(list(ids[1:]) + [0], dtype=np.int64)
-        d = np.empty((min(ROW_CHUNK, n), v))
-        e = np.empty_like(d)
         lse_ref = np.empty(n)
-        for s in range(0, n, ROW_CHUNK):
-            r, a = np.asarray(ref[s:s + ROW_CHUNK, :v]), np.asarray(art[s:s + ROW_CHUNK, :v])
-            if not np.isfinite(a).all():
-                a = np.nan_to_num(a.astype(np.float64), nan=1e4, posinf=1e4, neginf=-1e4)  # broken: huge error
-            k = r.shape[0]
+        starts = range(0, n, ROW_CHUNK)
+        if len(starts) > 1 and ACC_THREADS > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(ACC_THREADS, len(starts)), thread_name_prefix="qwen-edge-verify") as pool:
+                parts = list(pool.map(lambda s: self._chunk(ref, art, s, n, v, nxt, lse_ref), starts))
+        else:
+            parts = [self._chunk(ref, art, s, n, v, nxt, lse_ref) for s in starts]
+        for mx, total, count, kl, agree, k, nll_r, nll_a, m in parts:
+            self.max_abs = max(self.max_abs, mx)
+            self.abs_sum += total
+            self.abs_count += count
+            self.kl.append(kl)
+            self.agree += agree
+            self.tokens += k
+            self.nll_ref -= nll_r
+            self.nll_art -= nll_a
+            self.predicted += m
+        self.lse_ref = lse_ref
+
+    def _chunk(self, ref: np.ndarray, art: np.ndarray, s: int, n: int, v: int, nxt: np.ndarray,
+               lse_ref: np.ndarray) -> tuple[float, float, int, np.ndarray, int, int, float, float, int]:
+        """Rows s..s+ROW_CHUNK of a window: (max |diff|, sum |diff|, count, KL per row, top-1 agreements, rows,
+        reference and artifact log-likelihood of the next ids, ids predicted); writes the rows' reference
+        log-sum-exp into `lse_ref`."""
+        r, a = np.asarray(ref[s:s + ROW_CHUNK, :v]), np.asarray(art[s:s + ROW_CHUNK, :v])
+        if not np.isfinite(a).all():
+            a = np.nan_to_num(a.astype(np.float64), nan=1e4, posinf=1e4, neginf=-1e4)  # broken: huge error
+        k = r.shape[0]
+        with self._buffers(v) as (d, e):
             dk, ek = d[:k], e[:k]
             np.subtract(r, a, out=dk, dtype=np.float64)
             np.abs(dk, out=ek)
-            self.max_abs = max(self.max_abs, float(ek.max()))
-            self.abs_sum += float(ek.sum())
-            self.abs_count += ek.size
+            mx, total = float(ek.max()), float(ek.sum())
             # KL(p||q) = sum p (log p - log q) = E_p[r - a] - lse(r) + lse(a), all in float64
             mr = r.max(-1).astype(np.float64)
             np.subtract(r, mr[:, None], out=ek, dtype=np.float64)
@@ -176,16 +205,27 @@ class Accumulator:
             np.subtract(a, ma[:, None], out=ek, dtype=np.float64)
             np.exp(ek, out=ek)
             lse_a = ma + np.log(ek.sum(-1))
-            self.kl.append(np.maximum(expected_d - lse_r + lse_a, 0.0))
-            self.agree += int((r.argmax(-1) == a.argmax(-1)).sum())
-            self.tokens += k
-            lse_ref[s:s + k] = lse_r
-            m = min(k, n - 1 - s)  # the last position has no next token in the window
-            rows, t = np.arange(m), nxt[s:s + m]
-            self.nll_ref -= float((r[rows, t].astype(np.float64) - lse_r[:m]).sum())
-            self.nll_art -= float((a[rows, t].astype(np.float64) - lse_a[:m]).sum())
-            self.predicted += m
-        self.lse_ref = lse_ref
+        kl = np.maximum(expected_d - lse_r + lse_a, 0.0)
+        agree = int((r.argmax(-1) == a.argmax(-1)).sum())
+        lse_ref[s:s + k] = lse_r
+        m = min(k, n - 1 - s)  # the last position has no next token in the window
+        rows, t = np.arange(m), nxt[s:s + m]
+        nll_r = float((r[rows, t].astype(np.float64) - lse_r[:m]).sum())
+        nll_a = float((a[rows, t].astype(np.float64) - lse_a[:m]).sum())
+        return mx, total, k * v, kl, agree, k, nll_r, nll_a, m
+
+    @contextmanager
+    def _buffers(self, v: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Two ROW_CHUNK x v float64 buffers, kept for the next chunk (one pair per thread at work)."""
+        with self._lock:
+            pair = self._free.pop() if self._free and self._free[-1][0].shape[1] == v else None
+        if pair is None:
+            pair = (np.empty((ROW_CHUNK, v)), np.empty((ROW_CHUNK, v)))
+        try:
+            yield pair
+        finally:
+            with self._lock:
+                self._free.append(pair)
 
     def metrics(self) -> dict[str, float]:
         kl = np.concatenate(self.kl) if self.kl else np.zeros(1)
