@@ -3,7 +3,8 @@ and, as the anchor, llama.cpp's own `llama-server --parallel N` built from the p
 sources, side by side in one run: aggregate and per-stream decode tokens/s, time to first token, inter-token p50/p95.
 
 Each stream is an openai-client streamed /v1/completions request with its own prompt of --prompt-tokens ids (no two
-share a prefix) and max_tokens --max-tokens, greedy; all N start together. `--llama-server PATH` uses that binary;
+share a prefix) and max_tokens --max-tokens, greedy; all N start together; every server gets the same prompts. With --repeat R the
+servers take turns, round after round. `--llama-server PATH` uses that binary;
 otherwise it is built once (Release, server target only, no CURL) under ~/.cache/qwen_edge/llama-server/VERSION/.
 """
 
@@ -164,6 +165,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=1024, help="context per slot")
     ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 32-id prompts, 32 tokens each")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over every server and stream count (medians "
+                    "rendered, x anchor paired within a round)")
     ap.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     a = ap.parse_args()
     if a.build_only:
@@ -183,33 +186,37 @@ def main() -> int:
     rng = random.Random(0)
     start()
     rows: list[dict[str, Any]] = []
-    for name in servers:
-        kind, fmt = name.split()
+    # rounds: every server runs each stream count once per round, on the same prompts, so a drift in the shared
+    # machine's speed falls on all of them alike; x anchor is then paired within a round
+    for rep in range(a.repeat):
         for n in streams:
             prompts = [[rng.randrange(1000, 30000) for _ in range(a.prompt_tokens)] for _ in range(n)]
-            port = free_port()
-            if kind == "llama-server":
-                gguf = next((arts["gguf"]).glob("*.gguf"))
-                argv = [str(binary), "-m", str(gguf), "--port", str(port), "--parallel", str(n), "-c",
-                        str(a.context * n), "-t", str(a.threads), "-tb", str(a.threads), "--no-webui"]
-            else:
-                argv = [sys.executable, "-m", "qwen_edge.cli", "serve", str(arts[fmt]), "--port", str(port),
-                        "--parallel", str(n), "--max-context", str(a.context), "--threads", str(a.threads),
-                        "--max-tokens", str(a.max_tokens)]
-            proc = Proc(argv, port, work / f"{kind}-{fmt}-{n}.log")
-            try:
-                # warm up on a prompt of its own: one of the measured prompts would be cached by the warm-up (both
-                # servers reuse a slot's prefix) and its stream would skip its prefill
-                warm = [[rng.randrange(30000, 60000) for _ in range(a.prompt_tokens)]]
-                load_run(f"http://127.0.0.1:{port}/v1", warm, 4)
-                r = load_run(f"http://127.0.0.1:{port}/v1", prompts, a.max_tokens)
-            finally:
-                proc.stop()
-            r["server"] = name
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for name in servers:
+                kind, fmt = name.split()
+                port = free_port()
+                if kind == "llama-server":
+                    gguf = next((arts["gguf"]).glob("*.gguf"))
+                    argv = [str(binary), "-m", str(gguf), "--port", str(port), "--parallel", str(n), "-c",
+                            str(a.context * n), "-t", str(a.threads), "-tb", str(a.threads), "--no-webui"]
+                else:
+                    argv = [sys.executable, "-m", "qwen_edge.cli", "serve", str(arts[fmt]), "--port", str(port),
+                            "--parallel", str(n), "--max-context", str(a.context), "--threads", str(a.threads),
+                            "--max-tokens", str(a.max_tokens)]
+                proc = Proc(argv, port, work / f"{kind}-{fmt}-{n}.log")
+                try:
+                    # warm up on a prompt of its own: one of the measured prompts would be cached by the warm-up
+                    # (both servers reuse a slot's prefix) and its stream would skip its prefill
+                    warm = [[rng.randrange(30000, 60000) for _ in range(a.prompt_tokens)]]
+                    load_run(f"http://127.0.0.1:{port}/v1", warm, 4)
+                    r = load_run(f"http://127.0.0.1:{port}/v1", prompts, a.max_tokens)
+                finally:
+                    proc.stop()
+                r["server"] = name
+                r["repeat"] = rep
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     write_record("serve", {"streams": streams, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
-                                 "threads": a.threads, "context_per_slot": a.context, "quick": a.quick,
+                                 "threads": a.threads, "context_per_slot": a.context, "quick": a.quick, "repeat": a.repeat,
                                  "llama_server": str(binary) if binary else None, "rows": rows}, notes=a.note)
     return 0
 

@@ -871,21 +871,47 @@ def render_serve(recs: list[Record], root: Path) -> list[str]:
     def body(r: Record) -> list[str]:
         f = r["figures"]
         rows_in = f["rows"]
-        solo = {x["server"]: x for x in rows_in if x["streams"] == 1}
-        anchor = {x["streams"]: x for x in rows_in if x["server"].startswith("llama-server")}
+        rounds = sorted({x.get("repeat", 0) for x in rows_in})
+
+        def med(xs: list[float]) -> float:
+            return float(statistics.median(xs))
+
+        def of(server: str, n: int) -> list[dict]:
+            return [x for x in rows_in if x["server"] == server and x["streams"] == n]
+
+        def paired(server: str, n: int, other: str, m: int, key: str = "aggregate_tok_s") -> list[float]:
+            """Per round: this row's figure / the other row's, both from that round."""
+            out = []
+            for k in rounds:
+                a = [x for x in of(server, n) if x.get("repeat", 0) == k]
+                b = [x for x in of(other, m) if x.get("repeat", 0) == k]
+                if a and b and a[0].get(key) and b[0].get(key):
+                    out.append(a[0][key] / b[0][key])
+            return out
+
+        def ratio(xs: list[float]) -> str:
+            if not xs:
+                return "-"
+            return f"{med(xs):.2f}" + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else "")
+
+        anchor = next((x["server"] for x in rows_in if x["server"].startswith("llama-server")), None)
         rows = []
-        for x in rows_in:
-            one, an = solo.get(x["server"]), anchor.get(x["streams"])
-            ps = x.get("per_stream_tok_s")
-            solo_ps = one.get("per_stream_tok_s") if one else None
-            rows.append([x["server"], x["streams"], f"{x['aggregate_tok_s']:.1f}",
-                         f"{x['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}" if one else "-",
-                         f"{ps:.1f}" if ps else "-", f"{ps / solo_ps:.2f}" if ps and solo_ps else "-",
-                         f"{x['aggregate_tok_s'] / an['aggregate_tok_s']:.2f}" if an else "-",
-                         f"{x['ttft_s']:.2f}",
-                         f"{1000 * x['itl_p50_s']:.0f} / {1000 * x['itl_p95_s']:.0f}" if x.get("itl_p50_s") else "-"])
+        for server, n in dict.fromkeys((x["server"], x["streams"]) for x in rows_in):
+            xs = of(server, n)
+            ps = [x["per_stream_tok_s"] for x in xs if x.get("per_stream_tok_s")]
+            itl = [x for x in xs if x.get("itl_p50_s")]
+            rows.append([server, n, f"{med([x['aggregate_tok_s'] for x in xs]):.1f}",
+                         ratio(paired(server, n, server, 1)), f"{med(ps):.1f}" if ps else "-",
+                         ratio(paired(server, n, server, 1, "per_stream_tok_s")),
+                         ratio(paired(server, n, anchor, n)) if anchor else "-",
+                         f"{med([x['ttft_s'] for x in xs]):.2f}",
+                         f"{1000 * med([x['itl_p50_s'] for x in itl]):.0f} / {1000 * med([x['itl_p95_s'] for x in itl]):.0f}"
+                         if itl else "-"])
+        many = len(rounds) > 1
         return [f"{f['prompt_tokens']}-id prompts, {f['max_tokens']} tokens each, {f['threads']} threads, context "
-                f"{f['context_per_slot']} per slot" + (" (--quick)" if f.get("quick") else "") + ".", ""] + \
+                f"{f['context_per_slot']} per slot" + (" (--quick)" if f.get("quick") else "") +
+                (f"; {len(rounds)} rounds, the servers taking turns within each: medians, ratios paired within a "
+                 "round (min-max over rounds)" if many else "") + ".", ""] + \
             table(["server", "streams", "aggregate tok/s", "x1", "per stream tok/s", "x solo", "x anchor", "TTFT s",
                    "ITL p50 / p95 ms"], rows)
 
