@@ -11,6 +11,9 @@ process (imports included), full evaluation text:
 - after: `verify ART` with a fresh reference cache (cold: computes and stores the reference), again (warm: reads
   it), and with --no-reference-cache; then `export CKPT --format ... --quant ...` over the six exported (up to
   date) artifacts with a fresh cache: the matrix, which verifies each against one reference computed once.
+With --floor, also the artifact side alone, in this process: each artifact's all-position forwards over the
+evaluation windows and its teacher-forced greedy prompts (what every verify runs on the artifact, cache or not), so
+the matrix's lower bound on this machine is the reference once plus these six.
 Writes a record (benchmarks/results/verify_cache-*.json), rendered in RESULTS.md by report.py.
 """
 
@@ -43,6 +46,26 @@ def timed(args: list[str], env: dict[str, str], pythonpath: str, cwd: Path) -> t
     return time.perf_counter() - t0, r.returncode, r.stdout
 
 
+def artifact_forwards(art: Path, quick: bool) -> float:
+    """Seconds of the forwards a verify runs on `art` (loaded first, not timed): every evaluation window with all
+    positions' logits, then each greedy prompt with GREEDY_TOKENS - 1 more ids in one all-logits prefill."""
+    from qwen_edge.backends import load
+    from qwen_edge.quality.verify import GREEDY_TOKENS, load_eval_set
+    from qwen_edge.text.tokenizer import Tokenizer
+
+    ev = load_eval_set(Tokenizer.from_dir(art), quick=quick)
+    longest = max([len(w) for w in ev.windows] + [len(p) + GREEDY_TOKENS for p in ev.prompts])
+    with load(art, max_context=longest + 8) as rt:
+        t0 = time.perf_counter()
+        for w in ev.windows:
+            rt.reset()
+            rt.prefill_all_logits(w)
+        for p in ev.prompts:
+            rt.reset()
+            rt.prefill_all_logits(list(p) + [int(p[i % len(p)]) for i in range(GREEDY_TOKENS - 1)])
+        return time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", required=True)
@@ -52,6 +75,7 @@ def main() -> int:
     ap.add_argument("--quants", default=QUANTS)
     ap.add_argument("--skip-uncached", action="store_true", help="leave out the --no-reference-cache run")
     ap.add_argument("--single", default="onnx:int4", help="the artifact of the single-verify timings")
+    ap.add_argument("--floor", action="store_true", help="time each artifact's own forwards (the matrix's floor)")
     ap.add_argument("--quick", action="store_true", help="the quick evaluation text (verify --quick, the matrix with "
                     "verify.quick=true): a quarter of the positions, for a busy machine")
     a = ap.parse_args()
@@ -105,6 +129,9 @@ def main() -> int:
             run(f"before_matrix_{k}", ["verify", str(art), "--json", *quick], {}, a.before_src)
             total += fig[f"before_matrix_{k}"]["seconds"]
         fig["before_matrix_total"] = round(total, 1)
+    if a.floor:
+        fig["artifact_forwards_s"] = {k: round(artifact_forwards(art, a.quick), 1) for k, art in arts.items()}
+        print("artifact_forwards_s", fig["artifact_forwards_s"], file=sys.stderr, flush=True)
     entry = sum(p.stat().st_size for p in Path(cache).glob("*.npy"))
     write_record("verify_cache", fig, settings={"checkpoint": "synthesized Qwen2.5-0.5B (qwen-edge synth)",
                                                 "single": a.single, "quants": a.quants, "text": "quick" if a.quick else "full"},
