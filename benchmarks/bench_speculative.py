@@ -34,6 +34,8 @@ from _record import write_record  # noqa: E402
 import numpy as np  # noqa: E402
 
 KS = (1, 2, 4, 8)
+PARAMS = {"0.5b": 0.49e9, "1.5b": 1.54e9, "3b": 3.09e9}
+"""Qwen2.5 parameter counts (the draft-cost model when the 0.5B is not among --sizes)."""
 SCHEMA = {"type": "object", "properties": {
     "species": {"enum": ["cat", "dog", "parrot", "rabbit"]}, "size": {"enum": ["small", "medium", "large"]},
     "indoor": {"type": "boolean"}, "diet": {"enum": ["meat", "seeds", "hay", "mixed"]},
@@ -208,9 +210,11 @@ def main() -> None:
     drafts = []
     for target in (t for t in rows if t["size"] != "0.5b"):
         d = next((x for x in rows if x["size"] == "0.5b" and x["format"] == target["format"]), None)
-        r = d["decode_ms"] / target["decode_ms"] if d else None
-        drafts.append({"target": target["size"], "format": target["format"], "draft_cost_ratio": r,
-                       "table": draft_table(target["ratio"], r)})
+        # without a measured 0.5B: a draft step costs what its weights weigh against the target's (decode reads
+        # each weight once: 0.49B / 1.54B or 3.09B parameters)
+        r = d["decode_ms"] / target["decode_ms"] if d else PARAMS["0.5b"] / PARAMS[target["size"]]
+        drafts.append({"target": target["size"] + ("" if d else " (r modelled from parameter counts)"), "format": target["format"],
+                       "draft_cost_ratio": r, "table": draft_table(target["ratio"], r)})
     if not drafts:  # only the 0.5B measured: its own verification costs, r from the q4 weight bytes (0.5B / 1.5B)
         for t in rows:
             drafts.append({"target": f"{t['size']} costs, r=1/3.1 (modelled)", "format": t["format"],
