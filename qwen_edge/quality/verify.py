@@ -29,9 +29,10 @@ runner-up there is not counted as diverging (`greedy_agreement`), so the greedy 
 kernels. Each quantization class's logit error allows more than this at its worst token; a clear step (margin at or
 above it) that the artifact gets wrong still ends the prefix."""
 ROW_CHUNK = 32
+"""Rows per step of the metric accumulator (two float64 buffers of ROW_CHUNK x vocabulary: 39 MB each at Qwen's,
+per thread at work)."""
 ACC_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads of the metric accumulator (its float64 passes over the vocabulary; numpy lets the GIL go in them)."""
-"""Rows per step of the metric accumulator (two float64 buffers of ROW_CHUNK x vocabulary: 39 MB each at Qwen's)."""
 
 # Metrics where a larger value is worse (thresholds are upper bounds); the rest are lower bounds.
 UPPER_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "kl_mean", "kl_p99", "ppl_rel_change")
