@@ -926,6 +926,31 @@ def render_serve(recs: list[Record], root: Path) -> list[str]:
     return section(top, recs, body)
 
 
+def render_batch_step(recs: list[Record], root: Path) -> list[str]:
+    top = ["## One batched llama.cpp decode step against one sequence's (issue 29; `benchmarks/bench_batch_step.py`)",
+           "", "A 4-slot `LlamaCppRuntime` (one KV stream per slot, as `serve --parallel 4`), a 128-id prompt per "
+           "active slot, then decode steps of one token per active slot through `step`, in-process; median step "
+           "time per round, the slot sets taking turns. x one = the set's step / one slot's in the same round "
+           "(median, min-max over rounds); gain = active slots / x one, the most N streams can gain over one here "
+           "whatever the server does.", ""]
+
+    def body(r: Record) -> list[str]:
+        f, s = r["figures"], r["settings"]
+        rounds = f["rounds"]
+        rows = []
+        for key in rounds[0]:
+            ms = [x[key] for x in rounds]
+            ratio = [x[key] / x["0"] for x in rounds]
+            n = len(key.split(","))
+            rows.append([key, n, f"{statistics.median(ms):.1f}",
+                         f"{statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f})",
+                         f"{n / statistics.median(ratio):.2f}"])
+        return [f"{s['artifact']}, {s['threads']} threads, {s['steps']} steps x {s['repeats']} rounds.", ""] + \
+            table(["active slots", "sequences", "step ms", "x one", "gain"], rows, "  rrr")
+
+    return section(top, recs, body)
+
+
 RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "suite": render_suite, "onnx_vs_llama": render_onnx_vs_llama, "gguf_export": render_gguf_export,
     "llama_overhead": render_llama_overhead, "load": render_load, "genai_threads": render_genai_threads, "export_memory": render_export_memory,
@@ -934,6 +959,7 @@ RENDERERS: dict[str, Callable[[list[Record], Path], list[str]]] = {
     "extra_buffers": render_extra_buffers, "graph_ab": render_graph_ab,
     "schema_closed": render_schema_closed, "imatrix": render_imatrix, "speculative": render_speculative,
     "verify_cache": render_verify_cache, "activation_stats": render_activation_stats, "serve": render_serve,
+    "batch_step": render_batch_step,
 }
 
 
