@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from ..errors import QwenEdgeError
-from .generate import Cancel, GenerationStats, generate
+from .generate import Cancel, GenerationResult, GenerationStats, generate
 from .meta import runtime_stop_ids
 from .sampling import Sampling
 from .speculative import Speculative
@@ -186,6 +186,32 @@ class ChatSession:
             del self.history[:cut]
             dropped += 1
 
+    def complete_raw(self, ids: Sequence[int], *, sampling: Sampling | None, max_new_tokens: int,
+                     stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+                     cancel: Cancel = None) -> GenerationResult:
+        """Continue prompt `ids` as they are (no chat template, no history: `/v1/completions`), from the prefix the
+        KV cache shares with them (as llama-server's `cache_prompt`). The session then knows what the cache holds,
+        so its next turn reuses what it shares and recomputes the rest."""
+        with self._guard():
+            self.last = None
+            return self._generate(list(ids), sampling=sampling, max_new_tokens=max_new_tokens, stop_strings=stop,
+                                  on_text=on_text, cancel=cancel)
+
+    def _generate(self, ids: list[int], **kwargs: Any) -> GenerationResult:
+        """`generate` on the session's runtime from the cached common prefix; remembers what the cache then holds."""
+        if self.runtime.n_cached < len(self._cached):  # someone else rewound the runtime
+            self._cached = self._cached[: self.runtime.n_cached]
+        elif self.runtime.n_cached > len(self._cached):  # or used it: trust nothing
+            self._cached = []
+        try:
+            res = generate(self.runtime, ids, stop_ids=self.stop_ids, tokenizer=self.tokenizer,
+                           cached_prefix=_common_prefix(self._cached, ids), speculative=self.speculative, **kwargs)
+        except BaseException:
+            self._cached = []
+            raise
+        self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
+        return res
+
     def _run(self, ids: list[int], *, thinking_budget: int | None, tools: Sequence[dict[str, Any]] | None,
              tool_choice: ToolChoice, response_format: dict[str, Any] | None, sampling: Sampling | None,
              max_new_tokens: int, stop: Sequence[str], on_text: Callable[[str], None] | None,
@@ -201,11 +227,6 @@ class ChatSession:
         if mode in ("required", "named") and tools:
             constraint = tool_call(tools, name)
         calls_possible = bool(tools) and mode != "none"
-        if self.runtime.n_cached < len(self._cached):  # someone else rewound the runtime
-            self._cached = self._cached[: self.runtime.n_cached]
-        elif self.runtime.n_cached > len(self._cached):  # or used it: trust nothing
-            self._cached = []
-        common = _common_prefix(self._cached, ids)
         # only the tools offered: a call to any other is dropped, as OpenAI never returns one; the calls are read
         # as they stream, streamed or not, so a streamed reply says what the finished one does
         held = ToolCallFilter(on_text, [t["function"]["name"] for t in tools or []], on_tool_call) \
@@ -214,15 +235,9 @@ class ChatSession:
         # in the thinking, with no opening tag of its own.
         opened = think_position(self.tokenizer, ids) == "thinking"
         splitter = ThinkingSplitter(held.feed if held else on_text, on_thinking, opened=opened)
-        try:
-            res = generate(self.runtime, ids, sampling=sampling or self.sampling, max_new_tokens=max_new_tokens,
-                           stop_ids=self.stop_ids, stop_strings=[*self.stop_strings, *stop], tokenizer=self.tokenizer,
-                           on_text=splitter.feed, cancel=cancel, cached_prefix=common, constraint=constraint,
-                           thinking_budget=thinking_budget, speculative=self.speculative)
-        except BaseException:
-            self._cached = []
-            raise
-        self._cached = (res.prompt_ids + res.output_ids)[: self.runtime.n_cached]
+        res = self._generate(ids, sampling=sampling or self.sampling, max_new_tokens=max_new_tokens,
+                             stop_strings=[*self.stop_strings, *stop], on_text=splitter.feed, cancel=cancel,
+                             constraint=constraint, thinking_budget=thinking_budget)
         thought, answer = split_thinking(res.text, opened=opened or None)  # as streamed
         calls: list[ToolCall] = []
         try:

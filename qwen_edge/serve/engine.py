@@ -300,22 +300,9 @@ class Engine:
         return lambda s: self.completion_ids(req, s)
 
     def completion_work(self, req: CompletionRequest) -> Callable[[Job, ChatSession], Any]:
-        """`generate` on the slot's runtime from the prefix its cache shares with the prompt (as llama-server's
-        `cache_prompt`): a client that resends a long prompt, or extends it, prefills only what is new. The cache
-        then holds the prompt and the reply, and the slot's session knows it, so a chat request on that slot reuses
-        what it shares and recomputes the rest."""
+        """`ChatSession.complete_raw` on the slot: from the prefix its cache shares with the prompt."""
         def work(job: Job, s: ChatSession) -> Any:
-            from ..runtime.chat import _common_prefix
-            from ..runtime.generate import generate
-
-            ids = self.completion_ids(req, s)
-            held = s._cached if s.runtime.n_cached == len(s._cached) else []
-            s._cached, s.last = [], None  # until this generation leaves the cache in a known state
-            res = generate(s.runtime, ids, sampling=req.sampling, max_new_tokens=req.max_tokens,
-                           stop_ids=s.stop_ids, stop_strings=req.stop, tokenizer=s.tokenizer,
-                           on_text=(lambda t: job.put("text", t)) if req.stream else None,
-                           cancel=self.cancelled_now(job), speculative=s.speculative,
-                           cached_prefix=_common_prefix(held, ids))
-            s._cached = (res.prompt_ids + res.output_ids)[: s.runtime.n_cached]
-            return res
+            return s.complete_raw(self.completion_ids(req, s), sampling=req.sampling, max_new_tokens=req.max_tokens,
+                                  stop=req.stop, on_text=(lambda t: job.put("text", t)) if req.stream else None,
+                                  cancel=self.cancelled_now(job))
         return work
