@@ -79,9 +79,14 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids: Iterable[int], pen
     out = np.array(logits, dtype=np.float32, copy=True)
     if penalty == 1.0:
         return out
-    ids = np.unique(np.fromiter((int(i) for i in context_ids), dtype=np.int64))
+    if isinstance(context_ids, (list, tuple, np.ndarray)):
+        ids = np.asarray(context_ids, dtype=np.int64).reshape(-1)
+    else:
+        ids = np.fromiter((int(i) for i in context_ids), dtype=np.int64)
     ids = ids[(ids >= 0) & (ids < out.shape[-1])]
     if ids.size:
+        # no np.unique (it cost more than the rest, per token): every copy of a repeated id reads the unpenalized
+        # value and writes the same penalized one, so each id is still penalized once
         vals = out[ids]
         out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return out
