@@ -61,6 +61,21 @@ class Pty:
                 self.buf += chunk
                 self.raw += chunk
 
+    def wait_for_output(self, timeout: float = 180) -> None:
+        """Read until the child has written some visible text since the last `expect`."""
+        deadline = time.monotonic() + timeout
+        while not ANSI.sub("", self.buf).strip():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("timed out waiting for output")
+            r, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if r:
+                data = os.read(self.master, 65536).decode("utf-8", errors="replace")
+                if not data:
+                    raise AssertionError("child closed the terminal waiting for output")
+                self.buf += data
+                self.raw += data
+
     def send(self, s: str) -> None:
         os.write(self.master, s.encode())
 
@@ -117,11 +132,13 @@ def test_chat_repl_through_pty(chat):
 
 
 def test_ctrl_c_stops_a_reply_not_the_program(chat):
-    t = chat("--max-new-tokens", "2000", "--temperature", "1.0", "--no-think")
+    # a context of 4096 so the 2000 tokens fit: at 512 the tiny model could fill it and end the reply (context full)
+    # before the Ctrl-C came, and a fixed sleep before it raced the reply's end too
+    t = chat("--max-new-tokens", "2000", "--temperature", "1.0", "--no-think", "--max-context", "4096")
     t.expect(PROMPT)
     t.send("Write a very long essay.\r")
     t.expect("essay.")
-    time.sleep(1.0)  # let the reply start streaming
+    t.wait_for_output()  # the reply is streaming
     t.send("\x03")
     assert "[stopped]" in t.expect(PROMPT)
     time.sleep(1.0)  # CPython's readline misses a SIGINT that lands before it starts waiting for input
