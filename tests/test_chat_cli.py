@@ -46,35 +46,30 @@ class Pty:
             if i >= 0:
                 self.buf = ""
                 return plain[: i + len(text)]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out waiting for {text!r}; got {plain[-2000:]!r}")
-            r, _, _ = select.select([self.master], [], [], min(left, 1.0))
-            if r:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    raise AssertionError(f"child closed the terminal waiting for {text!r}; got {plain[-2000:]!r}")
-                chunk = data.decode("utf-8", errors="replace")
-                self.buf += chunk
-                self.raw += chunk
+            self._read(deadline, f"{text!r}; got {plain[-2000:]!r}")
 
     def wait_for_output(self, timeout: float = 180) -> None:
         """Read until the child has written some visible text since the last `expect`."""
         deadline = time.monotonic() + timeout
         while not ANSI.sub("", self.buf).strip():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("timed out waiting for output")
-            r, _, _ = select.select([self.master], [], [], min(left, 1.0))
-            if r:
-                data = os.read(self.master, 65536).decode("utf-8", errors="replace")
-                if not data:
-                    raise AssertionError("child closed the terminal waiting for output")
-                self.buf += data
-                self.raw += data
+            self._read(deadline, "output")
+
+    def _read(self, deadline: float, waiting_for: str) -> None:
+        """Append what the child wrote within a second (none if it wrote nothing); fails past the deadline."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {waiting_for}")
+        r, _, _ = select.select([self.master], [], [], min(left, 1.0))
+        if r:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                raise AssertionError(f"child closed the terminal waiting for {waiting_for}")
+            chunk = data.decode("utf-8", errors="replace")
+            self.buf += chunk
+            self.raw += chunk
 
     def send(self, s: str) -> None:
         os.write(self.master, s.encode())
