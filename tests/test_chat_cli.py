@@ -29,6 +29,9 @@ class Pty:
         def controlling_tty() -> None:  # a new session whose terminal is the pty, so ^C becomes SIGINT
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # as an interactive shell starts a foreground command: where pytest itself runs with SIGINT ignored (a
+            # background job of a non-interactive shell), the child would inherit that and ^C would do nothing
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
                                      preexec_fn=controlling_tty)
@@ -46,30 +49,20 @@ class Pty:
             if i >= 0:
                 self.buf = ""
                 return plain[: i + len(text)]
-            self._read(deadline, f"{text!r}; got {plain[-2000:]!r}")
-
-    def wait_for_output(self, timeout: float = 180) -> None:
-        """Read until the child has written some visible text since the last `expect`."""
-        deadline = time.monotonic() + timeout
-        while not ANSI.sub("", self.buf).strip():
-            self._read(deadline, "output")
-
-    def _read(self, deadline: float, waiting_for: str) -> None:
-        """Append what the child wrote within a second (none if it wrote nothing); fails past the deadline."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {waiting_for}")
-        r, _, _ = select.select([self.master], [], [], min(left, 1.0))
-        if r:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                data = b""
-            if not data:
-                raise AssertionError(f"child closed the terminal waiting for {waiting_for}")
-            chunk = data.decode("utf-8", errors="replace")
-            self.buf += chunk
-            self.raw += chunk
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {text!r}; got {plain[-2000:]!r}")
+            r, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if r:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"child closed the terminal waiting for {text!r}; got {plain[-2000:]!r}")
+                chunk = data.decode("utf-8", errors="replace")
+                self.buf += chunk
+                self.raw += chunk
 
     def send(self, s: str) -> None:
         os.write(self.master, s.encode())
@@ -127,14 +120,11 @@ def test_chat_repl_through_pty(chat):
 
 
 def test_ctrl_c_stops_a_reply_not_the_program(chat):
-    # a context of 4096 so the 2000 tokens fit: at 512 the tiny model could fill it and end the reply (context full)
-    # before the Ctrl-C came
-    t = chat("--max-new-tokens", "2000", "--temperature", "1.0", "--no-think", "--max-context", "4096")
+    t = chat("--max-new-tokens", "2000", "--temperature", "1.0", "--no-think")
     t.expect(PROMPT)
     t.send("Write a very long essay.\r")
     t.expect("essay.")
-    t.wait_for_output()  # the reply is streaming
-    time.sleep(1.0)
+    time.sleep(1.0)  # let the reply start streaming
     t.send("\x03")
     assert "[stopped]" in t.expect(PROMPT)
     time.sleep(1.0)  # CPython's readline misses a SIGINT that lands before it starts waiting for input
